@@ -1,0 +1,1 @@
+//! Shared helpers for examples, tests and benches.
