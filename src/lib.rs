@@ -1,1 +1,99 @@
-//! Shared helpers for examples, tests and benches.
+//! Shared helpers for the workspace's examples, integration tests and benchmarks.
+//!
+//! Everything here stays on loopback: channels bind 127.0.0.1 with OS-chosen ports.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tribes::interceptors::{DispatchConfig, MessageDispatchInterceptor, StaticMembershipInterceptor};
+use tribes::transport::{ReceiverConfig, SenderConfig};
+use tribes::{ChannelError, GroupChannel, Levels};
+
+/// Options for [`static_group`].
+#[derive(Clone, Debug)]
+pub struct GroupOptions {
+    /// Name prefix; channel `i` is named `<prefix><i>`.
+    pub name: String,
+    /// Receiver settings (address and port are forced to 127.0.0.1:0).
+    pub receiver: ReceiverConfig,
+    /// Sender settings.
+    pub sender: SenderConfig,
+    /// Dispatch settings for asynchronous sends.
+    pub dispatch: DispatchConfig,
+    /// Heartbeat period (None = no heartbeat thread).
+    pub heartbeat: Option<Duration>,
+}
+
+impl Default for GroupOptions {
+    fn default() -> Self {
+        Self {
+            name: "node".into(),
+            receiver: ReceiverConfig::default(),
+            sender: SenderConfig::default(),
+            dispatch: DispatchConfig::default(),
+            heartbeat: Some(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// Starts `n` channels on 127.0.0.1 (OS-chosen ports) that know each other through static
+/// membership, each with a dispatch interceptor for asynchronous sends.
+///
+/// The receivers start first (`Levels::SND_RX`), so the bound ports are known before the
+/// static member lists are set and the remaining levels start.
+pub fn static_group(n: usize, opts: &GroupOptions) -> Result<Vec<GroupChannel>, ChannelError> {
+    let mut channels = Vec::with_capacity(n);
+    let mut statics = Vec::with_capacity(n);
+    for i in 0..n {
+        let st = Arc::new(StaticMembershipInterceptor::new(Vec::new()));
+        let receiver = ReceiverConfig {
+            address: [127, 0, 0, 1].into(),
+            port: 0,
+            ..opts.receiver.clone()
+        };
+        let ch = GroupChannel::builder()
+            .name(format!("{}{i}", opts.name))
+            .receiver(receiver)
+            .sender(opts.sender.clone())
+            .heartbeat_interval(opts.heartbeat)
+            .interceptor(MessageDispatchInterceptor::new(opts.dispatch.clone()))
+            .interceptor_arc(st.clone())
+            .build()?;
+        ch.start(Levels::SND_RX)?;
+        channels.push(ch);
+        statics.push(st);
+    }
+    let members: Vec<_> = channels.iter().map(GroupChannel::local_member).collect();
+    for st in &statics {
+        st.set_members(members.clone());
+    }
+    for ch in &channels {
+        ch.start(Levels::SND_TX.union(Levels::MBR_RX).union(Levels::MBR_TX))?;
+    }
+    Ok(channels)
+}
+
+/// Polls `cond` every millisecond until it holds or `timeout` passes; returns the last value.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Names of this process's live threads (Linux: `/proc/self/task/*/comm`).
+pub fn thread_names() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+        .map(|s| s.trim().to_string())
+        .collect()
+}

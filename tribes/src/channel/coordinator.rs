@@ -1,0 +1,113 @@
+//! The bottom of the stack: owns the sender and receiver and the local member.
+
+use std::sync::Arc;
+
+use log::warn;
+use parking_lot::{Mutex, RwLock};
+
+use super::levels::Levels;
+use crate::error::{ChannelError, FaultyMember, SendError};
+use crate::interceptors::{Bottom, Outgoing, Stack};
+use crate::member::Member;
+use crate::options::SendOptions;
+use crate::transport::{Batch, Receiver, ReceiverConfig, ReceiverStats, Sender};
+use crate::wire::FRAME_OVERHEAD;
+
+pub(crate) struct Coordinator {
+    name: String,
+    receiver_cfg: ReceiverConfig,
+    receiver: Mutex<Option<Receiver>>,
+    sender: Sender,
+    local: RwLock<Member>,
+    max_body: usize,
+}
+
+impl Coordinator {
+    pub(crate) fn new(
+        name: String,
+        receiver_cfg: ReceiverConfig,
+        sender: Sender,
+        local: Member,
+    ) -> Self {
+        let max_body = receiver_cfg.max_body_size;
+        Self {
+            name,
+            receiver_cfg,
+            receiver: Mutex::new(None),
+            sender,
+            local: RwLock::new(local),
+            max_body,
+        }
+    }
+
+    pub(crate) fn sender(&self) -> &Sender {
+        &self.sender
+    }
+
+    pub(crate) fn receiver_stats(&self) -> Option<Arc<ReceiverStats>> {
+        self.receiver.lock().as_ref().map(Receiver::stats_arc)
+    }
+
+    /// Starts SND_RX (binding, then advertising the bound address) and SND_TX. Membership
+    /// levels have no service of their own yet; static membership lives in its interceptor.
+    pub(crate) fn start(&self, levels: Levels, stack: &Arc<Stack>) -> Result<(), ChannelError> {
+        if levels.contains(Levels::SND_RX) {
+            let handler = Arc::new(crate::interceptors::stack_entry(stack));
+            let rx = Receiver::start(&self.receiver_cfg, &self.name, handler)?;
+            let addr = rx.local_addr();
+            {
+                let mut local = self.local.write();
+                local.host = addr.ip();
+                local.port = addr.port();
+            }
+            *self.receiver.lock() = Some(rx);
+        }
+        if levels.contains(Levels::SND_TX) {
+            self.sender.start();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn stop(&self, levels: Levels) {
+        if levels.contains(Levels::SND_TX) {
+            self.sender.stop();
+        }
+        if levels.contains(Levels::SND_RX) {
+            if let Some(mut rx) = self.receiver.lock().take() {
+                rx.stop();
+            }
+        }
+    }
+}
+
+impl Bottom for Coordinator {
+    fn send(&self, out: Outgoing) -> Result<(), SendError> {
+        let opts = out.message.options;
+        if opts.contains(SendOptions::UDP) || opts.contains(SendOptions::MULTICAST) {
+            warn!(target: "tribes::channel", "UDP/MULTICAST sends are not supported yet; sending over TCP");
+        }
+        let len = out.message.encoded_len();
+        if len > self.max_body {
+            return Err(SendError::TooLarge {
+                len,
+                max: self.max_body,
+            });
+        }
+        let frame = out.message.encode_frame();
+        debug_assert_eq!(frame.len(), len + FRAME_OVERHEAD);
+        self.sender
+            .send(&frame, &out.destinations, opts.wants_ack())
+    }
+
+    fn heartbeat(&self) {
+        self.sender.keep_alive_check();
+    }
+
+    fn local_member(&self) -> Member {
+        self.local.read().clone()
+    }
+
+    fn batch(&self, f: &mut dyn FnMut(&mut Batch)) -> Vec<(usize, FaultyMember)> {
+        Batch::run(&self.sender, |b| f(b)).1
+    }
+}

@@ -1,0 +1,285 @@
+//! `MessageDispatchInterceptor`: ASYNCHRONOUS sends return at once and go out on a pool of
+//! dispatch threads.
+//!
+//! Bounded twice: by a byte budget over all queued payloads (Tribes `maxQueueSize`, 64 MiB)
+//! and by a message count per thread. A message that does not fit is refused with
+//! [`SendError::QueueFull`]; the caller decides (Tribes' default `alwaysSend` sends
+//! synchronously instead, which silently turns back-pressure into latency; opt in with
+//! [`DispatchConfig::always_send`]).
+//!
+//! Beyond Tribes: a message goes to the thread chosen by its destination set, so asynchronous
+//! messages to the same members keep their order; and each thread writes what it has queued
+//! in one batch (one syscall per connection), so small messages are not capped at one
+//! syscall each.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use log::{debug, warn};
+use parking_lot::Mutex;
+
+use super::{Down, Interceptor, Outgoing, StackHandle};
+use crate::channel::Levels;
+use crate::error::{ChannelError, FaultyMember, SendError};
+use crate::options::SendOptions;
+
+/// Settings of [`MessageDispatchInterceptor`].
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Budget of queued payload bytes. Default 64 MiB (Tribes `maxQueueSize`).
+    pub max_queue_bytes: usize,
+    /// Dispatch threads. Default 10 (Tribes `maxThreads`).
+    pub threads: usize,
+    /// Messages queued per thread. Default 65536.
+    pub max_queue_messages: usize,
+    /// Messages a thread takes from its queue for one batched write. Default 256.
+    pub batch: usize,
+    /// Send on the caller's thread instead of refusing when the queue is full. Default false
+    /// (Tribes `alwaysSend` is true; see the module docs).
+    pub always_send: bool,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            max_queue_bytes: 64 * 1024 * 1024,
+            threads: 10,
+            max_queue_messages: 65536,
+            batch: 256,
+            always_send: false,
+        }
+    }
+}
+
+/// Sends ASYNCHRONOUS messages from a bounded queue on named dispatch threads
+/// (`tribes-dispatch-<n>`).
+///
+/// ```
+/// use tribes::interceptors::{DispatchConfig, MessageDispatchInterceptor};
+/// let d = MessageDispatchInterceptor::new(DispatchConfig { threads: 2, ..Default::default() });
+/// assert_eq!(d.queued_bytes(), 0);
+/// ```
+pub struct MessageDispatchInterceptor {
+    cfg: DispatchConfig,
+    queued: Arc<AtomicUsize>,
+    running: Mutex<Option<Running>>,
+    failures: Arc<AtomicU64>,
+}
+
+struct Running {
+    queues: Vec<Sender<Outgoing>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Default for MessageDispatchInterceptor {
+    fn default() -> Self {
+        Self::new(DispatchConfig::default())
+    }
+}
+
+impl MessageDispatchInterceptor {
+    /// A dispatcher with the given settings.
+    pub fn new(cfg: DispatchConfig) -> Self {
+        Self {
+            cfg,
+            queued: Arc::new(AtomicUsize::new(0)),
+            running: Mutex::new(None),
+            failures: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Payload bytes waiting to be sent.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Asynchronous sends that failed for at least one member.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    fn shard(&self, out: &Outgoing, n: usize) -> usize {
+        let mut h = DefaultHasher::new();
+        for m in &out.destinations {
+            m.key().hash(&mut h);
+        }
+        (h.finish() % n as u64) as usize
+    }
+}
+
+impl Interceptor for MessageDispatchInterceptor {
+    fn name(&self) -> &'static str {
+        "MessageDispatchInterceptor"
+    }
+
+    fn option_flag(&self) -> SendOptions {
+        SendOptions::ASYNCHRONOUS
+    }
+
+    fn send(&self, out: Outgoing, next: Down<'_>) -> Result<(), SendError> {
+        let size = out.message.payload.len();
+        let max = self.cfg.max_queue_bytes;
+        let queue = {
+            let running = self.running.lock();
+            let Some(r) = running.as_ref() else {
+                return Err(SendError::NotStarted);
+            };
+            r.queues[self.shard(&out, r.queues.len())].clone()
+        };
+        let before = self.queued.fetch_add(size, Ordering::AcqRel);
+        if before + size > max && before > 0 {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            if self.cfg.always_send {
+                return next.send(out);
+            }
+            warn!(target: "tribes::dispatch", "async queue full ({before} of {max} bytes); refusing message");
+            return Err(SendError::QueueFull { queued: before, max });
+        }
+        match queue.try_send(out) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(out)) => {
+                self.queued.fetch_sub(size, Ordering::AcqRel);
+                if self.cfg.always_send {
+                    return next.send(out);
+                }
+                warn!(target: "tribes::dispatch", "async queue full ({} messages); refusing message", self.cfg.max_queue_messages);
+                Err(SendError::QueueFull {
+                    queued: self.queued.load(Ordering::Acquire),
+                    max,
+                })
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(size, Ordering::AcqRel);
+                Err(SendError::NotStarted)
+            }
+        }
+    }
+
+    fn start(&self, levels: Levels, handle: &StackHandle) -> Result<(), ChannelError> {
+        if !levels.contains(Levels::SND_TX) {
+            return Ok(());
+        }
+        let mut running = self.running.lock();
+        if running.is_some() {
+            return Ok(());
+        }
+        let threads = self.cfg.threads.max(1);
+        let mut queues = Vec::with_capacity(threads);
+        let mut handles = Vec::with_capacity(threads);
+        for n in 0..threads {
+            let (tx, rx) = crossbeam_channel::bounded(self.cfg.max_queue_messages.max(1));
+            let worker = DispatchWorker {
+                rx,
+                handle: handle.clone(),
+                queued: Arc::clone(&self.queued),
+                failures: Arc::clone(&self.failures),
+                batch: self.cfg.batch.max(1),
+            };
+            let h = std::thread::Builder::new()
+                .name(format!("tribes-dispatch-{n}"))
+                .spawn(move || worker.run())
+                .map_err(ChannelError::Io)?;
+            queues.push(tx);
+            handles.push(h);
+        }
+        *running = Some(Running {
+            queues,
+            threads: handles,
+        });
+        Ok(())
+    }
+
+    /// Stops taking messages, sends what is queued, and joins the threads.
+    fn stop(&self, levels: Levels, _handle: &StackHandle) {
+        if !levels.contains(Levels::SND_TX) {
+            return;
+        }
+        let running = self.running.lock().take();
+        if let Some(r) = running {
+            drop(r.queues);
+            for t in r.threads {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+struct DispatchWorker {
+    rx: Receiver<Outgoing>,
+    handle: StackHandle,
+    queued: Arc<AtomicUsize>,
+    failures: Arc<AtomicU64>,
+    batch: usize,
+}
+
+impl DispatchWorker {
+    fn run(self) {
+        let mut jobs = Vec::with_capacity(self.batch);
+        while let Ok(first) = self.rx.recv() {
+            jobs.push(first);
+            while jobs.len() < self.batch {
+                match self.rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.send_batch(&mut jobs);
+        }
+    }
+
+    fn send_batch(&self, jobs: &mut Vec<Outgoing>) {
+        let mut immediate: Vec<(usize, SendError)> = Vec::new();
+        let mut next = 0;
+        let failures = self.handle.batch(&mut |b| {
+            for (i, job) in jobs.iter().enumerate().skip(next) {
+                b.tag(i);
+                if let Err(e) = self.handle.send(job.clone()) {
+                    immediate.push((i, e));
+                }
+                next = i + 1;
+            }
+        });
+        let mut by_job: Vec<Vec<FaultyMember>> = vec![Vec::new(); jobs.len()];
+        for (tag, f) in failures {
+            if let Some(v) = by_job.get_mut(tag) {
+                v.push(f);
+            }
+        }
+        let mut errors: Vec<Option<SendError>> = vec![None; jobs.len()];
+        for (i, e) in immediate {
+            errors[i] = Some(e);
+        }
+        for (i, job) in jobs.drain(..).enumerate() {
+            self.queued
+                .fetch_sub(job.message.payload.len(), Ordering::AcqRel);
+            let faulty = std::mem::take(&mut by_job[i]);
+            let err = match errors[i].take() {
+                Some(SendError::Faulty(mut v)) => {
+                    v.extend(faulty);
+                    Some(SendError::Faulty(v))
+                }
+                Some(e) => Some(e),
+                None if !faulty.is_empty() => Some(SendError::Faulty(faulty)),
+                None => None,
+            };
+            let id = job.message.unique_id;
+            match (err, &job.handler) {
+                (None, Some(h)) => h.handle_completion(id),
+                (None, None) => {}
+                (Some(e), Some(h)) => {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    h.handle_error(e, id);
+                }
+                (Some(e), None) => {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(target: "tribes::dispatch", "async message {id} failed: {e}");
+                }
+            }
+        }
+        debug!(target: "tribes::dispatch", "batch sent");
+    }
+}

@@ -1,0 +1,152 @@
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use crate::error::ConfigError;
+use crate::wire::DEFAULT_MAX_BODY_SIZE;
+
+/// Receiver settings (Tribes `NioReceiver`).
+///
+/// ```
+/// use tribes::transport::ReceiverConfig;
+/// let cfg = ReceiverConfig { port: 0, ..ReceiverConfig::default() };
+/// assert_eq!(cfg.max_threads, 6);
+/// cfg.validate().unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// Address to bind and to advertise. Default `127.0.0.1`.
+    ///
+    /// Tribes defaults to `auto` (the host's primary address); we default to loopback so that
+    /// nothing is exposed by accident. Set a routable address for a real cluster.
+    pub address: IpAddr,
+    /// First port tried. Default 4000 (Tribes). 0 lets the OS choose.
+    pub port: u16,
+    /// Number of consecutive ports tried from `port`. Default 100 (Tribes `autoBind`).
+    pub auto_bind: u16,
+    /// Worker threads that process received messages. Default 6 (Tribes' core `minThreads`).
+    pub max_threads: usize,
+    /// Largest accepted frame body. Default 64 MiB (Tribes has no limit).
+    pub max_body_size: usize,
+    /// Bytes of decoded but unprocessed frames kept per connection before the receiver stops
+    /// reading it (back-pressure). Default 4 MiB.
+    pub read_ahead: usize,
+    /// Concurrent connections accepted; further ones are closed. Default 1024.
+    pub max_connections: usize,
+    /// Selector poll timeout. Default 5 s (Tribes `selectorTimeout`).
+    pub selector_timeout: Duration,
+    /// SO_RCVBUF of accepted sockets. Default 65536 (Tribes `rxBufSize`).
+    pub rx_buf_size: usize,
+    /// SO_SNDBUF of accepted sockets. Default 25188 (Tribes `txBufSize`).
+    pub tx_buf_size: usize,
+    /// TCP_NODELAY on accepted sockets. Default true.
+    pub tcp_no_delay: bool,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        Self {
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 4000,
+            auto_bind: 100,
+            max_threads: 6,
+            max_body_size: DEFAULT_MAX_BODY_SIZE,
+            read_ahead: 4 * 1024 * 1024,
+            max_connections: 1024,
+            selector_timeout: Duration::from_secs(5),
+            rx_buf_size: 65536,
+            tx_buf_size: 25188,
+            tcp_no_delay: true,
+        }
+    }
+}
+
+impl ReceiverConfig {
+    /// Checks that the values can work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_threads == 0 {
+            return Err(invalid("max_threads", "must be at least 1"));
+        }
+        if self.auto_bind == 0 {
+            return Err(invalid("auto_bind", "must be at least 1"));
+        }
+        if self.max_body_size == 0 || self.max_body_size > i32::MAX as usize {
+            return Err(invalid("max_body_size", "must be within 1..=i32::MAX"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Sender settings (Tribes `PooledParallelSender` / `NioSender`).
+///
+/// ```
+/// use std::time::Duration;
+/// use tribes::transport::SenderConfig;
+/// let cfg = SenderConfig::default();
+/// assert_eq!(cfg.timeout, Duration::from_millis(3000));
+/// assert_eq!(cfg.pool_size, 25);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Send deadline across all destinations, including the ACK wait; also the connect
+    /// timeout. Default 3000 ms (Tribes `timeout`).
+    pub timeout: Duration,
+    /// Resends after an I/O failure (never after FAIL_ACK or a timeout). Default 1.
+    pub max_retry_attempts: u32,
+    /// Messages per connection before it is closed; `None` = unlimited (Tribes -1).
+    pub keep_alive_count: Option<u64>,
+    /// Age after which a connection is closed; `None` = unlimited (Tribes -1).
+    pub keep_alive_time: Option<Duration>,
+    /// Connections per destination. Default 25 (Tribes `poolSize`).
+    pub pool_size: usize,
+    /// SO_SNDBUF. Default 65536 (Tribes `txBufSize`).
+    pub tx_buf_size: usize,
+    /// SO_RCVBUF. Default 25188 (Tribes `rxBufSize`).
+    pub rx_buf_size: usize,
+    /// TCP_NODELAY. Default true.
+    pub tcp_no_delay: bool,
+    /// Connections idle longer than this are checked for a closed peer before reuse, so a
+    /// no-ACK message is not written into a connection whose peer restarted. Default 100 ms.
+    pub idle_check_after: Duration,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_millis(3000),
+            max_retry_attempts: 1,
+            keep_alive_count: None,
+            keep_alive_time: None,
+            pool_size: 25,
+            tx_buf_size: 65536,
+            rx_buf_size: 25188,
+            tcp_no_delay: true,
+            idle_check_after: Duration::from_millis(100),
+        }
+    }
+}
+
+impl SenderConfig {
+    /// Checks that the values can work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.timeout.is_zero() {
+            return Err(invalid("timeout", "must be greater than zero"));
+        }
+        if self.pool_size == 0 {
+            return Err(invalid("pool_size", "must be at least 1"));
+        }
+        if self.keep_alive_count == Some(0) {
+            return Err(invalid("keep_alive_count", "must be at least 1 (or None)"));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: &str) -> ConfigError {
+    ConfigError {
+        field,
+        reason: reason.to_string(),
+    }
+}
