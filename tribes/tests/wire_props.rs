@@ -483,6 +483,24 @@ proptest! {
     }
 
     #[test]
+    fn header_length_is_checked_as_soon_as_it_is_complete(
+        n in prop_oneof![any::<i32>(), -20..=MAX_BODY as i32 + 20],
+        sizes in chunk_sizes(11),
+    ) {
+        let mut d = FrameDecoder::new(MAX_BODY);
+        let result = feed_chunked(&mut d, &header(n), &sizes);
+        if n < 0 {
+            prop_assert_eq!(result, Err(WireError::NegativeLength(n)));
+        } else if n as usize > MAX_BODY {
+            prop_assert_eq!(result, Err(WireError::TooLarge { len: n as usize, max: MAX_BODY }));
+        } else {
+            prop_assert_eq!(result, Ok(Vec::new()));
+            prop_assert_eq!(d.buffered(), 11);
+        }
+        prop_assert!(d.capacity() <= 64, "capacity {} for an 11-byte header", d.capacity());
+    }
+
+    #[test]
     fn ack_decode_never_panics(body in prop::collection::vec(any::<u8>(), 0..=8)) {
         match AckCommand::decode(&body) {
             Ok(AckCommand::Ack) => prop_assert_eq!(&body[..], &ACK_BODY[..]),

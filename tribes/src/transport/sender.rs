@@ -407,7 +407,7 @@ impl Conn {
         const MSG_DONTWAIT: i32 = 0x40;
         let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         match socket2::SockRef::from(&self.stream).recv_with_flags(&mut b, MSG_PEEK | MSG_DONTWAIT) {
-            Ok((0, _)) => false,
+            Ok(0) => false,
             Ok(_) => true,
             Err(e) => e.kind() == io::ErrorKind::WouldBlock,
         }
