@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tribes::interceptors::{DispatchConfig, MessageDispatchInterceptor, StaticMembershipInterceptor};
+use tribes::interceptors::{
+    DispatchConfig, MessageDispatchInterceptor, StaticMembershipInterceptor,
+};
 use tribes::transport::{ReceiverConfig, SenderConfig};
 use tribes::{ChannelError, GroupChannel, Levels};
 

@@ -57,7 +57,10 @@ fn three_nodes_every_mode_every_message_once_and_in_order() {
         });
     }
     for ch in &channels {
-        assert!(ch.wait_for_members(2, Duration::from_secs(5)), "static members seen");
+        assert!(
+            ch.wait_for_members(2, Duration::from_secs(5)),
+            "static members seen"
+        );
     }
 
     std::thread::scope(|s| {
@@ -80,7 +83,11 @@ fn three_nodes_every_mode_every_message_once_and_in_order() {
             log.lock().seen.values().map(Vec::len).sum::<usize>() >= expected
         });
         let log = log.lock();
-        assert!(complete, "receiver {r} got {} of {expected}", log.seen.values().map(Vec::len).sum::<usize>());
+        assert!(
+            complete,
+            "receiver {r} got {} of {expected}",
+            log.seen.values().map(Vec::len).sum::<usize>()
+        );
         assert_eq!(log.corrupt, 0, "receiver {r} saw corrupt payloads");
         for from in (0..3u8).filter(|f| *f as usize != r) {
             for (mode, _) in modes() {
@@ -88,10 +95,21 @@ fn three_nodes_every_mode_every_message_once_and_in_order() {
                 let mut sorted = seqs.clone();
                 sorted.sort_unstable();
                 sorted.dedup();
-                assert_eq!(sorted.len(), PER_MODE as usize, "receiver {r} from {from} mode {mode}: duplicates or losses");
-                assert_eq!(seqs.len(), PER_MODE as usize, "receiver {r} from {from} mode {mode}: duplicates");
+                assert_eq!(
+                    sorted.len(),
+                    PER_MODE as usize,
+                    "receiver {r} from {from} mode {mode}: duplicates or losses"
+                );
+                assert_eq!(
+                    seqs.len(),
+                    PER_MODE as usize,
+                    "receiver {r} from {from} mode {mode}: duplicates"
+                );
                 if mode != 0 {
-                    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "receiver {r} from {from} mode {mode}: out of order");
+                    assert!(
+                        seqs.windows(2).all(|w| w[0] < w[1]),
+                        "receiver {r} from {from} mode {mode}: out of order"
+                    );
                 }
             }
         }

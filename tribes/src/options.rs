@@ -236,7 +236,10 @@ mod tests {
         assert_eq!("8".parse::<SendOptions>().unwrap().bits(), 8);
         assert_eq!("async".parse::<SendOptions>().unwrap().bits(), 8);
         assert_eq!(
-            "use_ack, synchronized_ack".parse::<SendOptions>().unwrap().bits(),
+            "use_ack, synchronized_ack"
+                .parse::<SendOptions>()
+                .unwrap()
+                .bits(),
             6
         );
         assert!("use_ack,bogus".parse::<SendOptions>().is_err());
@@ -248,7 +251,10 @@ mod tests {
             SendOptions::from_bits(7).to_string(),
             "synchronized_ack,use_ack,byte_message"
         );
-        assert_eq!(SendOptions::from_bits(0x109).to_string(), "0x100,asynchronous,byte_message");
+        assert_eq!(
+            SendOptions::from_bits(0x109).to_string(),
+            "0x100,asynchronous,byte_message"
+        );
         assert_eq!(SendOptions::empty().to_string(), "0");
     }
 

@@ -76,6 +76,14 @@ impl fmt::Debug for Levels {
             .filter(|(l, _)| self.contains(*l))
             .map(|(_, n)| *n)
             .collect();
-        write!(f, "{}", if parts.is_empty() { "none".to_string() } else { parts.join("|") })
+        write!(
+            f,
+            "{}",
+            if parts.is_empty() {
+                "none".to_string()
+            } else {
+                parts.join("|")
+            }
+        )
     }
 }

@@ -125,7 +125,12 @@ impl GroupChannel {
         payload: impl Into<Bytes>,
         options: SendOptions,
     ) -> Result<UniqueId, SendError> {
-        self.send_payload(to, payload.into(), options.with(SendOptions::BYTE_MESSAGE), None)
+        self.send_payload(
+            to,
+            payload.into(),
+            options.with(SendOptions::BYTE_MESSAGE),
+            None,
+        )
     }
 
     /// Sends a serde value serialized with rmp-serde (BYTE_MESSAGE is cleared).
@@ -135,7 +140,8 @@ impl GroupChannel {
         value: &T,
         options: SendOptions,
     ) -> Result<UniqueId, SendError> {
-        let bytes = rmp_serde::to_vec_named(value).map_err(|e| SendError::Serialize(e.to_string()))?;
+        let bytes =
+            rmp_serde::to_vec_named(value).map_err(|e| SendError::Serialize(e.to_string()))?;
         self.send_payload(
             to,
             Bytes::from(bytes),
@@ -258,7 +264,9 @@ impl GroupChannel {
         let spawned = std::thread::Builder::new()
             .name(format!("tribes-heartbeat-{}", self.name))
             .spawn(move || {
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(interval)
+                {
                     match stack.upgrade() {
                         Some(s) => s.down().heartbeat(),
                         None => break,
@@ -368,5 +376,6 @@ pub(crate) fn now_millis() -> i64 {
 /// assert_eq!(v.1, "x");
 /// ```
 pub fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, ProcessError> {
-    rmp_serde::from_slice(payload).map_err(|e| ProcessError::new(format!("cannot decode payload: {e}")))
+    rmp_serde::from_slice(payload)
+        .map_err(|e| ProcessError::new(format!("cannot decode payload: {e}")))
 }

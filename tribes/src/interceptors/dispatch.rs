@@ -137,7 +137,10 @@ impl Interceptor for MessageDispatchInterceptor {
                 return next.send(out);
             }
             warn!(target: "tribes::dispatch", "async queue full ({before} of {max} bytes); refusing message");
-            return Err(SendError::QueueFull { queued: before, max });
+            return Err(SendError::QueueFull {
+                queued: before,
+                max,
+            });
         }
         match queue.try_send(out) {
             Ok(()) => Ok(()),

@@ -46,8 +46,8 @@ mod static_membership;
 use std::sync::Arc;
 
 pub use dispatch::{DispatchConfig, MessageDispatchInterceptor};
-pub use stack::{Down, StackHandle, Up};
 pub(crate) use stack::{stack_entry, Bottom, Stack, Top};
+pub use stack::{Down, StackHandle, Up};
 pub use static_membership::{StaticMembershipInterceptor, GOODBYE_PAYLOAD, HELLO_PAYLOAD};
 
 use crate::channel::Levels;

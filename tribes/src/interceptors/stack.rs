@@ -220,10 +220,7 @@ impl StackHandle {
 
     /// Runs `f` with transport write batching on for this thread (see
     /// [`crate::transport::Batch`]); returns the failures by tag.
-    pub fn batch(
-        &self,
-        f: &mut dyn FnMut(&mut Batch),
-    ) -> Vec<(usize, crate::error::FaultyMember)> {
+    pub fn batch(&self, f: &mut dyn FnMut(&mut Batch)) -> Vec<(usize, crate::error::FaultyMember)> {
         match self.stack.upgrade() {
             Some(s) => s.bottom.batch(f),
             None => Vec::new(),

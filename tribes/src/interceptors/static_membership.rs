@@ -57,7 +57,11 @@ impl StaticMembershipInterceptor {
     }
 
     fn configured(&self, addr: SocketAddr) -> Option<Member> {
-        self.members.read().iter().find(|m| m.addr() == addr).cloned()
+        self.members
+            .read()
+            .iter()
+            .find(|m| m.addr() == addr)
+            .cloned()
     }
 
     fn others(&self, handle: &StackHandle) -> Vec<Member> {

@@ -413,7 +413,8 @@ impl Selector {
         };
         let mut reads = 0;
         while !conn.finished {
-            if !conn.ready.is_empty() && conn.ready_bytes + conn.decoder.buffered() >= self.cfg.read_ahead
+            if !conn.ready.is_empty()
+                && conn.ready_bytes + conn.decoder.buffered() >= self.cfg.read_ahead
             {
                 conn.paused = true;
                 return;

@@ -113,7 +113,8 @@ impl Sender {
         let peers: Vec<_> = self.peers.lock().values().cloned().collect();
         for p in peers {
             p.conns.lock().retain(|c| {
-                let keep = c.users.load(Ordering::Acquire) > 0 || !self.expired(c) && c.peer_alive();
+                let keep =
+                    c.users.load(Ordering::Acquire) > 0 || !self.expired(c) && c.peer_alive();
                 if !keep {
                     c.close();
                 }
@@ -182,7 +183,8 @@ impl Sender {
                 if let Some(c) = sticky.filter(|c| conns.iter().any(|x| Arc::ptr_eq(x, c))) {
                     c.users.fetch_add(1, Ordering::AcqRel);
                     Some(c)
-                } else if let Some(c) = conns.iter().find(|c| c.users.load(Ordering::Acquire) == 0) {
+                } else if let Some(c) = conns.iter().find(|c| c.users.load(Ordering::Acquire) == 0)
+                {
                     c.users.fetch_add(1, Ordering::AcqRel);
                     Some(Arc::clone(c))
                 } else if conns.len() >= self.cfg.pool_size {
@@ -255,9 +257,8 @@ impl Sender {
     ) -> Result<Ticket, Failure> {
         let mut attempt = 0;
         loop {
-            let res = self
-                .acquire(m)
-                .and_then(|(peer, conn)| match conn.write(frames, ack, &self.stats) {
+            let res = self.acquire(m).and_then(|(peer, conn)| {
+                match conn.write(frames, ack, &self.stats) {
                     Ok(seqs) => Ok(Ticket {
                         member: m.clone(),
                         peer,
@@ -270,9 +271,12 @@ impl Sender {
                         self.release(&peer, &conn);
                         Err(f)
                     }
-                });
+                }
+            });
             match res {
-                Err(f @ Failure::Io { .. }) if attempt < self.cfg.max_retry_attempts && Instant::now() < deadline => {
+                Err(f @ Failure::Io { .. })
+                    if attempt < self.cfg.max_retry_attempts && Instant::now() < deadline =>
+                {
                     debug!(target: "tribes::transport", "resending to {m} after {f}");
                     attempt += 1;
                 }
@@ -292,7 +296,9 @@ impl Sender {
             };
             self.release(&t.peer, &t.conn);
             match res {
-                Err(Failure::Io { .. }) if t.attempt < self.cfg.max_retry_attempts && Instant::now() < deadline => {
+                Err(Failure::Io { .. })
+                    if t.attempt < self.cfg.max_retry_attempts && Instant::now() < deadline =>
+                {
                     let mut next = self.write_with_retry(&t.member, frames, t.ack, deadline)?;
                     next.attempt = next.attempt.max(t.attempt + 1);
                     *t = next;
@@ -406,7 +412,8 @@ impl Conn {
         const MSG_PEEK: i32 = 0x02;
         const MSG_DONTWAIT: i32 = 0x40;
         let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        match socket2::SockRef::from(&self.stream).recv_with_flags(&mut b, MSG_PEEK | MSG_DONTWAIT) {
+        match socket2::SockRef::from(&self.stream).recv_with_flags(&mut b, MSG_PEEK | MSG_DONTWAIT)
+        {
             Ok(0) => false,
             Ok(_) => true,
             Err(e) => e.kind() == io::ErrorKind::WouldBlock,
@@ -461,7 +468,10 @@ impl Conn {
         match res {
             Ok(()) => Ok(seqs),
             Err(e) => {
-                let f = if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+                let f = if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
                     Failure::Timeout
                 } else {
                     Failure::io(&e)
@@ -548,7 +558,12 @@ impl Conn {
                 }
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return Ok(Vec::new())
                 }
                 Err(e) => return Err(Failure::io(&e)),
@@ -561,7 +576,9 @@ impl Conn {
                 Ok(Some(body)) => match AckCommand::decode(&body) {
                     Ok(cmd) => out.push(cmd),
                     // Tribes consumes and ignores other reply bodies.
-                    Err(_) => debug!(target: "tribes::transport", "ignoring unknown reply from {}", self.addr),
+                    Err(_) => {
+                        debug!(target: "tribes::transport", "ignoring unknown reply from {}", self.addr)
+                    }
                 },
                 Ok(None) => break,
                 Err(e) => return Err(Failure::Protocol(e.to_string())),
@@ -604,7 +621,7 @@ struct BatchEntry {
 /// ```no_run
 /// # use tribes::transport::{Batch, Sender};
 /// # fn demo(sender: &Sender, frames: &[bytes::Bytes], to: &[tribes::Member]) {
-/// let failures = Batch::run(sender, |batch| {
+/// let ((), failures) = Batch::run(sender, |batch| {
 ///     for (i, f) in frames.iter().enumerate() {
 ///         batch.tag(i);
 ///         let _ = sender.send(f, to, false);
@@ -622,7 +639,10 @@ pub struct Batch {
 impl Batch {
     /// Runs `f` with batching on for `sender`, then writes everything and waits for ACKs.
     /// Returns the failures as (tag, member) pairs; tags are set with [`Batch::tag`].
-    pub fn run<R>(sender: &Sender, f: impl FnOnce(&mut Self) -> R) -> (R, Vec<(usize, FaultyMember)>) {
+    pub fn run<R>(
+        sender: &Sender,
+        f: impl FnOnce(&mut Self) -> R,
+    ) -> (R, Vec<(usize, FaultyMember)>) {
         let outer = BATCH.with(|b| {
             b.borrow_mut().replace(BatchState {
                 sender: sender as *const Sender as usize,

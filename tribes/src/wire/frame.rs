@@ -73,10 +73,24 @@ impl FrameDecoder {
     }
 
     /// Appends received bytes.
+    ///
+    /// Once a valid header says how long the frame is, the buffer is sized exactly for it
+    /// (and for the bytes of this push), so it never holds more than `max_body + 18` plus
+    /// one push; plain `extend` would double the allocation.
     pub fn push(&mut self, data: &[u8]) {
-        if self.error.is_none() {
-            self.buf.extend_from_slice(data);
+        if self.error.is_some() {
+            return;
         }
+        let needed = self.buf.len() + data.len();
+        if needed > self.buf.capacity() {
+            if let Ok(Some(len)) = self.check_header() {
+                let want = needed.max(HEADER + len + END_MARKER.len());
+                let mut grown = BytesMut::with_capacity(want);
+                grown.extend_from_slice(&self.buf);
+                self.buf = grown;
+            }
+        }
+        self.buf.extend_from_slice(data);
     }
 
     /// Bytes buffered and not yet returned as frames.

@@ -25,8 +25,7 @@ pub use frame::{
     FRAME_OVERHEAD, START_MARKER,
 };
 pub use member::{
-    decode_member, encode_member, encode_member_into, member_record_len, MEMBER_BEGIN,
-    MEMBER_END,
+    decode_member, encode_member, encode_member_into, member_record_len, MEMBER_BEGIN, MEMBER_END,
 };
 
 /// Reads a big-endian i32 at `at`; callers check bounds first.

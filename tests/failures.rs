@@ -1,0 +1,232 @@
+//! Failure behaviour (issue #3, acceptance 4 and 5): FAIL_ACK, unreachable members, bad
+//! frames, a full dispatch queue, clean shutdown.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tribes::interceptors::DispatchConfig;
+use tribes::transport::SenderConfig;
+use tribes::wire::{encode_frame, AckCommand};
+use tribes::{ChannelMessage, Failure, Member, ProcessError, SendError, SendOptions, UniqueId};
+use tribes_suite::{static_group, wait_until, GroupOptions};
+
+fn quick_opts() -> GroupOptions {
+    GroupOptions {
+        sender: SenderConfig {
+            timeout: Duration::from_millis(800),
+            ..SenderConfig::default()
+        },
+        heartbeat: None,
+        ..GroupOptions::default()
+    }
+}
+
+#[test]
+fn failing_listener_gives_fail_ack_naming_the_member() {
+    let g = static_group(2, &quick_opts()).unwrap();
+    g[1].add_channel_listener(|m: &ChannelMessage| {
+        if &m.payload[..] == b"bad" {
+            Err(ProcessError::new("refused"))
+        } else {
+            Ok(())
+        }
+    });
+    let to = [g[1].local_member()];
+    let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+    let err = g[0].send(&to, &b"bad"[..], sync).unwrap_err();
+    let faulty = err.faulty_members();
+    assert_eq!(faulty.len(), 1, "{err}");
+    assert_eq!(faulty[0].member, to[0]);
+    assert_eq!(faulty[0].failure, Failure::RemoteProcess);
+    // ACK on receipt cannot report processing failures (as in Tribes).
+    g[0].send(&to, &b"bad"[..], SendOptions::USE_ACK).unwrap();
+    // The connection stays usable after a FAIL_ACK.
+    g[0].send(&to, &b"good"[..], sync).unwrap();
+}
+
+#[test]
+fn send_to_a_member_not_listening_fails_within_the_timeout() {
+    let g = static_group(1, &quick_opts()).unwrap();
+    // A port that was free a moment ago and has no listener now.
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let ghost = Member::with_id(dead, UniqueId::random());
+    let live = g[0].local_member();
+    let start = Instant::now();
+    let err = g[0]
+        .send(&[ghost.clone(), live], &b"x"[..], SendOptions::USE_ACK)
+        .unwrap_err();
+    assert!(start.elapsed() < Duration::from_millis(800) + Duration::from_millis(500));
+    let faulty = err.faulty_members();
+    assert_eq!(faulty.len(), 1, "only the dead member fails: {err}");
+    assert_eq!(faulty[0].member, ghost);
+    assert!(
+        matches!(faulty[0].failure, Failure::Connect { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&dead.to_string()),
+        "error names the member: {err}"
+    );
+}
+
+#[test]
+fn a_peer_that_never_acks_times_out_naming_it() {
+    let g = static_group(1, &quick_opts()).unwrap();
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    // Accept and read, never answer.
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = silent.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let m = Member::with_id(addr, UniqueId::random());
+    let start = Instant::now();
+    let err = g[0]
+        .send(std::slice::from_ref(&m), &b"x"[..], SendOptions::USE_ACK)
+        .unwrap_err();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
+    assert_eq!(err.faulty_members()[0].member, m);
+    assert_eq!(err.faulty_members()[0].failure, Failure::Timeout);
+    drop(g);
+    t.join().unwrap();
+}
+
+fn expect_closed(mut s: TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the receiver to close the connection, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_frames_close_only_their_connection() {
+    let opts = GroupOptions {
+        receiver: tribes::transport::ReceiverConfig {
+            max_body_size: 1024 * 1024,
+            ..Default::default()
+        },
+        ..quick_opts()
+    };
+    let g = static_group(2, &opts).unwrap();
+    let got = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&got);
+    g[1].add_channel_listener(move |_: &ChannelMessage| {
+        c.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    });
+    let addr = g[1].local_member().addr();
+    let to = [g[1].local_member()];
+
+    // An innocent connection that stays open across the attacks.
+    g[0].send(&to, &b"before"[..], SendOptions::USE_ACK)
+        .unwrap();
+
+    // 1. Oversize length in the header.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"FLT2002\x7f\x00\x00\x00").unwrap();
+    expect_closed(s);
+    // 2. Junk instead of a start marker.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    expect_closed(s);
+    // 3. Negative length.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"FLT2002\xff\xff\xff\xf0").unwrap();
+    expect_closed(s);
+    // 4. Well framed, but the body is not an envelope: no ACK, closed.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&encode_frame(&[0u8; 40])).unwrap();
+    expect_closed(s);
+    // 5. Bad end marker.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"FLT2002\x00\x00\x00\x01xTLF2004").unwrap();
+    expect_closed(s);
+
+    // A valid message first, then garbage on the same connection: the valid one is
+    // delivered and ACKed, then the connection closes.
+    let mut s = TcpStream::connect(addr).unwrap();
+    let msg = ChannelMessage {
+        options: SendOptions::USE_ACK | SendOptions::BYTE_MESSAGE,
+        timestamp: 0,
+        unique_id: UniqueId::random(),
+        sender: g[0].local_member(),
+        payload: bytes::Bytes::from_static(b"raw"),
+    };
+    let mut wire = msg.encode_frame().to_vec();
+    wire.extend_from_slice(b"garbage!");
+    s.write_all(&wire).unwrap();
+    let mut ack = [0u8; 21];
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, AckCommand::Ack.frame());
+    expect_closed(s);
+
+    // The receiver still serves everyone else, on the old and on new connections.
+    g[0].send(
+        &to,
+        &b"after"[..],
+        SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK,
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || got
+        .load(Ordering::SeqCst)
+        == 3));
+    let stats = g[1].receiver_stats().unwrap();
+    assert!(stats.protocol_errors.load(Ordering::Relaxed) >= 6);
+}
+
+#[test]
+fn full_async_queue_is_an_error_not_a_hang() {
+    let opts = GroupOptions {
+        dispatch: DispatchConfig {
+            max_queue_bytes: 4096,
+            threads: 1,
+            ..DispatchConfig::default()
+        },
+        ..quick_opts()
+    };
+    let g = static_group(1, &opts).unwrap();
+    // A peer that accepts and never reads or answers: USE_ACK sends stall the dispatcher.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let m = Member::with_id(silent.local_addr().unwrap(), UniqueId::random());
+    let start = Instant::now();
+    let mut refused = 0;
+    for _ in 0..100 {
+        match g[0].send(
+            std::slice::from_ref(&m),
+            vec![0u8; 1000],
+            SendOptions::ASYNCHRONOUS | SendOptions::USE_ACK,
+        ) {
+            Ok(_) => {}
+            Err(SendError::QueueFull { max, .. }) => {
+                assert_eq!(max, 4096);
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(refused > 90, "refused {refused}");
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "sends did not block"
+    );
+    drop(silent);
+}

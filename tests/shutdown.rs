@@ -1,0 +1,49 @@
+//! Clean shutdown (issue #3, acceptance 5). Alone in its own test binary, so no other
+//! test's threads are alive while it counts `tribes-` threads.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use tribes::transport::SenderConfig;
+use tribes::{Levels, SendOptions};
+use tribes_suite::{static_group, thread_names, GroupOptions};
+
+fn quick_opts() -> GroupOptions {
+    GroupOptions {
+        sender: SenderConfig {
+            timeout: Duration::from_millis(800),
+            ..SenderConfig::default()
+        },
+        heartbeat: None,
+        ..GroupOptions::default()
+    }
+}
+
+#[test]
+fn stop_joins_every_thread_and_frees_the_ports() {
+    let g = static_group(
+        3,
+        &GroupOptions {
+            heartbeat: Some(Duration::from_millis(50)),
+            ..quick_opts()
+        },
+    )
+    .unwrap();
+    let to = g[1].members();
+    g[1].send(&to, &b"x"[..], SendOptions::ASYNCHRONOUS)
+        .unwrap();
+    g[1].send(&to, &b"x"[..], SendOptions::USE_ACK).unwrap();
+    assert!(thread_names().iter().any(|n| n.starts_with("tribes-")));
+    let addrs: Vec<_> = g.iter().map(|c| c.local_member().addr()).collect();
+    for c in &g {
+        c.stop(Levels::ALL).unwrap();
+    }
+    let left: Vec<_> = thread_names()
+        .into_iter()
+        .filter(|n| n.starts_with("tribes-"))
+        .collect();
+    assert!(left.is_empty(), "threads left after stop: {left:?}");
+    for a in addrs {
+        TcpListener::bind(a).unwrap_or_else(|e| panic!("{a} not free after stop: {e}"));
+    }
+}
