@@ -15,7 +15,9 @@ use crate::wire::FRAME_OVERHEAD;
 
 pub(crate) struct Coordinator {
     name: String,
-    receiver_cfg: ReceiverConfig,
+    /// Tribes writes the bound port back into the receiver config, so a restart binds the
+    /// same port again (peers configured with it keep working).
+    receiver_cfg: Mutex<ReceiverConfig>,
     receiver: Mutex<Option<Receiver>>,
     sender: Sender,
     local: RwLock<Member>,
@@ -32,7 +34,7 @@ impl Coordinator {
         let max_body = receiver_cfg.max_body_size;
         Self {
             name,
-            receiver_cfg,
+            receiver_cfg: Mutex::new(receiver_cfg),
             receiver: Mutex::new(None),
             sender,
             local: RwLock::new(local),
@@ -53,8 +55,11 @@ impl Coordinator {
     pub(crate) fn start(&self, levels: Levels, stack: &Arc<Stack>) -> Result<(), ChannelError> {
         if levels.contains(Levels::SND_RX) {
             let handler = Arc::new(crate::interceptors::stack_entry(stack));
-            let rx = Receiver::start(&self.receiver_cfg, &self.name, handler)?;
+            let mut cfg = self.receiver_cfg.lock();
+            let rx = Receiver::start(&cfg, &self.name, handler)?;
             let addr = rx.local_addr();
+            cfg.port = addr.port();
+            drop(cfg);
             {
                 let mut local = self.local.write();
                 local.host = addr.ip();
