@@ -194,12 +194,18 @@ impl GroupChannel {
 
     /// Registers a listener for messages.
     pub fn add_channel_listener(&self, l: impl ChannelListener) {
-        self.top.channel_listeners.write().push(Arc::new(l));
+        let mut list = self.top.channel_listeners.write();
+        let mut next = Vec::clone(&list);
+        next.push(Arc::new(l));
+        *list = Arc::new(next);
     }
 
     /// Registers a listener for membership changes.
     pub fn add_membership_listener(&self, l: impl MembershipListener) {
-        self.top.membership_listeners.write().push(Arc::new(l));
+        let mut list = self.top.membership_listeners.write();
+        let mut next = Vec::clone(&list);
+        next.push(Arc::new(l));
+        *list = Arc::new(next);
     }
 
     /// The members currently in the group (as reported by the stack).
@@ -296,18 +302,19 @@ impl Drop for GroupChannel {
 /// The top of the stack: listeners and the member view.
 #[derive(Default)]
 struct ChannelTop {
-    channel_listeners: RwLock<Vec<Arc<dyn ChannelListener>>>,
-    membership_listeners: RwLock<Vec<Arc<dyn MembershipListener>>>,
+    /// Copy-on-write lists (as in Tribes): delivery clones one `Arc`, not the list.
+    channel_listeners: RwLock<Arc<Vec<Arc<dyn ChannelListener>>>>,
+    membership_listeners: RwLock<Arc<Vec<Arc<dyn MembershipListener>>>>,
     members: Mutex<Vec<Member>>,
     members_changed: Condvar,
 }
 
 impl Top for ChannelTop {
     fn received(&self, msg: ChannelMessage) -> Result<(), ProcessError> {
-        let listeners = self.channel_listeners.read().clone();
+        let listeners = Arc::clone(&self.channel_listeners.read());
         let mut result = Ok(());
         let mut accepted = false;
-        for l in listeners {
+        for l in listeners.iter() {
             if l.accept(&msg) {
                 accepted = true;
                 if let Err(e) = l.message_received(&msg) {
@@ -332,7 +339,8 @@ impl Top for ChannelTop {
         }
         self.members_changed.notify_all();
         info!(target: "tribes::membership", "member added: {m}");
-        for l in self.membership_listeners.read().clone() {
+        let listeners = Arc::clone(&self.membership_listeners.read());
+        for l in listeners.iter() {
             l.member_added(&m);
         }
     }
@@ -349,7 +357,8 @@ impl Top for ChannelTop {
         }
         self.members_changed.notify_all();
         info!(target: "tribes::membership", "member disappeared: {m}");
-        for l in self.membership_listeners.read().clone() {
+        let listeners = Arc::clone(&self.membership_listeners.read());
+        for l in listeners.iter() {
             l.member_disappeared(&m);
         }
     }
