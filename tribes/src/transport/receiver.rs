@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use crossbeam_channel::{Receiver as ChanRx, Sender as ChanTx, TrySendError};
 use log::{debug, info, trace, warn};
 use mio::net::{TcpListener, TcpStream};
@@ -272,7 +272,7 @@ impl ConnShared {
 struct Conn {
     shared: Arc<ConnShared>,
     decoder: FrameDecoder,
-    ready: Vec<Bytes>,
+    ready: Vec<Incoming>,
     ready_bytes: usize,
     in_flight: bool,
     /// Reading stopped for back-pressure; resume when the batch comes back.
@@ -281,16 +281,23 @@ struct Conn {
     finished: bool,
 }
 
+/// A decoded message waiting for a worker.
+struct Incoming {
+    msg: ChannelMessage,
+    /// Its ACK-on-receipt was already written by the selector.
+    acked: bool,
+    frame_len: usize,
+}
+
 struct Job {
     token: usize,
     conn: Arc<ConnShared>,
-    frames: Vec<Bytes>,
+    frames: Vec<Incoming>,
 }
 
+/// A worker finished a connection's batch.
 struct Done {
     token: usize,
-    /// An envelope could not be decoded: close the connection.
-    close: bool,
 }
 
 struct Selector {
@@ -440,8 +447,36 @@ impl Selector {
                     loop {
                         match conn.decoder.next_frame() {
                             Ok(Some(frame)) => {
+                                // Envelopes are decoded here (cheap, no copy) so that a bad one
+                                // stops reading at once and an ACK on receipt can go out
+                                // without waiting for a worker.
+                                let msg = match ChannelMessage::decode(&frame) {
+                                    Ok(m) => m,
+                                    Err(e) => {
+                                        // Like Tribes: no ACK for an invalid package; what came
+                                        // before it is still delivered, then the connection closes.
+                                        warn!(target: "tribes::transport", "invalid message from {}: {e}; closing connection", conn.shared.peer);
+                                        self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                                        conn.finished = true;
+                                        break;
+                                    }
+                                };
+                                let opts = msg.options;
+                                // ACK on receipt straight away when nothing earlier on this
+                                // connection still waits for its ACK (ACKs must stay in order).
+                                let acked = opts.wants_ack()
+                                    && !opts.wants_ack_after_processing()
+                                    && !conn.in_flight
+                                    && conn.ready.is_empty();
+                                if acked {
+                                    conn.shared.write_reply(&AckCommand::Ack.frame());
+                                }
                                 conn.ready_bytes += frame.len();
-                                conn.ready.push(frame);
+                                conn.ready.push(Incoming {
+                                    msg,
+                                    acked,
+                                    frame_len: frame.len(),
+                                });
                             }
                             Ok(None) => break,
                             Err(e) => {
@@ -502,11 +537,6 @@ impl Selector {
                 continue;
             };
             conn.in_flight = false;
-            if done.close {
-                self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                conn.finished = true;
-                conn.ready.clear();
-            }
             if conn.paused {
                 self.read(done.token);
             }
@@ -591,32 +621,25 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        while let Ok(job) = self.jobs.recv() {
-            let close = self.process(&job);
-            let _ = self.done.send(Done {
-                token: job.token,
-                close,
-            });
+        while let Ok(mut job) = self.jobs.recv() {
+            self.process(&mut job);
+            let _ = self.done.send(Done { token: job.token });
             let _ = self.waker.wake();
         }
     }
 
-    /// Processes a batch in order; returns true when the connection must be closed.
-    fn process(&self, job: &Job) -> bool {
-        for frame in &job.frames {
-            let msg = match ChannelMessage::decode(frame) {
-                Ok(m) => m,
-                Err(e) => {
-                    // Like Tribes: no ACK for an invalid package, and the connection closes.
-                    // Messages before it in this batch were already delivered.
-                    warn!(target: "tribes::transport", "invalid message from {}: {e}; closing connection", job.conn.peer);
-                    return true;
-                }
-            };
+    /// Processes a batch in order, writing the ACKs the selector did not write.
+    fn process(&self, job: &mut Job) {
+        for Incoming {
+            msg,
+            acked,
+            frame_len,
+        } in job.frames.drain(..)
+        {
             self.stats.messages.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .bytes
-                .fetch_add(frame.len() as u64 + 18, Ordering::Relaxed);
+                .fetch_add(frame_len as u64 + 18, Ordering::Relaxed);
             let opts = msg.options;
             if opts.wants_ack_after_processing() {
                 let reply = match self.handler.message_received(msg) {
@@ -629,7 +652,7 @@ impl Worker {
                 };
                 job.conn.write_reply(&reply.frame());
             } else {
-                if opts.wants_ack() {
+                if opts.wants_ack() && !acked {
                     job.conn.write_reply(&AckCommand::Ack.frame());
                 }
                 if let Err(e) = self.handler.message_received(msg) {
@@ -637,6 +660,5 @@ impl Worker {
                 }
             }
         }
-        false
     }
 }
