@@ -46,7 +46,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("async", SendOptions::ASYNCHRONOUS),
         ("no-ack", SendOptions::empty()),
         ("ack", SendOptions::USE_ACK),
-        ("sync-ack", SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK),
+        (
+            "sync-ack",
+            SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK,
+        ),
     ];
     for node in &nodes {
         let others = node.members();
