@@ -1,17 +1,21 @@
 //! The receiver: one mio selector thread that accepts, reads and frames, plus a bounded pool
 //! of worker threads that decode envelopes, write ACKs and deliver messages up the stack.
 //!
-//! Ordering and back-pressure: a connection has at most one batch of frames at the workers at
-//! a time, so its messages are processed in arrival order and its ACKs go out in that order.
-//! While a batch is out, the selector keeps reading that connection only until `read_ahead`
-//! bytes are waiting; then it stops reading it (TCP flow control pushes back on the sender)
-//! and resumes when the worker hands the connection back. When every worker is busy the
-//! connection waits in a list; the selector thread itself never blocks on a worker.
+//! Each connection has an inbox. The selector reads, frames and decodes, and appends messages
+//! to the inbox; the first message into an idle inbox schedules the connection on the worker
+//! pool. A worker owns a scheduled connection until its inbox is empty, so a connection's
+//! messages are processed one after another, in arrival order, and its ACKs go out in that
+//! order. Workers wake the selector only in rare cases (a paused or finished connection, a
+//! starved one), not per message.
+//!
+//! Back-pressure: when `read_ahead` bytes wait in an inbox the selector stops reading that
+//! connection (TCP flow control pushes back on the sender) until a worker takes them. When
+//! the pool's queue is full the connection waits in a list; the selector never blocks.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -30,6 +34,8 @@ use crate::wire::{AckCommand, ChannelMessage, FrameDecoder};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
+/// Batches a worker takes from one connection before giving other connections a turn.
+const BATCHES_PER_TURN: usize = 8;
 /// Reads per readiness event before the selector moves on to other connections, so one
 /// chatty peer cannot starve the rest (quinn's `IO_LOOP_BOUND` idea).
 const READS_PER_EVENT: usize = 16;
@@ -65,6 +71,7 @@ pub struct Receiver {
     waker: Arc<Waker>,
     selector: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
+    stop_workers: Option<ChanTx<()>>,
     stats: Arc<ReceiverStats>,
 }
 
@@ -87,15 +94,21 @@ impl Receiver {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let shutdown = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ReceiverStats::default());
+        // One entry per scheduled connection; a connection is scheduled at most once.
         let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(cfg.max_threads);
-        // Unbounded on purpose: it holds at most one completion per connection with a batch
-        // out, so its length is bounded by `max_connections`.
+        // Unbounded on purpose: a worker sends at most one notice per connection that asked
+        // for one (paused or finished), so its length is bounded by `max_connections`.
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
+        let starved = Arc::new(AtomicUsize::new(0));
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
 
         let mut workers = Vec::with_capacity(cfg.max_threads);
         for n in 0..cfg.max_threads {
             let worker = Worker {
                 jobs: job_rx.clone(),
+                stop: stop_rx.clone(),
+                requeue: job_tx.clone(),
+                starved: Arc::clone(&starved),
                 done: done_tx.clone(),
                 waker: Arc::clone(&waker),
                 handler: Arc::clone(&handler),
@@ -116,6 +129,7 @@ impl Receiver {
             jobs: Some(job_tx),
             done: done_rx,
             starved: VecDeque::new(),
+            starved_count: starved,
             shutdown: Arc::clone(&shutdown),
             cfg: cfg.clone(),
             stats: Arc::clone(&stats),
@@ -131,6 +145,7 @@ impl Receiver {
             waker,
             selector: Some(selector),
             workers,
+            stop_workers: Some(stop_tx),
             stats,
         })
     }
@@ -158,7 +173,8 @@ impl Receiver {
         if let Some(h) = self.selector.take() {
             let _ = h.join();
         }
-        // The selector dropped the job sender; workers see the channel close and exit.
+        // Workers finish what is queued and exit once the stop channel disconnects.
+        self.stop_workers = None;
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
@@ -209,13 +225,29 @@ fn bind_one(addr: SocketAddr, cfg: &ReceiverConfig) -> io::Result<std::net::TcpL
     Ok(socket.into())
 }
 
-/// The part of a connection that workers share: the socket (for ACK writes) and the ACK bytes
-/// that could not be written yet.
+/// The part of a connection that workers share: the socket (for ACK writes), the ACK bytes
+/// that could not be written yet, and the inbox.
 struct ConnShared {
+    token: usize,
     stream: TcpStream,
     peer: SocketAddr,
     pending_out: Mutex<BytesMut>,
     broken: AtomicBool,
+    inbox: Mutex<Inbox>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    msgs: VecDeque<Incoming>,
+    bytes: usize,
+    /// A worker owns the connection, or it waits in the pool queue / starved list.
+    scheduled: bool,
+    /// The selector wants a notice when the worker takes the messages or goes idle
+    /// (reading paused for back-pressure, or the connection is finished).
+    notify: bool,
+    /// Messages taken in whose ACK is not written yet. While it is zero the selector may ACK
+    /// a new message on receipt itself without breaking the order of ACKs.
+    pending_acks: usize,
 }
 
 impl ConnShared {
@@ -272,30 +304,26 @@ impl ConnShared {
 struct Conn {
     shared: Arc<ConnShared>,
     decoder: FrameDecoder,
-    ready: Vec<Incoming>,
-    ready_bytes: usize,
-    in_flight: bool,
-    /// Reading stopped for back-pressure; resume when the batch comes back.
+    /// Reading stopped for back-pressure; resume when a worker takes the inbox.
     paused: bool,
-    /// EOF seen or a decode error: no more reading; close once the last batch is processed.
+    /// EOF seen or a decode error: no more reading; close once the inbox is processed.
     finished: bool,
 }
 
 /// A decoded message waiting for a worker.
 struct Incoming {
     msg: ChannelMessage,
-    /// Its ACK-on-receipt was already written by the selector.
+    /// Its ACK on receipt was already written by the selector.
     acked: bool,
     frame_len: usize,
 }
 
+/// A scheduled connection, for the worker pool.
 struct Job {
-    token: usize,
     conn: Arc<ConnShared>,
-    frames: Vec<Incoming>,
 }
 
-/// A worker finished a connection's batch.
+/// A worker's notice to the selector about a connection that asked for one.
 struct Done {
     token: usize,
 }
@@ -307,7 +335,8 @@ struct Selector {
     next_token: usize,
     jobs: Option<ChanTx<Job>>,
     done: ChanRx<Done>,
-    starved: VecDeque<usize>,
+    starved: VecDeque<Arc<ConnShared>>,
+    starved_count: Arc<AtomicUsize>,
     shutdown: Arc<AtomicBool>,
     cfg: ReceiverConfig,
     stats: Arc<ReceiverStats>,
@@ -337,7 +366,6 @@ impl Selector {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.read(t);
                         }
-                        self.dispatch(t);
                         self.maybe_close(t);
                     }
                 }
@@ -345,8 +373,9 @@ impl Selector {
             self.handle_done();
             self.retry_starved();
         }
-        // Shutdown: drop the job sender so workers exit after their current batch.
+        // Shutdown: drop the job sender so workers exit once the queue is empty.
         self.jobs = None;
+        self.starved.clear();
         for (_, conn) in self.conns.drain() {
             let _ = conn.shared.stream.shutdown(std::net::Shutdown::Both);
         }
@@ -377,22 +406,20 @@ impl Selector {
                         token,
                         Conn {
                             shared: Arc::new(ConnShared {
+                                token,
                                 stream,
                                 peer,
                                 pending_out: Mutex::new(BytesMut::new()),
                                 broken: AtomicBool::new(false),
+                                inbox: Mutex::new(Inbox::default()),
                             }),
                             decoder: FrameDecoder::new(self.cfg.max_body_size),
-                            ready: Vec::new(),
-                            ready_bytes: 0,
-                            in_flight: false,
                             paused: false,
                             finished: false,
                         },
                     );
                     // Data may already be waiting; edge-triggered readiness would not report it.
                     self.read(token);
-                    self.dispatch(token);
                     self.maybe_close(token);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -414,27 +441,33 @@ impl Selector {
         }
     }
 
+    /// Reads until WouldBlock (bounded per call), frames, decodes, and hands messages to the
+    /// connection's inbox.
     fn read(&mut self, token: usize) {
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
         };
         let mut reads = 0;
+        let mut schedule = false;
         while !conn.finished {
-            if !conn.ready.is_empty()
-                && conn.ready_bytes + conn.decoder.buffered() >= self.cfg.read_ahead
             {
-                conn.paused = true;
-                return;
+                let mut inbox = conn.shared.inbox.lock();
+                if inbox.bytes + conn.decoder.buffered() >= self.cfg.read_ahead
+                    && !inbox.msgs.is_empty()
+                {
+                    conn.paused = true;
+                    inbox.notify = true;
+                    break;
+                }
             }
             if reads == READS_PER_EVENT {
-                // Come back later without waiting for a new edge.
-                conn.paused = true;
+                // Give the other connections a turn; re-arming reports it again if still ready.
                 let _ = self.poll.registry().reregister(
                     &mut ShareSource(&conn.shared),
                     Token(token),
                     Interest::READABLE | Interest::WRITABLE,
                 );
-                return;
+                break;
             }
             reads += 1;
             match (&conn.shared.stream).read(&mut self.scratch) {
@@ -443,7 +476,9 @@ impl Selector {
                     conn.finished = true;
                 }
                 Ok(n) => {
+                    conn.paused = false;
                     conn.decoder.push(&self.scratch[..n]);
+                    let mut inbox = conn.shared.inbox.lock();
                     loop {
                         match conn.decoder.next_frame() {
                             Ok(Some(frame)) => {
@@ -454,7 +489,8 @@ impl Selector {
                                     Ok(m) => m,
                                     Err(e) => {
                                         // Like Tribes: no ACK for an invalid package; what came
-                                        // before it is still delivered, then the connection closes.
+                                        // before it is still delivered, then the connection
+                                        // closes.
                                         warn!(target: "tribes::transport", "invalid message from {}: {e}; closing connection", conn.shared.peer);
                                         self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                                         conn.finished = true;
@@ -463,20 +499,25 @@ impl Selector {
                                 };
                                 let opts = msg.options;
                                 // ACK on receipt straight away when nothing earlier on this
-                                // connection still waits for its ACK (ACKs must stay in order).
+                                // connection still waits for its ACK (ACKs stay in order).
                                 let acked = opts.wants_ack()
                                     && !opts.wants_ack_after_processing()
-                                    && !conn.in_flight
-                                    && conn.ready.is_empty();
+                                    && inbox.pending_acks == 0;
                                 if acked {
                                     conn.shared.write_reply(&AckCommand::Ack.frame());
+                                } else if opts.wants_ack() {
+                                    inbox.pending_acks += 1;
                                 }
-                                conn.ready_bytes += frame.len();
-                                conn.ready.push(Incoming {
+                                inbox.bytes += frame.len();
+                                inbox.msgs.push_back(Incoming {
                                     msg,
                                     acked,
                                     frame_len: frame.len(),
                                 });
+                                if !inbox.scheduled {
+                                    inbox.scheduled = true;
+                                    schedule = true;
+                                }
                             }
                             Ok(None) => break,
                             Err(e) => {
@@ -488,10 +529,7 @@ impl Selector {
                         }
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    conn.paused = false;
-                    return;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     debug!(target: "tribes::transport", "read from {} failed: {e}", conn.shared.peer);
@@ -499,65 +537,55 @@ impl Selector {
                 }
             }
         }
+        if conn.finished {
+            conn.shared.inbox.lock().notify = true;
+        }
+        if schedule {
+            let shared = Arc::clone(&conn.shared);
+            self.schedule(shared);
+        }
     }
 
-    /// Hands the connection's ready frames to a worker if none is working on it.
-    fn dispatch(&mut self, token: usize) {
-        let Some(conn) = self.conns.get_mut(&token) else {
-            return;
-        };
-        if conn.in_flight || conn.ready.is_empty() {
-            return;
-        }
+    /// Hands a connection whose inbox just became non-empty to the worker pool.
+    fn schedule(&mut self, conn: Arc<ConnShared>) {
         let Some(jobs) = &self.jobs else {
             return;
         };
-        let job = Job {
-            token,
-            conn: Arc::clone(&conn.shared),
-            frames: std::mem::take(&mut conn.ready),
-        };
-        match jobs.try_send(job) {
-            Ok(()) => {
-                conn.in_flight = true;
-                conn.ready_bytes = 0;
-            }
+        match jobs.try_send(Job { conn }) {
+            Ok(()) => {}
             Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
-                conn.ready = job.frames;
-                if !self.starved.contains(&token) {
-                    self.starved.push_back(token);
-                }
+                self.starved_count.fetch_add(1, Ordering::AcqRel);
+                self.starved.push_back(job.conn);
             }
         }
     }
 
     fn handle_done(&mut self) {
         while let Ok(done) = self.done.try_recv() {
-            let Some(conn) = self.conns.get_mut(&done.token) else {
+            let Some(conn) = self.conns.get(&done.token) else {
                 continue;
             };
-            conn.in_flight = false;
             if conn.paused {
                 self.read(done.token);
             }
-            self.dispatch(done.token);
             self.maybe_close(done.token);
         }
     }
 
     fn retry_starved(&mut self) {
-        for _ in 0..self.starved.len() {
-            let Some(token) = self.starved.pop_front() else {
-                break;
+        while let Some(conn) = self.starved.pop_front() {
+            let Some(jobs) = &self.jobs else {
+                return;
             };
-            self.dispatch(token);
-            if let Some(conn) = self.conns.get_mut(&token) {
-                if conn.paused && !conn.in_flight && conn.ready.is_empty() {
-                    self.read(token);
-                    self.dispatch(token);
+            match jobs.try_send(Job { conn }) {
+                Ok(()) => {
+                    self.starved_count.fetch_sub(1, Ordering::AcqRel);
+                }
+                Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+                    self.starved.push_front(job.conn);
+                    return;
                 }
             }
-            self.maybe_close(token);
         }
     }
 
@@ -566,18 +594,22 @@ impl Selector {
             return;
         };
         let broken = conn.shared.broken.load(Ordering::Relaxed);
-        if broken || (conn.finished && !conn.in_flight && conn.ready.is_empty()) {
-            if conn.in_flight {
-                // A worker still holds the socket; close when it reports back.
+        if !(broken || conn.finished) {
+            return;
+        }
+        {
+            let mut inbox = conn.shared.inbox.lock();
+            if inbox.scheduled {
+                // A worker still has messages of this connection; it will tell us when done.
+                inbox.notify = true;
                 return;
             }
-            let conn = self.conns.remove(&token).map(|c| c.shared);
-            if let Some(shared) = conn {
-                let _ = self.poll.registry().deregister(&mut ShareSource(&shared));
-                let _ = shared.stream.shutdown(std::net::Shutdown::Both);
-                debug!(target: "tribes::transport", "closed connection from {}", shared.peer);
-            }
-            self.starved.retain(|t| *t != token);
+        }
+        let conn = self.conns.remove(&token).map(|c| c.shared);
+        if let Some(shared) = conn {
+            let _ = self.poll.registry().deregister(&mut ShareSource(&shared));
+            let _ = shared.stream.shutdown(std::net::Shutdown::Both);
+            debug!(target: "tribes::transport", "closed connection from {}", shared.peer);
         }
     }
 }
@@ -613,6 +645,11 @@ impl mio::event::Source for ShareSource<'_> {
 
 struct Worker {
     jobs: ChanRx<Job>,
+    /// Disconnected when the receiver stops (workers also hold job senders, for requeueing,
+    /// so the job channel itself never disconnects).
+    stop: ChanRx<()>,
+    requeue: ChanTx<Job>,
+    starved: Arc<AtomicUsize>,
     done: ChanTx<Done>,
     waker: Arc<Waker>,
     handler: Arc<dyn MessageHandler>,
@@ -621,20 +658,72 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        while let Ok(mut job) = self.jobs.recv() {
-            self.process(&mut job);
-            let _ = self.done.send(Done { token: job.token });
-            let _ = self.waker.wake();
+        loop {
+            crossbeam_channel::select! {
+                recv(self.jobs) -> job => match job {
+                    Ok(job) => self.serve(job.conn),
+                    Err(_) => return,
+                },
+                recv(self.stop) -> _ => {
+                    // Stopping: finish what is already queued, then exit.
+                    while let Ok(job) = self.jobs.try_recv() {
+                        self.serve(job.conn);
+                    }
+                    return;
+                }
+            }
         }
     }
 
+    /// Processes the connection's inbox until it is empty; after `BATCHES_PER_TURN` batches
+    /// it queues the connection again so others get a turn (or goes on if the queue is full).
+    fn serve(&self, mut conn: Arc<ConnShared>) {
+        loop {
+            for _ in 0..BATCHES_PER_TURN {
+                let (batch, notify) = {
+                    let mut inbox = conn.inbox.lock();
+                    if inbox.msgs.is_empty() {
+                        inbox.scheduled = false;
+                        let notify = std::mem::take(&mut inbox.notify);
+                        drop(inbox);
+                        if notify || self.starved.load(Ordering::Acquire) > 0 {
+                            self.notify_selector(conn.token);
+                        }
+                        return;
+                    }
+                    inbox.bytes = 0;
+                    (
+                        std::mem::take(&mut inbox.msgs),
+                        std::mem::take(&mut inbox.notify),
+                    )
+                };
+                if notify {
+                    // Reading was paused for back-pressure: the inbox has room again.
+                    self.notify_selector(conn.token);
+                }
+                self.process(&conn, batch);
+            }
+            match self.requeue.try_send(Job { conn }) {
+                Ok(()) => return,
+                Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+                    conn = job.conn;
+                }
+            }
+        }
+    }
+
+    fn notify_selector(&self, token: usize) {
+        let _ = self.done.send(Done { token });
+        let _ = self.waker.wake();
+    }
+
     /// Processes a batch in order, writing the ACKs the selector did not write.
-    fn process(&self, job: &mut Job) {
+    fn process(&self, conn: &ConnShared, batch: VecDeque<Incoming>) {
         for Incoming {
             msg,
             acked,
             frame_len,
-        } in job.frames.drain(..)
+        } in batch
         {
             self.stats.messages.fetch_add(1, Ordering::Relaxed);
             self.stats
@@ -645,15 +734,17 @@ impl Worker {
                 let reply = match self.handler.message_received(msg) {
                     Ok(()) => AckCommand::Ack,
                     Err(e) => {
-                        debug!(target: "tribes::transport", "{e}; FAIL_ACK to {}", job.conn.peer);
+                        debug!(target: "tribes::transport", "{e}; FAIL_ACK to {}", conn.peer);
                         self.stats.fail_acks.fetch_add(1, Ordering::Relaxed);
                         AckCommand::FailAck
                     }
                 };
-                job.conn.write_reply(&reply.frame());
+                conn.write_reply(&reply.frame());
+                conn.inbox.lock().pending_acks -= 1;
             } else {
                 if opts.wants_ack() && !acked {
-                    job.conn.write_reply(&AckCommand::Ack.frame());
+                    conn.write_reply(&AckCommand::Ack.frame());
+                    conn.inbox.lock().pending_acks -= 1;
                 }
                 if let Err(e) = self.handler.message_received(msg) {
                     debug!(target: "tribes::transport", "{e} (no ACK after processing was asked; nothing sent back)");
