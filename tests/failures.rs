@@ -230,3 +230,65 @@ fn full_async_queue_is_an_error_not_a_hang() {
     );
     drop(silent);
 }
+
+#[test]
+fn a_slow_listener_does_not_hold_up_other_connections() {
+    let opts = GroupOptions {
+        receiver: tribes::transport::ReceiverConfig {
+            read_ahead: 64 * 1024,
+            ..Default::default()
+        },
+        ..GroupOptions::default()
+    };
+    let g = static_group(3, &opts).unwrap();
+    let slow_done = Arc::new(AtomicUsize::new(0));
+    let fast_done = Arc::new(AtomicUsize::new(0));
+    let (s2, f2) = (Arc::clone(&slow_done), Arc::clone(&fast_done));
+    g[2].add_channel_listener(move |m: &ChannelMessage| {
+        if m.payload[0] == b's' {
+            std::thread::sleep(Duration::from_millis(2));
+            s2.fetch_add(1, Ordering::SeqCst);
+        } else {
+            f2.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    });
+    let to = [g[2].local_member()];
+    // Node 0 floods node 2 with messages its listener handles slowly: 500 x 2 ms = 1 s of work,
+    // 8 MB of data, far more than the 64 KiB read-ahead.
+    std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            let mut p = vec![0u8; 16 * 1024];
+            p[0] = b's';
+            for _ in 0..500 {
+                g[0].send(&to, p.clone(), SendOptions::empty()).unwrap();
+            }
+        });
+        // Meanwhile node 1's processed-ACK round trips keep completing quickly.
+        std::thread::sleep(Duration::from_millis(50));
+        let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+        for _ in 0..50 {
+            let start = Instant::now();
+            g[1].send(&to, &b"fast"[..], sync).unwrap();
+            assert!(
+                start.elapsed() < Duration::from_millis(200),
+                "a fast peer waited {:?} behind a slow one",
+                start.elapsed()
+            );
+        }
+        assert!(
+            slow_done.load(Ordering::SeqCst) < 500,
+            "the flood was still being processed while the fast peer was served"
+        );
+        flood.join().unwrap();
+    });
+    assert!(wait_until(Duration::from_secs(10), || slow_done
+        .load(Ordering::SeqCst)
+        == 500));
+    assert_eq!(fast_done.load(Ordering::SeqCst), 50);
+    let stats = g[2].receiver_stats().unwrap();
+    assert_eq!(
+        stats.messages.load(Ordering::Relaxed) as usize,
+        500 + 50 + 2
+    );
+}
