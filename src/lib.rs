@@ -38,6 +38,21 @@ impl Default for GroupOptions {
     }
 }
 
+impl GroupOptions {
+    /// Defaults with a short send timeout (800 ms) and no heartbeat, for failure tests that
+    /// wait for timeouts.
+    pub fn fast_failing() -> Self {
+        Self {
+            sender: SenderConfig {
+                timeout: Duration::from_millis(800),
+                ..SenderConfig::default()
+            },
+            heartbeat: None,
+            ..Self::default()
+        }
+    }
+}
+
 /// Starts `n` channels on 127.0.0.1 (OS-chosen ports) that know each other through static
 /// membership, each with a dispatch interceptor for asynchronous sends.
 ///

@@ -8,25 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tribes::interceptors::DispatchConfig;
-use tribes::transport::SenderConfig;
 use tribes::wire::{encode_frame, AckCommand};
 use tribes::{ChannelMessage, Failure, Member, ProcessError, SendError, SendOptions, UniqueId};
 use tribes_suite::{static_group, wait_until, GroupOptions};
 
-fn quick_opts() -> GroupOptions {
-    GroupOptions {
-        sender: SenderConfig {
-            timeout: Duration::from_millis(800),
-            ..SenderConfig::default()
-        },
-        heartbeat: None,
-        ..GroupOptions::default()
-    }
-}
-
 #[test]
 fn failing_listener_gives_fail_ack_naming_the_member() {
-    let g = static_group(2, &quick_opts()).unwrap();
+    let g = static_group(2, &GroupOptions::fast_failing()).unwrap();
     g[1].add_channel_listener(|m: &ChannelMessage| {
         if &m.payload[..] == b"bad" {
             Err(ProcessError::new("refused"))
@@ -49,7 +37,7 @@ fn failing_listener_gives_fail_ack_naming_the_member() {
 
 #[test]
 fn send_to_a_member_not_listening_fails_within_the_timeout() {
-    let g = static_group(1, &quick_opts()).unwrap();
+    let g = static_group(1, &GroupOptions::fast_failing()).unwrap();
     // A port that was free a moment ago and has no listener now.
     let dead = {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -77,7 +65,7 @@ fn send_to_a_member_not_listening_fails_within_the_timeout() {
 
 #[test]
 fn a_peer_that_never_acks_times_out_naming_it() {
-    let g = static_group(1, &quick_opts()).unwrap();
+    let g = static_group(1, &GroupOptions::fast_failing()).unwrap();
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap();
     // Accept and read, never answer.
@@ -123,7 +111,7 @@ fn bad_frames_close_only_their_connection() {
             max_body_size: 1024 * 1024,
             ..Default::default()
         },
-        ..quick_opts()
+        ..GroupOptions::fast_failing()
     };
     let g = static_group(2, &opts).unwrap();
     let got = Arc::new(AtomicUsize::new(0));
@@ -201,7 +189,7 @@ fn full_async_queue_is_an_error_not_a_hang() {
             threads: 1,
             ..DispatchConfig::default()
         },
-        ..quick_opts()
+        ..GroupOptions::fast_failing()
     };
     let g = static_group(1, &opts).unwrap();
     // A peer that accepts and never reads or answers: USE_ACK sends stall the dispatcher.

@@ -4,20 +4,8 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use tribes::transport::SenderConfig;
 use tribes::{Levels, SendOptions};
 use tribes_suite::{static_group, thread_names, GroupOptions};
-
-fn quick_opts() -> GroupOptions {
-    GroupOptions {
-        sender: SenderConfig {
-            timeout: Duration::from_millis(800),
-            ..SenderConfig::default()
-        },
-        heartbeat: None,
-        ..GroupOptions::default()
-    }
-}
 
 #[test]
 fn stop_joins_every_thread_and_frees_the_ports() {
@@ -25,7 +13,7 @@ fn stop_joins_every_thread_and_frees_the_ports() {
         3,
         &GroupOptions {
             heartbeat: Some(Duration::from_millis(50)),
-            ..quick_opts()
+            ..GroupOptions::fast_failing()
         },
     )
     .unwrap();
