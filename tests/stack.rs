@@ -235,3 +235,33 @@ fn many_threads_share_one_connection_with_pipelined_acks() {
         assert_eq!(mine, (0..500).collect::<Vec<_>>(), "thread {t} in order");
     }
 }
+
+#[test]
+fn large_payloads_written_from_their_own_buffer_arrive_intact() {
+    let g = static_group(2, &GroupOptions::default()).unwrap();
+    let got = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let g2 = Arc::clone(&got);
+    g[1].add_channel_listener(move |m: &ChannelMessage| {
+        g2.lock().push(m.payload.to_vec());
+        Ok(())
+    });
+    let to = [g[1].local_member()];
+    let sizes = [1usize, 8191, 8192, 8193, 100_000, 300_000];
+    let payload =
+        |i: usize, n: usize| -> Vec<u8> { (0..n).map(|j| (i * 31 + j * 7) as u8).collect() };
+    let mut expected = Vec::new();
+    for (i, &n) in sizes.iter().cycle().take(60).enumerate() {
+        let opts = match i % 3 {
+            0 => SendOptions::ASYNCHRONOUS,
+            1 => SendOptions::USE_ACK,
+            _ => SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK,
+        };
+        g[0].send(&to, payload(i, n), opts).unwrap();
+        expected.push(payload(i, n));
+    }
+    assert!(wait_until(Duration::from_secs(10), || got.lock().len() == 60));
+    let mut got = got.lock().clone();
+    got.sort();
+    expected.sort();
+    assert!(got == expected, "payloads differ");
+}

@@ -10,7 +10,7 @@ use crate::error::{ChannelError, FaultyMember, SendError};
 use crate::interceptors::{Bottom, Outgoing, Stack};
 use crate::member::Member;
 use crate::options::SendOptions;
-use crate::transport::{Batch, Receiver, ReceiverConfig, ReceiverStats, Sender};
+use crate::transport::{Batch, Frame, Receiver, ReceiverConfig, ReceiverStats, Sender};
 use crate::wire::FRAME_OVERHEAD;
 
 pub(crate) struct Coordinator {
@@ -98,7 +98,7 @@ impl Bottom for Coordinator {
                 max: self.max_body,
             });
         }
-        let frame = out.message.encode_frame();
+        let frame = Frame::message(&out.message);
         debug_assert_eq!(frame.len(), len + FRAME_OVERHEAD);
         self.sender
             .send(&frame, &out.destinations, opts.wants_ack())

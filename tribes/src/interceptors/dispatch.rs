@@ -38,6 +38,10 @@ pub struct DispatchConfig {
     pub max_queue_messages: usize,
     /// Messages a thread takes from its queue for one batched write. Default 256.
     pub batch: usize,
+    /// Payload bytes a thread takes for one batched write (at least one message). Default
+    /// 256 KiB: enough to fill a socket buffer, small enough that the encoded frames stay in
+    /// reused memory instead of fresh pages for every batch.
+    pub batch_bytes: usize,
     /// Send on the caller's thread instead of refusing when the queue is full. Default false
     /// (Tribes `alwaysSend` is true; see the module docs).
     pub always_send: bool,
@@ -50,6 +54,7 @@ impl Default for DispatchConfig {
             threads: 10,
             max_queue_messages: 65536,
             batch: 256,
+            batch_bytes: 256 * 1024,
             always_send: false,
         }
     }
@@ -181,6 +186,7 @@ impl Interceptor for MessageDispatchInterceptor {
                 queued: Arc::clone(&self.queued),
                 failures: Arc::clone(&self.failures),
                 batch: self.cfg.batch.max(1),
+                batch_bytes: self.cfg.batch_bytes,
             };
             let h = std::thread::Builder::new()
                 .name(format!("tribes-dispatch-{n}"))
@@ -217,16 +223,21 @@ struct DispatchWorker {
     queued: Arc<AtomicUsize>,
     failures: Arc<AtomicU64>,
     batch: usize,
+    batch_bytes: usize,
 }
 
 impl DispatchWorker {
     fn run(self) {
         let mut jobs = Vec::with_capacity(self.batch);
         while let Ok(first) = self.rx.recv() {
+            let mut bytes = first.message.payload.len();
             jobs.push(first);
-            while jobs.len() < self.batch {
+            while jobs.len() < self.batch && bytes < self.batch_bytes {
                 match self.rx.try_recv() {
-                    Ok(j) => jobs.push(j),
+                    Ok(j) => {
+                        bytes += j.message.payload.len();
+                        jobs.push(j);
+                    }
                     Err(_) => break,
                 }
             }

@@ -12,4 +12,4 @@ mod sender;
 
 pub use config::{ReceiverConfig, SenderConfig};
 pub use receiver::{MessageHandler, Receiver, ReceiverStats};
-pub use sender::{Batch, Sender, SenderStats};
+pub use sender::{Batch, Frame, Sender, SenderStats};

@@ -133,7 +133,8 @@ impl Receiver {
             shutdown: Arc::clone(&shutdown),
             cfg: cfg.clone(),
             stats: Arc::clone(&stats),
-            scratch: vec![0u8; 64 * 1024],
+            // One read takes up to 256 KiB: fewer syscalls for large frames.
+            scratch: vec![0u8; 256 * 1024],
         };
         let selector = thread::Builder::new()
             .name(format!("tribes-rx-{name}"))

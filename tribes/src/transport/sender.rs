@@ -13,20 +13,67 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use log::{debug, warn};
 use parking_lot::{Condvar, Mutex};
 
 use super::config::SenderConfig;
 use crate::error::{Failure, FaultyMember, SendError};
 use crate::member::{Member, MemberKey};
-use crate::wire::{AckCommand, FrameDecoder};
+use crate::wire::{AckCommand, ChannelMessage, FrameDecoder, END_MARKER};
+
+/// One framed message, ready to write: a head and, for large payloads, the payload as its
+/// own buffer, so it is written straight from the application's bytes (no copy).
+#[derive(Clone, Debug)]
+pub struct Frame {
+    head: Bytes,
+    body: Bytes,
+    tail: &'static [u8],
+}
+
+impl Frame {
+    /// Payloads from this size on are written from their own buffer instead of being copied
+    /// into the frame; below it one contiguous buffer is cheaper.
+    pub const SPLIT_AT: usize = 8 * 1024;
+
+    /// A frame already encoded into one buffer (e.g. by [`crate::wire::encode_frame`]).
+    pub fn contiguous(frame: Bytes) -> Self {
+        Self {
+            head: frame,
+            body: Bytes::new(),
+            tail: &[],
+        }
+    }
+
+    /// Frames an envelope.
+    pub fn message(msg: &ChannelMessage) -> Self {
+        if msg.payload.len() < Self::SPLIT_AT {
+            Self::contiguous(msg.encode_frame())
+        } else {
+            Self {
+                head: msg.encode_frame_head(),
+                body: msg.payload.clone(),
+                tail: END_MARKER,
+            }
+        }
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len() + self.tail.len()
+    }
+
+    /// True for an empty frame (never produced by the constructors above with real data).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Counters of a sender.
 #[derive(Debug, Default)]
@@ -74,7 +121,7 @@ impl Sender {
     ///
     /// Inside [`Batch::run`] on this thread the frame is only queued and `Ok` is returned;
     /// the batch reports failures when it ends.
-    pub fn send(&self, frame: &Bytes, members: &[Member], ack: bool) -> Result<(), SendError> {
+    pub fn send(&self, frame: &Frame, members: &[Member], ack: bool) -> Result<(), SendError> {
         if self.stopped.load(Ordering::Acquire) {
             return Err(SendError::NotStarted);
         }
@@ -251,7 +298,7 @@ impl Sender {
     fn write_with_retry(
         &self,
         m: &Member,
-        frames: &[Bytes],
+        frames: &[Frame],
         ack: bool,
         deadline: Instant,
     ) -> Result<Ticket, Failure> {
@@ -287,7 +334,7 @@ impl Sender {
 
     /// Waits for the ticket's ACKs (if any) and releases its connection; on an I/O failure
     /// while waiting, resends once more if retries are left (as Tribes does).
-    fn finish(&self, t: &mut Ticket, frames: &[Bytes], deadline: Instant) -> Result<(), Failure> {
+    fn finish(&self, t: &mut Ticket, frames: &[Frame], deadline: Instant) -> Result<(), Failure> {
         loop {
             let res = if t.ack {
                 t.conn.wait_acks(&t.seqs, deadline)
@@ -435,7 +482,7 @@ impl Conn {
     }
 
     /// Writes the frames in one go; returns the ACK sequence numbers they were given.
-    fn write(&self, frames: &[Bytes], ack: bool, stats: &SenderStats) -> Result<Vec<u64>, Failure> {
+    fn write(&self, frames: &[Frame], ack: bool, stats: &SenderStats) -> Result<Vec<u64>, Failure> {
         let mut w = self.write.lock();
         if let Some(f) = self.acks.lock().broken.clone() {
             return Err(f);
@@ -447,15 +494,9 @@ impl Conn {
         } else {
             Vec::new()
         };
-        let res = if frames.len() == 1 {
-            (&self.stream).write_all(&frames[0])
-        } else {
-            let total = frames.iter().map(Bytes::len).sum();
-            let mut buf = BytesMut::with_capacity(total);
-            for f in frames {
-                buf.extend_from_slice(f);
-            }
-            (&self.stream).write_all(&buf)
+        let res = match frames {
+            [f] if f.body.is_empty() => (&self.stream).write_all(&f.head),
+            _ => write_all_vectored(&self.stream, frames),
         };
         drop(w);
         stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -591,6 +632,30 @@ impl Conn {
 /// Per thread: the connection last used for (sender, member), for per-thread ordering.
 type AffinityMap = HashMap<(usize, MemberKey), std::sync::Weak<Conn>>;
 
+/// Writes every frame with as few `writev` calls as the kernel allows, without copying them
+/// into one buffer first.
+fn write_all_vectored(mut stream: &TcpStream, frames: &[Frame]) -> io::Result<()> {
+    /// Stay well under the kernel's IOV_MAX (1024 on Linux).
+    const MAX_SLICES: usize = 512;
+    let mut slices: Vec<IoSlice<'_>> = frames
+        .iter()
+        .flat_map(|f| [&f.head[..], &f.body[..], f.tail])
+        .filter(|s| !s.is_empty())
+        .map(IoSlice::new)
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let take = rest.len().min(MAX_SLICES);
+        match stream.write_vectored(&rest[..take]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 thread_local! {
     static AFFINITY: RefCell<AffinityMap> = RefCell::new(HashMap::new());
 }
@@ -609,7 +674,7 @@ struct BatchState {
 
 struct BatchEntry {
     member: Member,
-    frames: Vec<Bytes>,
+    frames: Vec<Frame>,
     tags: Vec<usize>,
     ack: bool,
 }
@@ -620,7 +685,7 @@ struct BatchEntry {
 ///
 /// ```no_run
 /// # use tribes::transport::{Batch, Sender};
-/// # fn demo(sender: &Sender, frames: &[bytes::Bytes], to: &[tribes::Member]) {
+/// # fn demo(sender: &Sender, frames: &[tribes::transport::Frame], to: &[tribes::Member]) {
 /// let ((), failures) = Batch::run(sender, |batch| {
 ///     for (i, f) in frames.iter().enumerate() {
 ///         batch.tag(i);
@@ -668,7 +733,7 @@ impl Batch {
         });
     }
 
-    fn enqueue(sender: &Sender, frame: &Bytes, members: &[Member], ack: bool) -> bool {
+    fn enqueue(sender: &Sender, frame: &Frame, members: &[Member], ack: bool) -> bool {
         BATCH.with(|b| {
             let mut b = b.borrow_mut();
             let Some(state) = b.as_mut() else {

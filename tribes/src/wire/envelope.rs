@@ -83,6 +83,25 @@ impl ChannelMessage {
         buf.put_slice(END_MARKER);
     }
 
+    /// Encodes the frame up to and including the payload length, for sending the payload as
+    /// its own buffer (no copy); the frame is `head + payload + END_MARKER`.
+    pub fn encode_frame_head(&self) -> Bytes {
+        let len = self.encoded_len();
+        let head_len = len - self.payload.len() + 11;
+        let mut buf = BytesMut::with_capacity(head_len);
+        buf.put_slice(START_MARKER);
+        buf.put_i32(len as i32);
+        buf.put_u32(self.options.bits());
+        buf.put_i64(self.timestamp);
+        buf.put_i32(16);
+        buf.put_slice(&self.unique_id.0);
+        buf.put_i32(member_record_len(&self.sender) as i32);
+        encode_member_into(&mut buf, &self.sender);
+        buf.put_i32(self.payload.len() as i32);
+        debug_assert_eq!(buf.len(), head_len);
+        buf.freeze()
+    }
+
     /// Decodes an envelope; the payload and member fields are zero-copy slices of `body`.
     pub fn decode(body: &Bytes) -> Result<Self, WireError> {
         const WHAT: &str = "envelope";
@@ -149,5 +168,25 @@ fn need(buf: &[u8], at: usize, n: usize, what: &'static str) -> Result<(), WireE
         })
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_frame_equals_contiguous_frame() {
+        let msg = ChannelMessage {
+            options: SendOptions::from_bits(11),
+            timestamp: 42,
+            unique_id: UniqueId::random(),
+            sender: Member::new("127.0.0.1:4000".parse().unwrap()),
+            payload: Bytes::from(vec![9u8; 10_000]),
+        };
+        let mut split = msg.encode_frame_head().to_vec();
+        split.extend_from_slice(&msg.payload);
+        split.extend_from_slice(END_MARKER);
+        assert_eq!(split, msg.encode_frame().to_vec());
     }
 }
