@@ -63,6 +63,9 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
+    /// Size of the buffer chunks frames are read into: 1 MiB.
+    pub const CHUNK: usize = 1024 * 1024;
+
     /// A decoder refusing bodies over `max_body` bytes.
     pub fn new(max_body: usize) -> Self {
         Self {
@@ -74,21 +77,24 @@ impl FrameDecoder {
 
     /// Appends received bytes.
     ///
-    /// Once a valid header says how long the frame is, the buffer is sized exactly for it
-    /// (and for the bytes of this push), so it never holds more than `max_body + 18` plus
-    /// one push; plain `extend` would double the allocation.
+    /// When the buffer is full it moves to a fresh chunk of [`FrameDecoder::CHUNK`] bytes (or
+    /// exactly what the frame in progress needs, if more), never more than
+    /// `max_body + 18` plus this push. Frames are split off the chunk without copying, so one
+    /// allocation serves many frames; amortized doubling would overshoot the bound.
     pub fn push(&mut self, data: &[u8]) {
         if self.error.is_some() {
             return;
         }
         let needed = self.buf.len() + data.len();
         if needed > self.buf.capacity() {
-            if let Ok(Some(len)) = self.check_header() {
-                let want = needed.max(HEADER + len + END_MARKER.len());
-                let mut grown = BytesMut::with_capacity(want);
-                grown.extend_from_slice(&self.buf);
-                self.buf = grown;
-            }
+            let frame_total = match self.check_header() {
+                Ok(Some(len)) => HEADER + len + END_MARKER.len(),
+                _ => 0,
+            };
+            let chunk = Self::CHUNK.min(self.max_body + FRAME_OVERHEAD + data.len());
+            let mut grown = BytesMut::with_capacity(needed.max(frame_total).max(chunk));
+            grown.extend_from_slice(&self.buf);
+            self.buf = grown;
         }
         self.buf.extend_from_slice(data);
     }
