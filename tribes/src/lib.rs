@@ -42,6 +42,7 @@ pub mod error;
 pub mod id;
 pub mod interceptors;
 pub mod member;
+pub mod membership;
 pub mod options;
 pub mod transport;
 pub mod wire;
