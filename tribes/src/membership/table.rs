@@ -188,7 +188,7 @@ impl MembershipTable {
     fn sort(&mut self) {
         // Oldest (largest alive time) first; stable for equal times.
         self.entries
-            .sort_by(|a, b| b.member.alive_time.cmp(&a.member.alive_time));
+            .sort_by_key(|e| std::cmp::Reverse(e.member.alive_time));
     }
 }
 
