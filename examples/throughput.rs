@@ -112,7 +112,7 @@ fn main() {
             return;
         }
         Err(e) => {
-            eprintln!("throughput: {e}\n\n{USAGE}");
+            eprintln!("throughput: {e} (see --help)");
             std::process::exit(2);
         }
     };

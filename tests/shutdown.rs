@@ -22,8 +22,34 @@ fn stop_joins_every_thread_and_frees_the_ports() {
         .unwrap();
     g[1].send(&to, &b"x"[..], SendOptions::USE_ACK).unwrap();
     assert!(thread_names().iter().any(|n| n.starts_with("tribes-")));
-    let addrs: Vec<_> = g.iter().map(|c| c.local_member().addr()).collect();
-    for c in &g {
+    // Two multicast members too (loopback, TTL 0), so their threads are counted.
+    let mcast = tribes::membership::McastConfig {
+        port: 47000 + (std::process::id() % 1000) as u16,
+        frequency: Duration::from_millis(50),
+        drop_time: Duration::from_millis(500),
+        ttl: Some(0),
+        ..Default::default()
+    };
+    let m: Vec<_> = (0..2)
+        .map(|i| {
+            let ch = tribes::GroupChannel::builder()
+                .name(format!("mc{i}"))
+                .port(0)
+                .multicast(mcast.clone())
+                .build()
+                .unwrap();
+            ch.start(Levels::ALL).unwrap();
+            ch
+        })
+        .collect();
+    assert!(m[0].wait_for_members(1, Duration::from_secs(2)));
+    assert!(thread_names().iter().any(|n| n.starts_with("tribes-mcast")));
+    let addrs: Vec<_> = g
+        .iter()
+        .chain(&m)
+        .map(|c| c.local_member().addr())
+        .collect();
+    for c in g.iter().chain(&m) {
         c.stop(Levels::ALL).unwrap();
     }
     let left: Vec<_> = thread_names()

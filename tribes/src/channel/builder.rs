@@ -11,6 +11,7 @@ use crate::error::ChannelError;
 use crate::id::UniqueId;
 use crate::interceptors::{Interceptor, MessageDispatchInterceptor, Stack};
 use crate::member::Member;
+use crate::membership::McastConfig;
 use crate::transport::{ReceiverConfig, Sender, SenderConfig};
 
 /// Builds a [`GroupChannel`]. Defaults are Tribes' defaults (see each config struct).
@@ -39,6 +40,7 @@ pub struct ChannelBuilder {
     unique_id: Option<UniqueId>,
     domain: Bytes,
     payload: Bytes,
+    multicast: Option<McastConfig>,
 }
 
 impl Default for ChannelBuilder {
@@ -52,6 +54,7 @@ impl Default for ChannelBuilder {
             unique_id: None,
             domain: Bytes::new(),
             payload: Bytes::new(),
+            multicast: None,
         }
     }
 }
@@ -124,10 +127,20 @@ impl ChannelBuilder {
         self
     }
 
+    /// Membership by multicast beacons, run at the MBR_RX / MBR_TX levels. Without it the
+    /// membership levels do nothing (use static membership).
+    pub fn multicast(mut self, cfg: McastConfig) -> Self {
+        self.multicast = Some(cfg);
+        self
+    }
+
     /// Validates the configuration and builds the (not yet started) channel.
     pub fn build(self) -> Result<GroupChannel, ChannelError> {
         self.receiver.validate()?;
         self.sender.validate()?;
+        if let Some(m) = &self.multicast {
+            m.validate()?;
+        }
         let mut local = Member::with_id(
             std::net::SocketAddr::new(self.receiver.address, self.receiver.port),
             self.unique_id.unwrap_or_else(UniqueId::secure),
@@ -146,6 +159,7 @@ impl ChannelBuilder {
             self.receiver,
             Sender::new(self.sender),
             local,
+            self.multicast,
         ));
         let top = Arc::new(ChannelTop::default());
         let stack = Arc::new(Stack {

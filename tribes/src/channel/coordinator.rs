@@ -9,6 +9,7 @@ use super::levels::Levels;
 use crate::error::{ChannelError, FaultyMember, SendError};
 use crate::interceptors::{Bottom, Outgoing, Stack};
 use crate::member::Member;
+use crate::membership::{EventSink, McastConfig, McastService, MemberEvent};
 use crate::options::SendOptions;
 use crate::transport::{Batch, Frame, Receiver, ReceiverConfig, ReceiverStats, Sender};
 use crate::wire::FRAME_OVERHEAD;
@@ -19,9 +20,11 @@ pub(crate) struct Coordinator {
     /// same port again (peers configured with it keep working).
     receiver_cfg: Mutex<ReceiverConfig>,
     receiver: Mutex<Option<Receiver>>,
-    sender: Sender,
-    local: RwLock<Member>,
+    sender: Arc<Sender>,
+    local: Arc<RwLock<Member>>,
     max_body: usize,
+    mcast_cfg: Option<McastConfig>,
+    mcast: Mutex<Option<McastService>>,
 }
 
 impl Coordinator {
@@ -30,16 +33,70 @@ impl Coordinator {
         receiver_cfg: ReceiverConfig,
         sender: Sender,
         local: Member,
+        mcast_cfg: Option<McastConfig>,
     ) -> Self {
         let max_body = receiver_cfg.max_body_size;
         Self {
             name,
             receiver_cfg: Mutex::new(receiver_cfg),
             receiver: Mutex::new(None),
-            sender,
-            local: RwLock::new(local),
+            sender: Arc::new(sender),
+            local: Arc::new(RwLock::new(local)),
             max_body,
+            mcast_cfg,
+            mcast: Mutex::new(None),
         }
+    }
+
+    /// Changes the advertised payload and domain; with multicast membership a beacon goes
+    /// out at once.
+    pub(crate) fn update_local(&self, f: impl FnOnce(&mut Member)) {
+        f(&mut self.local.write());
+        if let Some(m) = self.mcast.lock().as_ref() {
+            m.beacon_now();
+        }
+    }
+
+    /// Members known to the membership service (empty without one).
+    pub(crate) fn service_members(&self) -> Vec<Member> {
+        self.mcast
+            .lock()
+            .as_ref()
+            .map(McastService::members)
+            .unwrap_or_default()
+    }
+
+    fn mcast_service(&self, stack: &Arc<Stack>) -> Result<(), ChannelError> {
+        let Some(cfg) = &self.mcast_cfg else {
+            return Ok(());
+        };
+        let mut slot = self.mcast.lock();
+        if slot.is_some() {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(stack);
+        let sender = Arc::downgrade(&self.sender);
+        let sink: EventSink = Arc::new(move |event| {
+            let Some(stack) = weak.upgrade() else {
+                return;
+            };
+            match event {
+                MemberEvent::Added(m) => stack.up_from_bottom().member_added(m),
+                MemberEvent::Disappeared { member, .. } => {
+                    if let Some(s) = sender.upgrade() {
+                        s.remove(&member);
+                    }
+                    stack.up_from_bottom().member_disappeared(member);
+                }
+            }
+        });
+        *slot = Some(McastService::new(
+            cfg.clone(),
+            &self.name,
+            Arc::clone(&self.local),
+            sink,
+        )?);
+        Ok(())
     }
 
     pub(crate) fn sender(&self) -> &Sender {
@@ -70,10 +127,36 @@ impl Coordinator {
         if levels.contains(Levels::SND_TX) {
             self.sender.start();
         }
+        if levels.intersects(Levels::MBR_RX.union(Levels::MBR_TX)) {
+            self.mcast_service(stack)?;
+            if let Some(m) = self.mcast.lock().as_mut() {
+                if levels.contains(Levels::MBR_RX) {
+                    m.start_rx()?;
+                }
+                if levels.contains(Levels::MBR_TX) {
+                    m.start_tx()?;
+                }
+            }
+        }
         Ok(())
     }
 
-    pub(crate) fn stop(&self, levels: Levels) {
+    pub(crate) fn stop(&self, levels: Levels, still_running: Levels) {
+        {
+            let mut slot = self.mcast.lock();
+            if let Some(m) = slot.as_mut() {
+                if levels.contains(Levels::MBR_TX) {
+                    m.stop_tx();
+                }
+                if levels.contains(Levels::MBR_RX) {
+                    m.stop_rx();
+                }
+            }
+            if !still_running.intersects(Levels::MBR_RX.union(Levels::MBR_TX)) {
+                // Both halves stopped: leave the group and close the socket.
+                *slot = None;
+            }
+        }
         if levels.contains(Levels::SND_TX) {
             self.sender.stop();
         }

@@ -87,7 +87,7 @@ impl GroupChannel {
                 for j in i + 1..self.stack.interceptors.len() {
                     self.stack.interceptors[j].stop(levels, &self.handle(j));
                 }
-                self.coordinator.stop(levels);
+                self.coordinator.stop(levels, *running);
                 return Err(e);
             }
         }
@@ -109,8 +109,8 @@ impl GroupChannel {
         for i in 0..self.stack.interceptors.len() {
             self.stack.interceptors[i].stop(levels, &self.handle(i));
         }
-        self.coordinator.stop(levels);
         *running = running.difference(levels);
+        self.coordinator.stop(levels, *running);
         if running.is_empty() {
             self.stop_heartbeat();
         }
@@ -211,6 +211,24 @@ impl GroupChannel {
     /// The members currently in the group (as reported by the stack).
     pub fn members(&self) -> Vec<Member> {
         self.top.members.lock().clone()
+    }
+
+    /// Changes the payload this member advertises; with multicast membership a beacon goes
+    /// out at once.
+    pub fn set_member_payload(&self, payload: impl Into<Bytes>) {
+        let payload = payload.into();
+        self.coordinator.update_local(|m| m.payload = payload);
+    }
+
+    /// Changes this member's domain; with multicast membership a beacon goes out at once.
+    pub fn set_domain(&self, domain: impl Into<Bytes>) {
+        let domain = domain.into();
+        self.coordinator.update_local(|m| m.domain = domain);
+    }
+
+    /// Members as the membership service sees them, oldest first (empty without a service).
+    pub fn service_members(&self) -> Vec<Member> {
+        self.coordinator.service_members()
     }
 
     /// This node as others see it.
