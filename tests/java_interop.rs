@@ -1,0 +1,248 @@
+//! Interoperability with a real Apache Tribes node (Java, Debian's `libtomcat10-java`), on
+//! loopback with static membership (issue #4). The Java side is `tests/java/TribesNode.java`.
+//!
+//! If Java or the Tribes jar is missing the test fails loudly: `.ci/run` installs them, and a
+//! wire-compatibility test that silently passes would prove nothing.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use parking_lot::Mutex;
+use tribes::interceptors::{MessageDispatchInterceptor, StaticMembershipInterceptor};
+use tribes::{
+    ChannelMessage, Failure, GroupChannel, Levels, Member, ProcessError, SendOptions, UniqueId,
+};
+use tribes_suite::wait_until;
+
+const JARS: [&str; 2] = [
+    "/usr/share/java/tomcat10-tribes.jar",
+    "/usr/share/java/tomcat10-juli.jar",
+];
+
+const MODES: [(&str, u32); 4] = [("async", 8), ("noack", 0), ("ack", 2), ("syncack", 6)];
+const PER_MODE: usize = 200;
+
+fn hex(id: &UniqueId) -> String {
+    id.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> UniqueId {
+    let mut b = [0u8; 16];
+    for (i, byte) in b.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex");
+    }
+    UniqueId(b)
+}
+
+/// Compiles the Java node into the test's scratch directory; panics with a clear message if
+/// the toolchain or the jar is missing.
+fn compile_java() -> PathBuf {
+    for jar in JARS {
+        assert!(
+            Path::new(jar).exists(),
+            "JAVA INTEROP TEST CANNOT RUN: {jar} is missing. Install Debian's libtomcat10-java \
+             (`apt-get install libtomcat10-java`); .ci/run does this."
+        );
+    }
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("java-interop");
+    std::fs::create_dir_all(&out).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/java/TribesNode.java");
+    let status = Command::new("javac")
+        .args(["-cp", &JARS.join(":"), "-d"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| panic!("JAVA INTEROP TEST CANNOT RUN: javac not found ({e})"));
+    assert!(status.success(), "javac failed on {}", src.display());
+    out
+}
+
+struct JavaNode {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    member: Member,
+}
+
+impl JavaNode {
+    fn start(classes: &Path, rust: &Member) -> Self {
+        let cp = format!("{}:{}", JARS.join(":"), classes.display());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new("java")
+            .args(["-cp", &cp, "TribesNode"])
+            .arg(port.to_string())
+            .arg(rust.host.to_string())
+            .arg(rust.port.to_string())
+            .arg(hex(&rust.unique_id))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("JAVA INTEROP TEST CANNOT RUN: java not found");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("java node did not start");
+        let f: Vec<&str> = ready.split_whitespace().collect();
+        assert_eq!(f[0], "ready", "unexpected first line {ready:?}");
+        let addr = format!("127.0.0.1:{}", f[1]).parse().unwrap();
+        let member = Member::with_id(addr, unhex(f[2]));
+        Self {
+            child,
+            stdin,
+            lines,
+            member,
+        }
+    }
+
+    fn say(&mut self, s: &str) {
+        writeln!(self.stdin, "{s}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Collects `recv` lines until `n` arrived (or a deadline), returns them; waits for one
+    /// `sent` line if `want_sent`.
+    fn collect(&self, n: usize, want_sent: bool) -> (Vec<String>, Option<String>) {
+        let mut recv = Vec::new();
+        let mut sent = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while (recv.len() < n || (want_sent && sent.is_none()))
+            && std::time::Instant::now() < deadline
+        {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                if let Some(r) = line.strip_prefix("recv ") {
+                    recv.push(r.to_string());
+                } else if line.starts_with("sent ") {
+                    sent = Some(line);
+                }
+            }
+        }
+        (recv, sent)
+    }
+}
+
+impl Drop for JavaNode {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.stdin.flush();
+        if !wait_until(Duration::from_secs(10), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        }) {
+            // Our own child, by its handle.
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn rust_and_java_exchange_byte_messages_in_every_mode() {
+    let classes = compile_java();
+    let statics = Arc::new(StaticMembershipInterceptor::new(Vec::new()));
+    let rust = GroupChannel::builder()
+        .name("interop")
+        .port(0)
+        .heartbeat_interval(None)
+        .interceptor(MessageDispatchInterceptor::default())
+        .interceptor_arc(statics.clone())
+        .build()
+        .unwrap();
+    let received = Arc::new(Mutex::new(Vec::<(String, u32)>::new()));
+    let r2 = Arc::clone(&received);
+    rust.add_channel_listener(move |m: &ChannelMessage| {
+        let text = String::from_utf8_lossy(&m.payload).to_string();
+        if text.starts_with("fail") {
+            return Err(ProcessError::new("asked to fail"));
+        }
+        r2.lock().push((text, m.options.bits()));
+        Ok(())
+    });
+    rust.start(Levels::SND_RX).unwrap();
+    let mut java = JavaNode::start(&classes, &rust.local_member());
+    statics.set_members(vec![java.member.clone()]);
+    rust.start(Levels::SND_TX).unwrap();
+    let to = [java.member.clone()];
+
+    // Rust -> Java, every mode; every ack honoured (no error), every message intact.
+    let mut expected = HashSet::new();
+    for (name, bits) in MODES {
+        for i in 0..PER_MODE {
+            let text = format!("rust-{name}-{i}");
+            rust.send(&to, text.clone().into_bytes(), SendOptions::from_bits(bits))
+                .unwrap_or_else(|e| panic!("rust -> java {name} {i}: {e}"));
+            expected.insert(text);
+        }
+    }
+    let (got, _) = java.collect(expected.len(), false);
+    let got_set: HashSet<String> = got.iter().cloned().collect();
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "java received duplicates or losses"
+    );
+    assert_eq!(got_set, expected, "java received other messages");
+
+    // Java -> Rust, every mode.
+    for (name, bits) in MODES {
+        java.say(&format!("send {bits} {PER_MODE} java-{name}"));
+        let (_, sent) = java.collect(0, true);
+        assert_eq!(
+            sent.as_deref(),
+            Some(&*format!("sent {PER_MODE} 0")),
+            "java {name}"
+        );
+    }
+    assert!(wait_until(Duration::from_secs(10), || received
+        .lock()
+        .len()
+        == 4 * PER_MODE));
+    let got = received.lock().clone();
+    for (name, bits) in MODES {
+        let mine: Vec<_> = got
+            .iter()
+            .filter(|(t, _)| t.starts_with(&format!("java-{name}-")))
+            .collect();
+        assert_eq!(mine.len(), PER_MODE, "from java, mode {name}");
+        // The options arrive as Java wrote them: the mode bits plus BYTE_MESSAGE.
+        assert!(
+            mine.iter().all(|(_, o)| *o == (bits | 1)),
+            "options for {name}"
+        );
+        let set: HashSet<_> = mine.iter().map(|(t, _)| t.clone()).collect();
+        assert_eq!(set.len(), PER_MODE, "duplicates from java, mode {name}");
+    }
+
+    // FAIL_ACK both ways.
+    let err = rust
+        .send(
+            &to,
+            &b"fail-please"[..],
+            SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK,
+        )
+        .unwrap_err();
+    assert_eq!(err.faulty_members()[0].member, java.member);
+    assert_eq!(err.faulty_members()[0].failure, Failure::RemoteProcess);
+    java.say("send 6 1 fail");
+    let (_, sent) = java.collect(0, true);
+    assert_eq!(sent.as_deref(), Some("sent 1 1"), "java saw our FAIL_ACK");
+
+    rust.stop(Levels::ALL).unwrap();
+}
