@@ -40,12 +40,14 @@
 //! `okToProcess`); the stack applies that filter, so the interceptor never checks it.
 
 mod dispatch;
+mod failure_detector;
 mod stack;
 mod static_membership;
 
 use std::sync::Arc;
 
 pub use dispatch::{DispatchConfig, MessageDispatchInterceptor};
+pub use failure_detector::{FailureDetectorConfig, TcpFailureDetector, PROBE_PAYLOAD};
 pub(crate) use stack::{stack_entry, Bottom, Stack, Top};
 pub use stack::{Down, StackHandle, Up};
 pub use static_membership::{StaticMembershipInterceptor, GOODBYE_PAYLOAD, HELLO_PAYLOAD};

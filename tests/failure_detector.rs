@@ -1,0 +1,159 @@
+//! TcpFailureDetector (issue #4): membership changes from below are verified by TCP before
+//! they reach the application. The test puts an injector below the detector to play the
+//! membership layer, so it can "lose beacons" at will.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tribes::interceptors::{
+    FailureDetectorConfig, Interceptor, StackHandle, TcpFailureDetector, PROBE_PAYLOAD,
+};
+use tribes::{ChannelError, ChannelMessage, GroupChannel, Levels, Member, UniqueId};
+use tribes_suite::wait_until;
+
+/// Plays the membership service: raises events from its position in the stack.
+#[derive(Default)]
+struct Injector(Mutex<Option<StackHandle>>);
+
+impl Injector {
+    fn added(&self, m: &Member) {
+        self.0.lock().as_ref().unwrap().member_added(m.clone());
+    }
+    fn gone(&self, m: &Member) {
+        self.0
+            .lock()
+            .as_ref()
+            .unwrap()
+            .member_disappeared(m.clone());
+    }
+}
+
+impl Interceptor for Injector {
+    fn name(&self) -> &'static str {
+        "injector"
+    }
+    fn start(&self, _: Levels, handle: &StackHandle) -> Result<(), ChannelError> {
+        *self.0.lock() = Some(handle.clone());
+        Ok(())
+    }
+}
+
+fn detector_channel() -> (GroupChannel, Arc<TcpFailureDetector>, Arc<Injector>) {
+    let fd = Arc::new(TcpFailureDetector::new(FailureDetectorConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..Default::default()
+    }));
+    let inj = Arc::new(Injector::default());
+    let ch = GroupChannel::builder()
+        .name("fd")
+        .port(0)
+        .heartbeat_interval(None)
+        .interceptor_arc(fd.clone())
+        .interceptor_arc(inj.clone())
+        .build()
+        .unwrap();
+    ch.start(Levels::DEFAULT).unwrap();
+    (ch, fd, inj)
+}
+
+fn plain_node(name: &str) -> GroupChannel {
+    let ch = GroupChannel::builder()
+        .name(name)
+        .port(0)
+        .heartbeat_interval(None)
+        .build()
+        .unwrap();
+    ch.start(Levels::DEFAULT).unwrap();
+    ch
+}
+
+#[test]
+fn a_member_whose_beacons_are_lost_but_whose_port_answers_is_kept() {
+    let (a, fd, inj) = detector_channel();
+    let b = plain_node("b");
+    let probes = Arc::new(Mutex::new(0usize));
+    let p2 = Arc::clone(&probes);
+    // b has no detector: it sees the probe as an ordinary byte message, proving one was sent
+    // byte-exact.
+    b.add_channel_listener(move |m: &ChannelMessage| {
+        if m.payload[..] == PROBE_PAYLOAD[..] {
+            *p2.lock() += 1;
+        }
+        Ok(())
+    });
+    let bm = b.local_member();
+    inj.added(&bm);
+    assert!(
+        wait_until(Duration::from_secs(3), || a.members().contains(&bm)),
+        "verified and added"
+    );
+    // Beacons lost: the layer below says b is gone, but its receiver answers.
+    inj.gone(&bm);
+    assert!(wait_until(Duration::from_secs(3), || fd
+        .remove_suspects()
+        .contains(&bm)));
+    assert!(a.members().contains(&bm), "b kept");
+    assert!(
+        wait_until(Duration::from_secs(3), || *probes.lock() >= 2),
+        "probe messages arrived"
+    );
+    // Beacons come back: no longer a suspect, no duplicate event.
+    inj.added(&bm);
+    assert!(fd.remove_suspects().is_empty());
+    assert_eq!(a.members().len(), 1);
+    // Now b really dies: the next report removes it after a failed probe.
+    b.stop(Levels::ALL).unwrap();
+    inj.gone(&bm);
+    assert!(wait_until(Duration::from_secs(3), || !a
+        .members()
+        .contains(&bm)));
+}
+
+#[test]
+fn an_unreachable_new_member_is_not_reported_and_probes_do_not_block_events() {
+    let (a, _fd, inj) = detector_channel();
+    // Twenty members that do not exist (nothing listens on their ports).
+    let dead: Vec<Member> = (0..20)
+        .map(|_| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            Member::with_id(([127, 0, 0, 1], port).into(), UniqueId::random())
+        })
+        .collect();
+    let b = plain_node("b2");
+    let start = Instant::now();
+    for d in &dead {
+        inj.added(d);
+    }
+    inj.added(&b.local_member());
+    // Raising events never waits for a probe.
+    assert!(
+        start.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(wait_until(Duration::from_secs(3), || a
+        .members()
+        .contains(&b.local_member())));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a.members().len(), 1, "only the live member was reported");
+}
+
+#[test]
+fn a_shutdown_notice_removes_without_probing() {
+    let (a, _fd, inj) = detector_channel();
+    let b = plain_node("b3");
+    let mut bm = b.local_member();
+    inj.added(&bm);
+    assert!(wait_until(Duration::from_secs(3), || a
+        .members()
+        .contains(&bm)));
+    bm.command = bytes::Bytes::from_static(tribes::member::SHUTDOWN_COMMAND);
+    inj.gone(&bm);
+    // Immediate, even though b's port still answers.
+    assert!(!a.members().contains(&bm));
+}

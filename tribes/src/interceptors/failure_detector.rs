@@ -1,0 +1,394 @@
+//! `TcpFailureDetector`: verify membership changes over TCP before reporting them (§8.1).
+//!
+//! A member reported gone by the layer below is probed first: if its receiver still accepts a
+//! connection (and the probe message), it stays, as a "remove suspect" re-checked on every
+//! heartbeat. A new member is reported only once a probe reached it. Send failures (other than
+//! FAIL_ACK) trigger a check of the member. A member carrying the shutdown command is gone at
+//! once.
+//!
+//! Unlike Tribes, probes never run on the thread that delivered the event (membership
+//! receiver, heartbeat, sender): they run in parallel on a small pool of named threads
+//! (`tribes-fd-<n>`), so one unreachable host cannot stall membership for `connect_timeout`
+//! per member.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use log::{debug, info, warn};
+use parking_lot::Mutex;
+
+use super::{Down, Interceptor, Outgoing, StackHandle, Up};
+use crate::channel::Levels;
+use crate::error::{ChannelError, Failure, ProcessError, SendError};
+use crate::id::UniqueId;
+use crate::member::{Member, MemberKey};
+use crate::options::SendOptions;
+use crate::wire::ChannelMessage;
+
+/// The 64-byte probe Tribes' failure detector writes (byte-exact, so Java nodes swallow ours
+/// and we swallow theirs).
+pub const PROBE_PAYLOAD: [u8; 64] = [
+    0x4f, 0xa7, 0x73, 0x48, 0x79, 0x82, 0x43, 0xc9, 0x9f, 0x6f, 0x89, 0x80, 0xa1, 0x5b, 0x07, 0x14,
+    0x7d, 0xd9, 0x52, 0x5b, 0xeb, 0xf1, 0x43, 0x9a, 0xb7, 0x7e, 0xbe, 0x8f, 0x81, 0x67, 0x1e, 0xb6,
+    0x37, 0x15, 0xbe, 0x87, 0x45, 0x7e, 0x4c, 0xa8, 0xbf, 0x0a, 0x4d, 0x13, 0x53, 0x38, 0x15, 0x32,
+    0x55, 0xf6, 0x94, 0xb7, 0x3a, 0xfa, 0x40, 0x78, 0x91, 0x04, 0x7d, 0xd7, 0x72, 0x84, 0xc0, 0xd5,
+];
+
+/// Settings of [`TcpFailureDetector`].
+#[derive(Debug, Clone)]
+pub struct FailureDetectorConfig {
+    /// Timeout of the probe's TCP connect. Default 1000 ms (Tribes `connectTimeout`).
+    pub connect_timeout: Duration,
+    /// Write the probe message after connecting. Default true (Tribes `performSendTest`).
+    pub perform_send_test: bool,
+    /// How long a member that was reported gone but answered stays a suspect that is
+    /// re-checked on every heartbeat; `None` = forever. Default 300 s (Tribes).
+    pub remove_suspects_timeout: Option<Duration>,
+    /// Probe threads. Default 4.
+    pub threads: usize,
+    /// Probes waiting for a thread; more are dropped and retried on the next heartbeat.
+    /// Default 1024.
+    pub max_pending: usize,
+}
+
+impl Default for FailureDetectorConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_millis(1000),
+            perform_send_test: true,
+            remove_suspects_timeout: Some(Duration::from_secs(300)),
+            threads: 4,
+            max_pending: 1024,
+        }
+    }
+}
+
+/// Verifies membership changes by TCP before passing them up (Tribes `TcpFailureDetector`).
+///
+/// ```
+/// use tribes::interceptors::TcpFailureDetector;
+/// let fd = TcpFailureDetector::default();
+/// assert!(fd.members().is_empty());
+/// ```
+pub struct TcpFailureDetector {
+    cfg: FailureDetectorConfig,
+    state: Arc<Mutex<State>>,
+    pool: Mutex<Option<Pool>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Members reported up.
+    members: HashMap<MemberKey, Member>,
+    /// Reported gone below, but answered: kept, re-checked on heartbeat.
+    remove_suspects: HashMap<MemberKey, (Member, Instant)>,
+    /// Reported added below, but did not answer: not reported, re-checked on heartbeat.
+    add_suspects: HashMap<MemberKey, Member>,
+    /// Probes queued or running, so one member is not probed twice at once.
+    probing: HashMap<MemberKey, Check>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    Add,
+    Remove,
+}
+
+struct Job {
+    member: Member,
+    check: Check,
+}
+
+struct Pool {
+    queue: Sender<Job>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Default for TcpFailureDetector {
+    fn default() -> Self {
+        Self::new(FailureDetectorConfig::default())
+    }
+}
+
+impl TcpFailureDetector {
+    /// A detector with the given settings.
+    pub fn new(cfg: FailureDetectorConfig) -> Self {
+        Self {
+            cfg,
+            state: Arc::new(Mutex::new(State::default())),
+            pool: Mutex::new(None),
+        }
+    }
+
+    /// Members this detector has reported up.
+    pub fn members(&self) -> Vec<Member> {
+        self.state.lock().members.values().cloned().collect()
+    }
+
+    /// Members reported gone below that still answer.
+    pub fn remove_suspects(&self) -> Vec<Member> {
+        self.state
+            .lock()
+            .remove_suspects
+            .values()
+            .map(|(m, _)| m.clone())
+            .collect()
+    }
+
+    fn enqueue(&self, member: Member, check: Check) {
+        let key = member.key();
+        {
+            let mut st = self.state.lock();
+            if st.probing.get(&key) == Some(&check) {
+                return;
+            }
+            st.probing.insert(key, check);
+        }
+        let pool = self.pool.lock();
+        let Some(pool) = pool.as_ref() else {
+            self.state.lock().probing.remove(&key);
+            return;
+        };
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) =
+            pool.queue.try_send(Job { member, check })
+        {
+            warn!(target: "tribes::failure_detector", "probe queue full; {} will be checked on the next heartbeat", job.member);
+            self.state.lock().probing.remove(&key);
+        }
+    }
+}
+
+impl Interceptor for TcpFailureDetector {
+    fn name(&self) -> &'static str {
+        "TcpFailureDetector"
+    }
+
+    fn send(&self, out: Outgoing, next: Down<'_>) -> Result<(), SendError> {
+        let result = next.send(out);
+        if let Err(SendError::Faulty(faulty)) = &result {
+            for f in faulty {
+                // A FAIL_ACK means the member is alive and answered.
+                if f.failure != Failure::RemoteProcess {
+                    debug!(target: "tribes::failure_detector", "send to {} failed ({}); verifying", f.member, f.failure);
+                    self.enqueue(f.member.clone(), Check::Remove);
+                }
+            }
+        }
+        result
+    }
+
+    fn received(&self, msg: ChannelMessage, next: Up<'_>) -> Result<(), ProcessError> {
+        if msg.payload[..] == PROBE_PAYLOAD[..] {
+            return Ok(());
+        }
+        next.received(msg)
+    }
+
+    fn member_added(&self, member: Member, next: Up<'_>) {
+        let key = member.key();
+        {
+            let mut st = self.state.lock();
+            if st.remove_suspects.remove(&key).is_some() {
+                debug!(target: "tribes::failure_detector", "{member} is back; no longer a suspect");
+                st.members.insert(key, member);
+                return;
+            }
+            if let Some(known) = st.members.get_mut(&key) {
+                *known = member;
+                return;
+            }
+        }
+        let _ = next;
+        self.enqueue(member, Check::Add);
+    }
+
+    fn member_disappeared(&self, member: Member, next: Up<'_>) {
+        let key = member.key();
+        if member.is_shutting_down() {
+            let known = {
+                let mut st = self.state.lock();
+                st.remove_suspects.remove(&key);
+                st.add_suspects.remove(&key);
+                st.members.remove(&key).is_some()
+            };
+            if known {
+                next.member_disappeared(member);
+            }
+            return;
+        }
+        if self.state.lock().add_suspects.remove(&key).is_some() {
+            return;
+        }
+        self.enqueue(member, Check::Remove);
+    }
+
+    fn heartbeat(&self, next: Down<'_>) {
+        let (suspects, adds) = {
+            let mut st = self.state.lock();
+            if let Some(timeout) = self.cfg.remove_suspects_timeout {
+                st.remove_suspects
+                    .retain(|_, (_, since)| since.elapsed() < timeout);
+            }
+            (
+                st.remove_suspects
+                    .values()
+                    .map(|(m, _)| m.clone())
+                    .collect::<Vec<_>>(),
+                st.add_suspects.values().cloned().collect::<Vec<_>>(),
+            )
+        };
+        for m in suspects {
+            self.enqueue(m, Check::Remove);
+        }
+        for m in adds {
+            self.enqueue(m, Check::Add);
+        }
+        next.heartbeat();
+    }
+
+    fn start(&self, levels: Levels, handle: &StackHandle) -> Result<(), ChannelError> {
+        if !levels.contains(Levels::SND_TX) {
+            return Ok(());
+        }
+        let mut pool = self.pool.lock();
+        if pool.is_some() {
+            return Ok(());
+        }
+        let (tx, rx) = crossbeam_channel::bounded(self.cfg.max_pending.max(1));
+        let mut threads = Vec::new();
+        for n in 0..self.cfg.threads.max(1) {
+            let prober = Prober {
+                jobs: rx.clone(),
+                handle: handle.clone(),
+                state: Arc::clone(&self.state),
+                cfg: self.cfg.clone(),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tribes-fd-{n}"))
+                    .spawn(move || prober.run())?,
+            );
+        }
+        *pool = Some(Pool { queue: tx, threads });
+        Ok(())
+    }
+
+    fn stop(&self, levels: Levels, _handle: &StackHandle) {
+        if !levels.contains(Levels::SND_TX) {
+            return;
+        }
+        let pool = self.pool.lock().take();
+        if let Some(p) = pool {
+            drop(p.queue);
+            for t in p.threads {
+                let _ = t.join();
+            }
+        }
+        let mut st = self.state.lock();
+        st.probing.clear();
+    }
+}
+
+struct Prober {
+    jobs: Receiver<Job>,
+    handle: StackHandle,
+    state: Arc<Mutex<State>>,
+    cfg: FailureDetectorConfig,
+}
+
+impl Prober {
+    fn run(self) {
+        while let Ok(job) = self.jobs.recv() {
+            let alive = self.probe(&job.member);
+            self.settle(job, alive);
+        }
+    }
+
+    /// Connects to the member's receiver and, with the send test, writes the probe message.
+    fn probe(&self, m: &Member) -> bool {
+        let stream = match TcpStream::connect_timeout(&m.addr(), self.cfg.connect_timeout) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(target: "tribes::failure_detector", "{m} does not accept connections: {e}");
+                return false;
+            }
+        };
+        if !self.cfg.perform_send_test {
+            return true;
+        }
+        let Some(local) = self.handle.local_member() else {
+            return false;
+        };
+        let msg = ChannelMessage {
+            // Tribes sends the probe as a byte message, without ACK (reference §12.6).
+            options: SendOptions::BYTE_MESSAGE,
+            timestamp: crate::channel::now_millis(),
+            unique_id: UniqueId::random(),
+            sender: local,
+            payload: Bytes::from_static(&PROBE_PAYLOAD),
+        };
+        let _ = stream.set_write_timeout(Some(self.cfg.connect_timeout));
+        (&stream).write_all(&msg.encode_frame()).is_ok()
+    }
+
+    fn settle(&self, job: Job, alive: bool) {
+        let key = job.member.key();
+        enum Report {
+            None,
+            Added(Member),
+            Gone(Member),
+        }
+        let report = {
+            let mut st = self.state.lock();
+            st.probing.remove(&key);
+            match (job.check, alive) {
+                (Check::Add, true) => {
+                    st.add_suspects.remove(&key);
+                    if st.members.insert(key, job.member.clone()).is_none() {
+                        Report::Added(job.member)
+                    } else {
+                        Report::None
+                    }
+                }
+                (Check::Add, false) => {
+                    if !st.members.contains_key(&key) {
+                        st.add_suspects.insert(key, job.member);
+                    }
+                    Report::None
+                }
+                (Check::Remove, true) => {
+                    if st.members.contains_key(&key) {
+                        st.remove_suspects
+                            .entry(key)
+                            .or_insert_with(|| (job.member, Instant::now()));
+                    }
+                    Report::None
+                }
+                (Check::Remove, false) => {
+                    st.remove_suspects.remove(&key);
+                    match st.members.remove(&key) {
+                        Some(m) => Report::Gone(m),
+                        None => Report::None,
+                    }
+                }
+            }
+        };
+        match report {
+            Report::Added(m) => {
+                info!(target: "tribes::failure_detector", "verified new member {m}");
+                self.handle.member_added(m);
+            }
+            Report::Gone(m) => {
+                info!(target: "tribes::failure_detector", "verified {m} is gone");
+                self.handle.member_disappeared(m);
+            }
+            Report::None => {}
+        }
+    }
+}
