@@ -815,3 +815,26 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Issue #4: no datagram, however malformed, panics the membership table or changes it.
+    #[test]
+    fn membership_table_survives_any_datagram(
+        junk in prop::collection::vec(any::<u8>(), 0..200),
+        prefix_beacon in any::<bool>(),
+    ) {
+        use tribes::membership::MembershipTable;
+        let local = tribes::Member::new("127.0.0.1:4000".parse().unwrap());
+        let mut t = MembershipTable::new(local.key(), std::time::Duration::from_secs(3));
+        let mut data = if prefix_beacon { b"TRIBES-B\x01\x00".to_vec() } else { Vec::new() };
+        data.extend_from_slice(&junk);
+        let now = std::time::Instant::now();
+        if t.handle_beacon(&bytes::Bytes::from(data), now).is_err() {
+            prop_assert!(t.members().is_empty());
+            prop_assert_eq!(t.malformed(), 1);
+        }
+        let _ = t.expire(now + std::time::Duration::from_secs(10));
+    }
+}
