@@ -246,3 +246,259 @@ fn rust_and_java_exchange_byte_messages_in_every_mode() {
 
     rust.stop(Levels::ALL).unwrap();
 }
+
+// ---------------------------------------------------------------- multicast membership
+
+const FREQUENCY_MS: u64 = 100;
+const DROP_MS: u64 = 1000;
+
+fn mcast_cfg(port: u16) -> tribes::membership::McastConfig {
+    tribes::membership::McastConfig {
+        port,
+        frequency: Duration::from_millis(FREQUENCY_MS),
+        drop_time: Duration::from_millis(DROP_MS),
+        ttl: Some(0),
+        ..Default::default()
+    }
+}
+
+/// Not a test on its own: with `TRIBES_JAVA_MCAST_CHILD` set to a group port it runs one
+/// Rust multicast node as a child process, prints `CHILD-READY <port> <id-hex>`, and stops cleanly
+/// on `exit` (or after 60 s).
+#[test]
+fn mcast_child() {
+    let Ok(port) = std::env::var("TRIBES_JAVA_MCAST_CHILD") else {
+        return;
+    };
+    let ch = GroupChannel::builder()
+        .name("child")
+        .port(0)
+        .heartbeat_interval(None)
+        .multicast(mcast_cfg(port.parse().unwrap()))
+        .build()
+        .unwrap();
+    ch.start(Levels::ALL).unwrap();
+    let me = ch.local_member();
+    // A marker to search for: libtest may print its own text on the same line.
+    println!("\nCHILD-READY {} {}", me.port, hex(&me.unique_id));
+    let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while std::io::stdin().read_line(&mut line).unwrap_or(0) > 0 {
+            if line.trim() == "exit" {
+                break;
+            }
+            line.clear();
+        }
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(Duration::from_secs(60));
+    ch.stop(Levels::ALL).unwrap();
+}
+
+struct RustChild {
+    child: Child,
+    stdin: ChildStdin,
+    port: u16,
+    id: String,
+}
+
+impl RustChild {
+    // The child is waited for in `Drop` (and on the early-exit path below); the lint cannot
+    // see through the struct.
+    #[allow(clippy::zombie_processes)]
+    fn start(group_port: u16) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "mcast_child",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("TRIBES_JAVA_MCAST_CHILD", group_port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if out.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("child did not start");
+            }
+            if let Some(at) = line.find("CHILD-READY ") {
+                let rest = &line[at + "CHILD-READY ".len()..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                return Self {
+                    child,
+                    stdin,
+                    port: f[0].parse().unwrap(),
+                    id: f[1].to_string(),
+                };
+            }
+        }
+    }
+}
+
+impl Drop for RustChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_java_mcast(
+    classes: &Path,
+    group_port: u16,
+) -> (Child, ChildStdin, Receiver<String>, Member) {
+    let cp = format!("{}:{}", JARS.join(":"), classes.display());
+    let mut child = Command::new("java")
+        // IPv4 sockets: a dual-stack socket cannot send to an IPv4 group over 127.0.0.1.
+        .args([
+            "-Djava.net.preferIPv4Stack=true",
+            "-cp",
+            &cp,
+            "TribesNode",
+            "mcast",
+        ])
+        .arg(group_port.to_string())
+        .arg(FREQUENCY_MS.to_string())
+        .arg(DROP_MS.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("JAVA INTEROP TEST CANNOT RUN: java not found");
+    let stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let member = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("java multicast node did not start");
+        if let Some(rest) = line.strip_prefix("ready ") {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let addr = format!("127.0.0.1:{}", f[0]).parse().unwrap();
+            break Member::with_id(addr, unhex(f[1]));
+        }
+    };
+    (child, stdin, lines, member)
+}
+
+/// Waits for a line from the Java node; returns how long it took.
+fn expect_line(lines: &Receiver<String>, want: &str, within: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    while start.elapsed() < within {
+        if let Ok(l) = lines.recv_timeout(Duration::from_millis(20)) {
+            if l == want {
+                return start.elapsed();
+            }
+        }
+    }
+    panic!("java node did not print {want:?} within {within:?}");
+}
+
+#[test]
+fn rust_and_java_find_each_other_by_multicast_and_see_leaves_kills_and_restarts() {
+    let classes = compile_java();
+    let group_port = 48000 + (std::process::id() % 1000) as u16;
+    let (mut java, mut java_in, java_lines, java_member) = start_java_mcast(&classes, group_port);
+
+    // A Rust child joins: Java reports it within two beacon intervals (plus slack for the
+    // JVM's scheduling), and the child sees Java.
+    let child = RustChild::start(group_port);
+    let took = expect_line(
+        &java_lines,
+        &format!("added {} {}", child.port, child.id),
+        Duration::from_secs(3),
+    );
+    eprintln!("java saw the rust node after {took:?}");
+
+    // The child is killed (no shutdown beacon): Java drops it after its drop time.
+    let (old_port, old_id) = (child.port, child.id.clone());
+    drop(child); // SIGKILL, by its handle
+    let took = expect_line(
+        &java_lines,
+        &format!("gone {old_port} {old_id}"),
+        Duration::from_millis(DROP_MS * 3),
+    );
+    eprintln!("java dropped the killed rust node after {took:?}");
+
+    // Restart: a new process, a new unique id, a new member for Java.
+    let mut again = RustChild::start(group_port);
+    assert_ne!(again.id, old_id);
+    expect_line(
+        &java_lines,
+        &format!("added {} {}", again.port, again.id),
+        Duration::from_secs(3),
+    );
+    // A clean stop sends the shutdown beacon: Java drops it well before the drop time.
+    writeln!(again.stdin, "exit").unwrap();
+    again.stdin.flush().unwrap();
+    let took = expect_line(
+        &java_lines,
+        &format!("gone {} {}", again.port, again.id),
+        Duration::from_secs(3),
+    );
+    assert!(
+        took < Duration::from_millis(DROP_MS),
+        "shutdown beacon took {took:?}"
+    );
+
+    // The other direction, in this process: Rust sees Java, then Java leaving cleanly.
+    let rust = GroupChannel::builder()
+        .name("mrust")
+        .port(0)
+        .heartbeat_interval(None)
+        .multicast(mcast_cfg(group_port))
+        .build()
+        .unwrap();
+    rust.start(Levels::ALL).unwrap();
+    assert!(
+        rust.wait_for_members(1, Duration::from_secs(3)),
+        "rust never saw java"
+    );
+    assert_eq!(rust.members(), vec![java_member.clone()]);
+    writeln!(java_in, "exit").unwrap();
+    java_in.flush().unwrap();
+    let start = std::time::Instant::now();
+    assert!(wait_until(Duration::from_secs(3), || rust
+        .members()
+        .is_empty()));
+    assert!(
+        start.elapsed() < Duration::from_millis(DROP_MS),
+        "java's shutdown beacon"
+    );
+    let _ = java.wait();
+
+    // A second Java node is killed: Rust drops it after the drop time.
+    let (mut java2, _in2, _lines2, java2_member) = start_java_mcast(&classes, group_port);
+    assert!(wait_until(Duration::from_secs(3), || rust
+        .members()
+        .contains(&java2_member)));
+    java2.kill().unwrap(); // our own child, by its handle
+    java2.wait().unwrap();
+    let start = std::time::Instant::now();
+    assert!(wait_until(Duration::from_millis(DROP_MS * 3), || rust
+        .members()
+        .is_empty()));
+    let took = start.elapsed();
+    assert!(
+        took <= Duration::from_millis(DROP_MS + FREQUENCY_MS + 300),
+        "expired after {took:?}"
+    );
+    rust.stop(Levels::ALL).unwrap();
+}

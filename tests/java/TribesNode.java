@@ -1,6 +1,9 @@
 // A real Apache Tribes GroupChannel for the interop tests (tests/java_interop.rs).
 //
 // Usage: TribesNode <port> <peer-host> <peer-port> <peer-unique-id-hex>
+//        TribesNode mcast <group-port> <frequency-ms> <drop-time-ms>
+//   (multicast membership on 127.0.0.1, TTL 0; prints "added <port> <id-hex>" and
+//   "gone <port> <id-hex>" for membership changes)
 // Prints "ready <port> <unique-id-hex>" once started, then one "recv <text>" line per byte
 // message received. Reads commands on stdin:
 //   send <options> <count> <prefix>   sends <prefix>-<i> to the peer, prints "sent <count> <errors>"
@@ -37,6 +40,10 @@ public class TribesNode {
         limit.setDaemon(true);
         limit.start();
 
+        if (args[0].equals("mcast")) {
+            multicast(args);
+            return;
+        }
         int port = Integer.parseInt(args[0]);
         StaticMember peer = new StaticMember(args[1], Integer.parseInt(args[2]), 0, hex(args[3]));
 
@@ -101,6 +108,53 @@ public class TribesNode {
         }
         channel.stop(Channel.DEFAULT);
         System.exit(0);
+    }
+
+    private static void multicast(String[] args) throws Exception {
+        GroupChannel channel = new GroupChannel();
+        channel.setHeartbeat(false);
+        ReceiverBase receiver = (ReceiverBase) channel.getChannelReceiver();
+        receiver.setAddress("127.0.0.1");
+        receiver.setPort(43000 + (int) (ProcessHandle.current().pid() % 2000));
+        receiver.setAutoBind(100);
+        org.apache.catalina.tribes.membership.McastService mcast =
+                (org.apache.catalina.tribes.membership.McastService) channel.getMembershipService();
+        mcast.setAddress("228.0.0.4");
+        mcast.setPort(Integer.parseInt(args[1]));
+        mcast.setFrequency(Long.parseLong(args[2]));
+        mcast.setDropTime(Long.parseLong(args[3]));
+        mcast.setBind("127.0.0.1");
+        mcast.setTtl(0);
+        channel.addMembershipListener(new org.apache.catalina.tribes.MembershipListener() {
+            @Override
+            public void memberAdded(Member member) {
+                say("added " + member.getPort() + " " + hexOf(member.getUniqueId()));
+            }
+
+            @Override
+            public void memberDisappeared(Member member) {
+                say("gone " + member.getPort() + " " + hexOf(member.getUniqueId()));
+            }
+        });
+        channel.start(Channel.DEFAULT);
+        Member local = channel.getLocalMember(false);
+        say("ready " + local.getPort() + " " + hexOf(local.getUniqueId()));
+        BufferedReader in = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
+        String line;
+        while ((line = in.readLine()) != null) {
+            if (line.trim().equals("exit")) {
+                break;
+            }
+        }
+        channel.stop(Channel.DEFAULT);
+        System.exit(0);
+    }
+
+    private static void say(String s) {
+        synchronized (System.out) {
+            System.out.println(s);
+            System.out.flush();
+        }
     }
 
     private static byte[] hex(String s) {

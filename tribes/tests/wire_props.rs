@@ -826,12 +826,12 @@ proptest! {
         prefix_beacon in any::<bool>(),
     ) {
         use tribes::membership::MembershipTable;
-        let local = tribes::Member::new("127.0.0.1:4000".parse().unwrap());
+        let local = Member::new("127.0.0.1:4000".parse().unwrap());
         let mut t = MembershipTable::new(local.key(), std::time::Duration::from_secs(3));
         let mut data = if prefix_beacon { b"TRIBES-B\x01\x00".to_vec() } else { Vec::new() };
         data.extend_from_slice(&junk);
         let now = std::time::Instant::now();
-        if t.handle_beacon(&bytes::Bytes::from(data), now).is_err() {
+        if t.handle_beacon(&Bytes::from(data), now).is_err() {
             prop_assert!(t.members().is_empty());
             prop_assert_eq!(t.malformed(), 1);
         }
