@@ -157,3 +157,84 @@ fn a_shutdown_notice_removes_without_probing() {
     // Immediate, even though b's port still answers.
     assert!(!a.members().contains(&bm));
 }
+
+#[test]
+fn pings_reach_members_but_never_their_applications() {
+    use tribes::interceptors::{StaticMembershipInterceptor, TcpPingInterceptor};
+    let mut chans = Vec::new();
+    let mut statics = Vec::new();
+    for i in 0..2 {
+        let st = Arc::new(StaticMembershipInterceptor::new(vec![]));
+        let ch = GroupChannel::builder()
+            .name(format!("ping{i}"))
+            .port(0)
+            .heartbeat_interval(None)
+            .interceptor(TcpPingInterceptor::new())
+            .interceptor_arc(st.clone())
+            .build()
+            .unwrap();
+        ch.start(Levels::SND_RX).unwrap();
+        chans.push(ch);
+        statics.push(st);
+    }
+    let members: Vec<Member> = chans.iter().map(GroupChannel::local_member).collect();
+    for st in &statics {
+        st.set_members(members.clone());
+    }
+    for ch in &chans {
+        ch.start(Levels::SND_TX).unwrap();
+    }
+    let seen = Arc::new(Mutex::new(0usize));
+    let s2 = Arc::clone(&seen);
+    chans[1].add_channel_listener(move |_: &ChannelMessage| {
+        *s2.lock() += 1;
+        Ok(())
+    });
+    let rx = chans[1].receiver_stats().unwrap();
+    let before = rx.messages.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..5 {
+        chans[0].heartbeat();
+    }
+    assert!(wait_until(Duration::from_secs(3), || rx
+        .messages
+        .load(std::sync::atomic::Ordering::Relaxed)
+        >= before + 5));
+    assert_eq!(*seen.lock(), 0, "pings are swallowed below the application");
+}
+
+#[test]
+fn a_ping_with_a_detector_is_a_forced_check_that_removes_a_dead_member() {
+    use tribes::interceptors::TcpPingInterceptor;
+    let fd = Arc::new(TcpFailureDetector::new(FailureDetectorConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..Default::default()
+    }));
+    let inj = Arc::new(Injector::default());
+    let a = GroupChannel::builder()
+        .name("pa")
+        .port(0)
+        .heartbeat_interval(None)
+        .interceptor(TcpPingInterceptor::new().with_detector(fd.clone()))
+        .interceptor_arc(fd.clone())
+        .interceptor_arc(inj.clone())
+        .build()
+        .unwrap();
+    a.start(Levels::DEFAULT).unwrap();
+    let c = plain_node("pc");
+    let cm = c.local_member();
+    inj.added(&cm);
+    assert!(wait_until(Duration::from_secs(3), || a
+        .members()
+        .contains(&cm)));
+    // Alive: a forced check changes nothing (and makes no suspect).
+    a.heartbeat();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(a.members().contains(&cm));
+    assert!(fd.remove_suspects().is_empty());
+    // Dead without any membership event: the next ping finds out.
+    c.stop(Levels::ALL).unwrap();
+    a.heartbeat();
+    assert!(wait_until(Duration::from_secs(3), || !a
+        .members()
+        .contains(&cm)));
+}

@@ -96,8 +96,12 @@ struct State {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Check {
+    /// Reported added below: report up once reachable.
     Add,
+    /// Reported gone below (or a send failed): keep as a suspect while reachable.
     Remove,
+    /// Forced check of a current member: only a dead one changes anything.
+    Verify,
 }
 
 struct Job {
@@ -139,6 +143,15 @@ impl TcpFailureDetector {
             .values()
             .map(|(m, _)| m.clone())
             .collect()
+    }
+
+    /// Probes every member now (Tribes' forced check, used by [`super::TcpPingInterceptor`]):
+    /// a member whose receiver does not answer is removed and reported gone.
+    pub fn check_all(&self) {
+        let members: Vec<Member> = self.state.lock().members.values().cloned().collect();
+        for m in members {
+            self.enqueue(m, Check::Verify);
+        }
     }
 
     fn enqueue(&self, member: Member, check: Check) {
@@ -370,7 +383,8 @@ impl Prober {
                     }
                     Report::None
                 }
-                (Check::Remove, false) => {
+                (Check::Verify, true) => Report::None,
+                (Check::Remove | Check::Verify, false) => {
                     st.remove_suspects.remove(&key);
                     match st.members.remove(&key) {
                         Some(m) => Report::Gone(m),

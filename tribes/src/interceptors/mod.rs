@@ -43,6 +43,7 @@ mod dispatch;
 mod failure_detector;
 mod stack;
 mod static_membership;
+mod tcp_ping;
 
 use std::sync::Arc;
 
@@ -51,6 +52,7 @@ pub use failure_detector::{FailureDetectorConfig, TcpFailureDetector, PROBE_PAYL
 pub(crate) use stack::{stack_entry, Bottom, Stack, Top};
 pub use stack::{Down, StackHandle, Up};
 pub use static_membership::{StaticMembershipInterceptor, GOODBYE_PAYLOAD, HELLO_PAYLOAD};
+pub use tcp_ping::{TcpPingInterceptor, PING_PAYLOAD};
 
 use crate::channel::Levels;
 use crate::error::{ChannelError, ProcessError, SendError};
