@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tribes::interceptors::{
-    DispatchConfig, MessageDispatchInterceptor, StaticMembershipInterceptor,
+    DispatchConfig, Interceptor, MessageDispatchInterceptor, StaticMembershipInterceptor,
 };
 use tribes::transport::{ReceiverConfig, SenderConfig};
 use tribes::{ChannelError, GroupChannel, Levels};
 
 /// Options for [`static_group`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct GroupOptions {
     /// Name prefix; channel `i` is named `<prefix><i>`.
     pub name: String,
@@ -24,6 +24,25 @@ pub struct GroupOptions {
     pub dispatch: DispatchConfig,
     /// Heartbeat period (None = no heartbeat thread).
     pub heartbeat: Option<Duration>,
+    /// Extra interceptors for channel `i`, placed between the dispatch interceptor and the
+    /// static membership one.
+    pub extra: Option<ExtraInterceptors>,
+}
+
+/// Builds the extra interceptors of channel `i` (see [`GroupOptions::extra`]).
+pub type ExtraInterceptors = Arc<dyn Fn(usize) -> Vec<Arc<dyn Interceptor>> + Send + Sync>;
+
+impl std::fmt::Debug for GroupOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupOptions")
+            .field("name", &self.name)
+            .field("receiver", &self.receiver)
+            .field("sender", &self.sender)
+            .field("dispatch", &self.dispatch)
+            .field("heartbeat", &self.heartbeat)
+            .field("extra", &self.extra.is_some())
+            .finish()
+    }
 }
 
 impl Default for GroupOptions {
@@ -34,6 +53,7 @@ impl Default for GroupOptions {
             sender: SenderConfig::default(),
             dispatch: DispatchConfig::default(),
             heartbeat: Some(Duration::from_secs(5)),
+            extra: None,
         }
     }
 }
@@ -68,14 +88,18 @@ pub fn static_group(n: usize, opts: &GroupOptions) -> Result<Vec<GroupChannel>, 
             port: 0,
             ..opts.receiver.clone()
         };
-        let ch = GroupChannel::builder()
+        let mut builder = GroupChannel::builder()
             .name(format!("{}{i}", opts.name))
             .receiver(receiver)
             .sender(opts.sender.clone())
             .heartbeat_interval(opts.heartbeat)
-            .interceptor(MessageDispatchInterceptor::new(opts.dispatch.clone()))
-            .interceptor_arc(st.clone())
-            .build()?;
+            .interceptor(MessageDispatchInterceptor::new(opts.dispatch.clone()));
+        if let Some(extra) = &opts.extra {
+            for x in extra(i) {
+                builder = builder.interceptor_arc(x);
+            }
+        }
+        let ch = builder.interceptor_arc(st.clone()).build()?;
         ch.start(Levels::SND_RX)?;
         channels.push(ch);
         statics.push(st);

@@ -10,7 +10,7 @@ use tribes::interceptors::{
     FailureDetectorConfig, Interceptor, StackHandle, TcpFailureDetector, PROBE_PAYLOAD,
 };
 use tribes::{ChannelError, ChannelMessage, GroupChannel, Levels, Member, UniqueId};
-use tribes_suite::wait_until;
+use tribes_suite::{static_group, wait_until, GroupOptions};
 
 /// Plays the membership service: raises events from its position in the stack.
 #[derive(Default)]
@@ -160,30 +160,15 @@ fn a_shutdown_notice_removes_without_probing() {
 
 #[test]
 fn pings_reach_members_but_never_their_applications() {
-    use tribes::interceptors::{StaticMembershipInterceptor, TcpPingInterceptor};
-    let mut chans = Vec::new();
-    let mut statics = Vec::new();
-    for i in 0..2 {
-        let st = Arc::new(StaticMembershipInterceptor::new(vec![]));
-        let ch = GroupChannel::builder()
-            .name(format!("ping{i}"))
-            .port(0)
-            .heartbeat_interval(None)
-            .interceptor(TcpPingInterceptor::new())
-            .interceptor_arc(st.clone())
-            .build()
-            .unwrap();
-        ch.start(Levels::SND_RX).unwrap();
-        chans.push(ch);
-        statics.push(st);
-    }
-    let members: Vec<Member> = chans.iter().map(GroupChannel::local_member).collect();
-    for st in &statics {
-        st.set_members(members.clone());
-    }
-    for ch in &chans {
-        ch.start(Levels::SND_TX).unwrap();
-    }
+    use tribes::interceptors::TcpPingInterceptor;
+    let opts = GroupOptions {
+        heartbeat: None,
+        extra: Some(Arc::new(|_| {
+            vec![Arc::new(TcpPingInterceptor::new()) as Arc<dyn Interceptor>]
+        })),
+        ..GroupOptions::default()
+    };
+    let chans = static_group(2, &opts).unwrap();
     let seen = Arc::new(Mutex::new(0usize));
     let s2 = Arc::clone(&seen);
     chans[1].add_channel_listener(move |_: &ChannelMessage| {

@@ -62,6 +62,35 @@ fn compile_java() -> PathBuf {
     out
 }
 
+/// Starts the Java node with `args`; its stdout lines arrive on the returned channel.
+fn spawn_java(
+    classes: &Path,
+    jvm_args: &[&str],
+    args: &[String],
+) -> (Child, ChildStdin, Receiver<String>) {
+    let cp = format!("{}:{}", JARS.join(":"), classes.display());
+    let mut child = Command::new("java")
+        .args(jvm_args)
+        .args(["-cp", &cp, "TribesNode"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("JAVA INTEROP TEST CANNOT RUN: java not found");
+    let stdin = child.stdin.take().expect("piped stdin");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, lines) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, stdin, lines)
+}
+
 struct JavaNode {
     child: Child,
     stdin: ChildStdin,
@@ -71,33 +100,18 @@ struct JavaNode {
 
 impl JavaNode {
     fn start(classes: &Path, rust: &Member) -> Self {
-        let cp = format!("{}:{}", JARS.join(":"), classes.display());
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut child = Command::new("java")
-            .args(["-cp", &cp, "TribesNode"])
-            .arg(port.to_string())
-            .arg(rust.host.to_string())
-            .arg(rust.port.to_string())
-            .arg(hex(&rust.unique_id))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("JAVA INTEROP TEST CANNOT RUN: java not found");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = crossbeam_channel::unbounded();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let args = [
+            port.to_string(),
+            rust.host.to_string(),
+            rust.port.to_string(),
+            hex(&rust.unique_id),
+        ];
+        let (child, stdin, lines) = spawn_java(classes, &[], &args);
         let ready = lines
             .recv_timeout(Duration::from_secs(30))
             .expect("java node did not start");
@@ -357,34 +371,14 @@ fn start_java_mcast(
     classes: &Path,
     group_port: u16,
 ) -> (Child, ChildStdin, Receiver<String>, Member) {
-    let cp = format!("{}:{}", JARS.join(":"), classes.display());
-    let mut child = Command::new("java")
-        // IPv4 sockets: a dual-stack socket cannot send to an IPv4 group over 127.0.0.1.
-        .args([
-            "-Djava.net.preferIPv4Stack=true",
-            "-cp",
-            &cp,
-            "TribesNode",
-            "mcast",
-        ])
-        .arg(group_port.to_string())
-        .arg(FREQUENCY_MS.to_string())
-        .arg(DROP_MS.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("JAVA INTEROP TEST CANNOT RUN: java not found");
-    let stdin = child.stdin.take().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let args = [
+        "mcast".to_string(),
+        group_port.to_string(),
+        FREQUENCY_MS.to_string(),
+        DROP_MS.to_string(),
+    ];
+    // IPv4 sockets: a dual-stack socket cannot send to an IPv4 group over 127.0.0.1.
+    let (child, stdin, lines) = spawn_java(classes, &["-Djava.net.preferIPv4Stack=true"], &args);
     let member = loop {
         let line = lines
             .recv_timeout(Duration::from_secs(30))

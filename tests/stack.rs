@@ -47,40 +47,25 @@ impl Interceptor for Trailer {
 }
 
 fn pair_with(flag: SendOptions) -> (Vec<GroupChannel>, Vec<Arc<Trailer>>) {
-    // Two channels built by hand so both carry the test interceptor.
-    let mut chans = Vec::new();
-    let mut trailers = Vec::new();
-    let mut statics = Vec::new();
-    for i in 0..2 {
-        let t = Arc::new(Trailer {
-            flag,
-            down: AtomicU64::new(0),
-            up: AtomicU64::new(0),
-        });
-        let st = Arc::new(tribes::interceptors::StaticMembershipInterceptor::new(
-            vec![],
-        ));
-        let ch = GroupChannel::builder()
-            .name(format!("stack{i}"))
-            .port(0)
-            .heartbeat_interval(None)
-            .interceptor_arc(t.clone())
-            .interceptor_arc(st.clone())
-            .build()
-            .unwrap();
-        ch.start(Levels::SND_RX).unwrap();
-        chans.push(ch);
-        trailers.push(t);
-        statics.push(st);
-    }
-    let members: Vec<Member> = chans.iter().map(GroupChannel::local_member).collect();
-    for st in &statics {
-        st.set_members(members.clone());
-    }
-    for ch in &chans {
-        ch.start(Levels::SND_TX).unwrap();
-    }
-    (chans, trailers)
+    // Both channels carry the test interceptor, nearest the application.
+    let trailers: Vec<Arc<Trailer>> = (0..2)
+        .map(|_| {
+            Arc::new(Trailer {
+                flag,
+                down: AtomicU64::new(0),
+                up: AtomicU64::new(0),
+            })
+        })
+        .collect();
+    let t = trailers.clone();
+    let opts = GroupOptions {
+        heartbeat: None,
+        extra: Some(Arc::new(
+            move |i| vec![t[i].clone() as Arc<dyn Interceptor>],
+        )),
+        ..GroupOptions::default()
+    };
+    (static_group(2, &opts).unwrap(), trailers)
 }
 
 #[test]

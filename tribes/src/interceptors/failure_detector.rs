@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, info, warn};
 use parking_lot::Mutex;
@@ -26,7 +25,6 @@ use parking_lot::Mutex;
 use super::{Down, Interceptor, Outgoing, StackHandle, Up};
 use crate::channel::Levels;
 use crate::error::{ChannelError, Failure, ProcessError, SendError};
-use crate::id::UniqueId;
 use crate::member::{Member, MemberKey};
 use crate::options::SendOptions;
 use crate::wire::ChannelMessage;
@@ -338,14 +336,8 @@ impl Prober {
         let Some(local) = self.handle.local_member() else {
             return false;
         };
-        let msg = ChannelMessage {
-            // Tribes sends the probe as a byte message, without ACK (reference §12.6).
-            options: SendOptions::BYTE_MESSAGE,
-            timestamp: crate::channel::now_millis(),
-            unique_id: UniqueId::random(),
-            sender: local,
-            payload: Bytes::from_static(&PROBE_PAYLOAD),
-        };
+        // Tribes sends the probe as a byte message, without ACK (reference §12.6).
+        let msg = ChannelMessage::control(local, &PROBE_PAYLOAD, SendOptions::BYTE_MESSAGE);
         let _ = stream.set_write_timeout(Some(self.cfg.connect_timeout));
         (&stream).write_all(&msg.encode_frame()).is_ok()
     }

@@ -9,7 +9,6 @@ use parking_lot::RwLock;
 use super::{Interceptor, Outgoing, StackHandle, Up};
 use crate::channel::Levels;
 use crate::error::{ChannelError, ProcessError};
-use crate::id::UniqueId;
 use crate::member::{Member, SHUTDOWN_COMMAND};
 use crate::options::SendOptions;
 use crate::wire::ChannelMessage;
@@ -81,14 +80,8 @@ impl StaticMembershipInterceptor {
         let addr = to.addr();
         let out = Outgoing {
             destinations: vec![to],
-            message: ChannelMessage {
-                // Tribes sends notices with options 0: no ACK, not even the byte-message bit.
-                options: SendOptions::empty(),
-                timestamp: crate::channel::now_millis(),
-                unique_id: UniqueId::random(),
-                sender: local,
-                payload: Bytes::from_static(payload),
-            },
+            // Tribes sends notices with options 0: no ACK, not even the byte-message bit.
+            message: ChannelMessage::control(local, payload, SendOptions::empty()),
             handler: None,
         };
         if let Err(e) = handle.send(out) {

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::Bytes;
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use log::debug;
 use parking_lot::Mutex;
@@ -12,7 +11,6 @@ use parking_lot::Mutex;
 use super::{Down, Interceptor, Outgoing, StackHandle, TcpFailureDetector, Up};
 use crate::channel::Levels;
 use crate::error::{ChannelError, ProcessError};
-use crate::id::UniqueId;
 use crate::options::SendOptions;
 use crate::wire::ChannelMessage;
 
@@ -76,14 +74,8 @@ impl TcpPingInterceptor {
         }
         let out = Outgoing {
             destinations: members,
-            message: ChannelMessage {
-                // Tribes pings with options 0: no ACK.
-                options: SendOptions::empty(),
-                timestamp: crate::channel::now_millis(),
-                unique_id: UniqueId::random(),
-                sender: local,
-                payload: Bytes::from_static(&PING_PAYLOAD),
-            },
+            // Tribes pings with options 0: no ACK.
+            message: ChannelMessage::control(local, &PING_PAYLOAD, SendOptions::empty()),
             handler: None,
         };
         if let Err(e) = handle.send(out) {

@@ -41,6 +41,18 @@ pub struct ChannelMessage {
 }
 
 impl ChannelMessage {
+    /// A fresh message from `sender` carrying a fixed control payload (notices, probes,
+    /// pings), with a new id and the current wall-clock time.
+    pub fn control(sender: Member, payload: &'static [u8], options: SendOptions) -> Self {
+        Self {
+            options,
+            timestamp: crate::channel::now_millis(),
+            unique_id: UniqueId::random(),
+            sender,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
     /// Encoded envelope size.
     pub fn encoded_len(&self) -> usize {
         24 + 16 + member_record_len(&self.sender) + self.payload.len()
