@@ -4,15 +4,20 @@
 //! ```text
 //! cargo run --example demo                          # static membership
 //! cargo run --example demo -- --membership multicast   # beacons on 127.0.0.1, TTL 0
-//! ```
+//! cargo run --example demo -- --membership dns         # a name served by a DNS responder
+//! ```                                                   # on 127.0.0.1, nodes on 127.0.0.1-3
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tribes::membership::McastConfig;
+use std::net::{IpAddr, Ipv4Addr};
+
+use tribes::membership::{
+    dns_member_id, DnsConfig, DnsMembershipInterceptor, McastConfig, Resolver,
+};
 use tribes::{ChannelMessage, GroupChannel, Levels, SendOptions};
-use tribes_suite::{static_group, wait_until, GroupOptions};
+use tribes_suite::{static_group, wait_until, DnsResponder, GroupOptions};
 
 /// Three channels that find each other by multicast beacons on 127.0.0.1 (TTL 0: the
 /// beacons never leave the machine).
@@ -42,17 +47,61 @@ fn multicast_group(n: usize) -> Result<Vec<GroupChannel>, Box<dyn std::error::Er
     Ok(nodes)
 }
 
+/// Three channels on 127.0.0.1, .2 and .3 (one port) that find each other by resolving one
+/// name at a DNS responder this demo runs on 127.0.0.1, as pods behind a headless service do.
+fn dns_group(n: u8) -> Result<(Vec<GroupChannel>, DnsResponder), Box<dyn std::error::Error>> {
+    let ips: Vec<Ipv4Addr> = (1..=n).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let dns = DnsResponder::start(ips.clone());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut nodes = Vec::new();
+    for ip in &ips {
+        let ch = GroupChannel::builder()
+            .name(format!("node{}", ip.octets()[3]))
+            .address(IpAddr::V4(*ip))
+            .port(port)
+            .unique_id(dns_member_id(IpAddr::V4(*ip)))
+            .interceptor(DnsMembershipInterceptor::new(DnsConfig {
+                name: "tribes-demo.local".into(),
+                expiration: Duration::from_secs(5),
+                resolver: Resolver::Server(dns.addr),
+            }))
+            .build()?;
+        ch.start(Levels::ALL)?;
+        nodes.push(ch);
+    }
+    // Each node resolved the name when it started; poll once more so early starters see the
+    // later ones (the heartbeat thread would do it within 5 s).
+    for ch in &nodes {
+        ch.heartbeat();
+        if !ch.wait_for_members(ips.len() - 1, Duration::from_secs(5)) {
+            return Err("members did not find each other through DNS".into());
+        }
+    }
+    Ok((nodes, dns))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let membership = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
         [] => "static".to_string(),
         [flag, value] if flag == "--membership" => value.clone(),
-        _ => return Err("usage: demo [--membership static|multicast]".into()),
+        _ => return Err("usage: demo [--membership static|multicast|dns]".into()),
     };
+    // The DNS responder (dns mode only) lives as long as the nodes poll it.
+    let mut _dns = None;
     let nodes = match membership.as_str() {
         "static" => static_group(3, &GroupOptions::default())?,
         "multicast" => multicast_group(3)?,
-        other => return Err(format!("unknown membership {other} (static or multicast)").into()),
+        "dns" => {
+            let (nodes, dns) = dns_group(3)?;
+            _dns = Some(dns);
+            nodes
+        }
+        other => {
+            return Err(format!("unknown membership {other} (static, multicast or dns)").into())
+        }
     };
     let received = Arc::new(AtomicUsize::new(0));
     for node in &nodes {

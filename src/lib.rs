@@ -2,9 +2,12 @@
 //!
 //! Everything here stays on loopback: channels bind 127.0.0.1 with OS-chosen ports.
 
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tribes::interceptors::{
     DispatchConfig, Interceptor, MessageDispatchInterceptor, StaticMembershipInterceptor,
 };
@@ -137,4 +140,67 @@ pub fn thread_names() -> Vec<String> {
         .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
         .map(|s| s.trim().to_string())
         .collect()
+}
+
+/// A tiny DNS responder on 127.0.0.1 for tests and the demo: answers every A query with the
+/// current address list (a name-compression pointer to the question), until dropped.
+pub struct DnsResponder {
+    /// Where it listens (127.0.0.1, an OS-chosen port).
+    pub addr: SocketAddr,
+    /// The addresses every answer lists; change them at will.
+    pub answers: Arc<Mutex<Vec<Ipv4Addr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DnsResponder {
+    /// Starts answering on 127.0.0.1 with `answers`.
+    pub fn start(answers: Vec<Ipv4Addr>) -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let answers = Arc::new(Mutex::new(answers));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (Arc::clone(&answers), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !s.load(Ordering::SeqCst) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let q = &buf[..n];
+                // The question ends at the root label plus type and class.
+                let Some(end) = q[12..].iter().position(|&b| b == 0).map(|p| 12 + p + 5) else {
+                    continue;
+                };
+                let ips = a.lock().clone();
+                let mut r = q[..end].to_vec();
+                r[2] = 0x81; // response, recursion desired
+                r[3] = 0x80; // recursion available, no error
+                r[6..8].copy_from_slice(&(ips.len() as u16).to_be_bytes());
+                for ip in ips {
+                    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4]);
+                    r.extend_from_slice(&ip.octets());
+                }
+                let _ = socket.send_to(&r, from);
+            }
+        });
+        Self {
+            addr,
+            answers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for DnsResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
