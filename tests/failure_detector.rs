@@ -223,3 +223,34 @@ fn a_ping_with_a_detector_is_a_forced_check_that_removes_a_dead_member() {
         .members()
         .contains(&cm)));
 }
+
+#[test]
+fn static_members_are_verified_and_their_goodbye_removes_them_at_once() {
+    let detectors: Vec<Arc<TcpFailureDetector>> = (0..3)
+        .map(|_| Arc::new(TcpFailureDetector::default()))
+        .collect();
+    let d = detectors.clone();
+    let opts = GroupOptions {
+        heartbeat: None,
+        extra: Some(Arc::new(
+            move |i| vec![d[i].clone() as Arc<dyn Interceptor>],
+        )),
+        ..GroupOptions::default()
+    };
+    let g = static_group(3, &opts).unwrap();
+    // The static interceptor raises its members below the detector, which verifies them by
+    // TCP before the application hears of them.
+    for (ch, fd) in g.iter().zip(&detectors) {
+        assert!(ch.wait_for_members(2, Duration::from_secs(3)));
+        assert_eq!(fd.members().len(), 2);
+    }
+    // A stopped node says goodbye (the Tribes notice): removed at once, no probe needed.
+    let gone = g[2].local_member();
+    let start = Instant::now();
+    g[2].stop(Levels::ALL).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || !g[0]
+        .members()
+        .contains(&gone)
+        && !g[1].members().contains(&gone)));
+    assert!(start.elapsed() < Duration::from_millis(500));
+}

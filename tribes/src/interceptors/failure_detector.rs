@@ -90,6 +90,9 @@ struct State {
     add_suspects: HashMap<MemberKey, Member>,
     /// Probes queued or running, so one member is not probed twice at once.
     probing: HashMap<MemberKey, Check>,
+    /// Events that arrived before the probe threads started (an interceptor below may raise
+    /// members during its own start): probed once they run.
+    deferred: Vec<(Member, Check)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,7 +166,13 @@ impl TcpFailureDetector {
         }
         let pool = self.pool.lock();
         let Some(pool) = pool.as_ref() else {
-            self.state.lock().probing.remove(&key);
+            let mut st = self.state.lock();
+            st.probing.remove(&key);
+            if st.deferred.len() < self.cfg.max_pending {
+                st.deferred.push((member, check));
+            } else {
+                warn!(target: "tribes::failure_detector", "too many events before start; {member} will be checked on a heartbeat");
+            }
             return;
         };
         if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) =
@@ -287,6 +296,11 @@ impl Interceptor for TcpFailureDetector {
             );
         }
         *pool = Some(Pool { queue: tx, threads });
+        drop(pool);
+        let deferred = std::mem::take(&mut self.state.lock().deferred);
+        for (m, check) in deferred {
+            self.enqueue(m, check);
+        }
         Ok(())
     }
 
@@ -303,6 +317,7 @@ impl Interceptor for TcpFailureDetector {
         }
         let mut st = self.state.lock();
         st.probing.clear();
+        st.deferred.clear();
     }
 }
 
