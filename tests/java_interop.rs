@@ -68,8 +68,18 @@ fn spawn_java(
     jvm_args: &[&str],
     args: &[String],
 ) -> (Child, ChildStdin, Receiver<String>) {
+    spawn_java_in(None, classes, jvm_args, args)
+}
+
+/// Like [`spawn_java`], inside network namespace `ns` when one is given.
+fn spawn_java_in(
+    ns: Option<&str>,
+    classes: &Path,
+    jvm_args: &[&str],
+    args: &[String],
+) -> (Child, ChildStdin, Receiver<String>) {
     let cp = format!("{}:{}", JARS.join(":"), classes.display());
-    let mut child = Command::new("java")
+    let mut child = command_in(ns, Path::new("java"))
         .args(jvm_args)
         .args(["-cp", &cp, "TribesNode"])
         .args(args)
@@ -291,6 +301,16 @@ fn mcast_child() {
         .multicast(mcast_cfg(port.parse().unwrap()))
         .build()
         .unwrap();
+    struct Print;
+    impl tribes::MembershipListener for Print {
+        fn member_added(&self, m: &Member) {
+            println!("\nCHILD-ADDED {} {}", m.port, hex(&m.unique_id));
+        }
+        fn member_disappeared(&self, m: &Member) {
+            println!("\nCHILD-GONE {} {}", m.port, hex(&m.unique_id));
+        }
+    }
+    ch.add_membership_listener(Print);
     ch.start(Levels::ALL).unwrap();
     let me = ch.local_member();
     // A marker to search for: libtest may print its own text on the same line.
@@ -315,14 +335,32 @@ struct RustChild {
     stdin: ChildStdin,
     port: u16,
     id: String,
+    /// Membership lines the child printed after it was ready (`CHILD-ADDED ...`).
+    events: Receiver<String>,
+}
+
+/// `program args...`, run inside network namespace `ns` when one is given.
+fn command_in(ns: Option<&str>, program: &Path) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 impl RustChild {
+    fn start(group_port: u16) -> Self {
+        Self::start_in(None, group_port)
+    }
+
     // The child is waited for in `Drop` (and on the early-exit path below); the lint cannot
     // see through the struct.
     #[allow(clippy::zombie_processes)]
-    fn start(group_port: u16) -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
+    fn start_in(ns: Option<&str>, group_port: u16) -> Self {
+        let mut child = command_in(ns, &std::env::current_exe().unwrap())
             .args([
                 "--exact",
                 "mcast_child",
@@ -339,6 +377,14 @@ impl RustChild {
         let stdin = child.stdin.take().unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
+        let (tx, events) = crossbeam_channel::unbounded();
+        let forward = |line: &str, tx: &crossbeam_channel::Sender<String>| {
+            for marker in ["CHILD-ADDED ", "CHILD-GONE "] {
+                if let Some(at) = line.find(marker) {
+                    let _ = tx.send(line[at..].trim().to_string());
+                }
+            }
+        };
         loop {
             line.clear();
             if out.read_line(&mut line).unwrap_or(0) == 0 {
@@ -346,14 +392,23 @@ impl RustChild {
                 let _ = child.wait();
                 panic!("child did not start");
             }
+            // Members may be seen before the child reports ready.
+            forward(&line, &tx);
             if let Some(at) = line.find("CHILD-READY ") {
                 let rest = &line[at + "CHILD-READY ".len()..];
                 let f: Vec<&str> = rest.split_whitespace().collect();
+                let (port, id) = (f[0].parse().unwrap(), f[1].to_string());
+                std::thread::spawn(move || {
+                    for line in out.lines().map_while(Result::ok) {
+                        forward(&line, &tx);
+                    }
+                });
                 return Self {
                     child,
                     stdin,
-                    port: f[0].parse().unwrap(),
-                    id: f[1].to_string(),
+                    port,
+                    id,
+                    events,
                 };
             }
         }
@@ -371,6 +426,14 @@ fn start_java_mcast(
     classes: &Path,
     group_port: u16,
 ) -> (Child, ChildStdin, Receiver<String>, Member) {
+    start_java_mcast_in(None, classes, group_port)
+}
+
+fn start_java_mcast_in(
+    ns: Option<&str>,
+    classes: &Path,
+    group_port: u16,
+) -> (Child, ChildStdin, Receiver<String>, Member) {
     let args = [
         "mcast".to_string(),
         group_port.to_string(),
@@ -378,7 +441,8 @@ fn start_java_mcast(
         DROP_MS.to_string(),
     ];
     // IPv4 sockets: a dual-stack socket cannot send to an IPv4 group over 127.0.0.1.
-    let (child, stdin, lines) = spawn_java(classes, &["-Djava.net.preferIPv4Stack=true"], &args);
+    let (child, stdin, lines) =
+        spawn_java_in(ns, classes, &["-Djava.net.preferIPv4Stack=true"], &args);
     let member = loop {
         let line = lines
             .recv_timeout(Duration::from_secs(30))
@@ -495,4 +559,92 @@ fn rust_and_java_find_each_other_by_multicast_and_see_leaves_kills_and_restarts(
         "expired after {took:?}"
     );
     rust.stop(Levels::ALL).unwrap();
+}
+
+/// A network namespace of this test's own, deleted on drop (also when the test fails).
+struct NetNs(String);
+
+impl NetNs {
+    fn create() -> Self {
+        let name = format!("tribes-test-{}", std::process::id());
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        assert!(
+            ok(&["netns", "add", &name]),
+            "NAMESPACE TEST CANNOT RUN: `ip netns add` failed (needs root and iproute2)"
+        );
+        let ns = Self(name);
+        assert!(
+            ok(&["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"]),
+            "cannot bring up lo in {}",
+            ns.0
+        );
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn expect_event(events: &Receiver<String>, want: &str, within: Duration) -> Duration {
+    expect_line(events, want, within)
+}
+
+#[test]
+fn in_a_private_namespace_java_and_rust_see_joins_leaves_and_kills_by_multicast() {
+    let classes = compile_java();
+    let ns = NetNs::create();
+    let group_port = 45564; // Tribes' default: the namespace is ours alone.
+    let (mut java, _java_in, java_lines, java_member) =
+        start_java_mcast_in(Some(&ns.0), &classes, group_port);
+    let java_id = hex(&java_member.unique_id);
+
+    // Both see each other within two beacon intervals (plus scheduling slack).
+    let mut a = RustChild::start_in(Some(&ns.0), group_port);
+    let within = Duration::from_millis(2 * FREQUENCY_MS + 1000);
+    expect_line(&java_lines, &format!("added {} {}", a.port, a.id), within);
+    expect_event(
+        &a.events,
+        &format!("CHILD-ADDED {} {java_id}", java_member.port),
+        within,
+    );
+
+    // A clean stop: Java sees the shutdown beacon at once.
+    writeln!(a.stdin, "exit").unwrap();
+    a.stdin.flush().unwrap();
+    let took = expect_line(
+        &java_lines,
+        &format!("gone {} {}", a.port, a.id),
+        Duration::from_secs(3),
+    );
+    assert!(took < Duration::from_millis(DROP_MS), "{took:?}");
+
+    // Java is killed: a Rust node drops it after the drop time.
+    let b = RustChild::start_in(Some(&ns.0), group_port);
+    expect_event(
+        &b.events,
+        &format!("CHILD-ADDED {} {java_id}", java_member.port),
+        within,
+    );
+    java.kill().unwrap(); // our own child (`ip netns exec` execs java), by its handle
+    java.wait().unwrap();
+    let took = expect_event(
+        &b.events,
+        &format!("CHILD-GONE {} {java_id}", java_member.port),
+        Duration::from_millis(DROP_MS * 3),
+    );
+    assert!(
+        took <= Duration::from_millis(DROP_MS + FREQUENCY_MS + 300),
+        "{took:?}"
+    );
+    drop(b);
+    drop(ns);
 }
