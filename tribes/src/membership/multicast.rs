@@ -49,6 +49,13 @@ pub struct McastConfig {
     pub ttl: Option<u32>,
     /// Do not loop our own multicast back to this host. Default false (Tribes).
     pub local_loopback_disabled: bool,
+    /// Re-create the socket after `recovery_counter` consecutive send or receive errors.
+    /// Default true (Tribes `recoveryEnabled`).
+    pub recovery_enabled: bool,
+    /// Consecutive errors before recovery. Default 10 (Tribes).
+    pub recovery_counter: u32,
+    /// Pause between recovery attempts. Default 5 s (Tribes `recoverySleepTime`).
+    pub recovery_sleep: Duration,
 }
 
 impl Default for McastConfig {
@@ -61,6 +68,9 @@ impl Default for McastConfig {
             bind: Ipv4Addr::LOCALHOST,
             ttl: None,
             local_loopback_disabled: false,
+            recovery_enabled: true,
+            recovery_counter: 10,
+            recovery_sleep: Duration::from_secs(5),
         }
     }
 }
@@ -91,7 +101,7 @@ pub(crate) type EventSink = Arc<dyn Fn(MemberEvent) + Send + Sync>;
 pub(crate) struct McastService {
     cfg: McastConfig,
     name: String,
-    socket: Arc<UdpSocket>,
+    socket: SharedSocket,
     table: Arc<Mutex<MembershipTable>>,
     local: Arc<RwLock<Member>>,
     started: Instant,
@@ -99,6 +109,34 @@ pub(crate) struct McastService {
     rx: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     tx: Option<(ChanTx<()>, JoinHandle<()>)>,
     malformed: Arc<AtomicU64>,
+    recover: Arc<AtomicBool>,
+}
+
+/// The socket both loops use; recovery swaps in a new one.
+type SharedSocket = Arc<RwLock<Arc<UdpSocket>>>;
+
+/// Counts consecutive socket errors (successes reset it) and says when to recover: pure, so
+/// the policy is tested without failing sockets.
+#[derive(Debug, Default)]
+pub(crate) struct ErrorCounter {
+    consecutive: u32,
+}
+
+impl ErrorCounter {
+    /// Records an outcome; returns true when `limit` consecutive errors call for recovery
+    /// (and starts counting again).
+    pub(crate) fn record(&mut self, ok: bool, limit: u32) -> bool {
+        if ok {
+            self.consecutive = 0;
+            return false;
+        }
+        self.consecutive += 1;
+        if self.consecutive >= limit.max(1) {
+            self.consecutive = 0;
+            return true;
+        }
+        false
+    }
 }
 
 impl McastService {
@@ -120,13 +158,14 @@ impl McastService {
             table: Arc::new(Mutex::new(MembershipTable::new(key, cfg.drop_time))),
             cfg,
             name: name.to_string(),
-            socket: Arc::new(socket),
+            socket: Arc::new(RwLock::new(Arc::new(socket))),
             local,
             started: Instant::now(),
             sink,
             rx: None,
             tx: None,
             malformed: Arc::new(AtomicU64::new(0)),
+            recover: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -143,6 +182,8 @@ impl McastService {
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = RxLoop {
             socket: Arc::clone(&self.socket),
+            cfg: self.cfg.clone(),
+            recover: Arc::clone(&self.recover),
             table: Arc::clone(&self.table),
             sink: Arc::clone(&self.sink),
             stop: Arc::clone(&stop),
@@ -163,6 +204,9 @@ impl McastService {
         let (tx, rx) = crossbeam_channel::bounded::<()>(1);
         let ctx = TxLoop {
             socket: Arc::clone(&self.socket),
+            errors: Mutex::new(ErrorCounter::default()),
+            recovery_counter: self.cfg.recovery_counter,
+            recover: Arc::clone(&self.recover),
             dest: SocketAddrV4::new(self.cfg.group, self.cfg.port).into(),
             local: Arc::clone(&self.local),
             started: self.started,
@@ -227,7 +271,10 @@ fn open_socket(cfg: &McastConfig) -> Result<UdpSocket, ChannelError> {
 }
 
 struct RxLoop {
-    socket: Arc<UdpSocket>,
+    socket: SharedSocket,
+    cfg: McastConfig,
+    /// Set by the send loop after a run of send errors.
+    recover: Arc<AtomicBool>,
     table: Arc<Mutex<MembershipTable>>,
     sink: EventSink,
     stop: Arc<AtomicBool>,
@@ -237,19 +284,26 @@ struct RxLoop {
 impl RxLoop {
     fn run(self) {
         let mut buf = vec![0u8; 65535];
-        let mut errors = 0u32;
+        let mut errors = ErrorCounter::default();
         while !self.stop.load(Ordering::SeqCst) {
-            match self.socket.recv_from(&mut buf) {
+            if self.recover.swap(false, Ordering::AcqRel) && self.cfg.recovery_enabled {
+                self.recover();
+            }
+            let socket = Arc::clone(&self.socket.read());
+            match socket.recv_from(&mut buf) {
                 Ok((n, from)) => {
-                    errors = 0;
+                    errors.record(true, self.cfg.recovery_counter);
                     let data = Bytes::copy_from_slice(&buf[..n]);
                     if MembershipTable::is_beacon(&data) {
                         let res = self.table.lock().handle_beacon(&data, Instant::now());
                         match res {
                             Ok(events) => self.emit(events),
                             Err(e) => {
-                                self.malformed.fetch_add(1, Ordering::Relaxed);
-                                debug!(target: "tribes::membership", "malformed beacon from {from}: {e}");
+                                let n = self.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                                // Bad input is logged, rate-limited so a flood cannot fill logs.
+                                if n == 1 || n % 100 == 0 {
+                                    warn!(target: "tribes::membership", "malformed beacon from {from} ({n} so far): {e}");
+                                }
                             }
                         }
                     } else {
@@ -262,13 +316,38 @@ impl RxLoop {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) => {}
                 Err(e) => {
-                    errors += 1;
-                    warn!(target: "tribes::membership", "multicast receive failed ({errors} in a row): {e}");
-                    std::thread::sleep(Duration::from_millis(500));
+                    warn!(target: "tribes::membership", "multicast receive failed: {e}");
+                    let recover = errors.record(false, self.cfg.recovery_counter);
+                    if recover && self.cfg.recovery_enabled {
+                        self.recover();
+                    } else {
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
                 }
             }
             let expired = self.table.lock().expire(Instant::now());
             self.emit(expired);
+        }
+    }
+
+    /// Re-creates the socket until it works or the service stops (Tribes' recovery thread,
+    /// without leaving and re-joining the group in the peers' eyes).
+    fn recover(&self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            match open_socket(&self.cfg) {
+                Ok(fresh) => {
+                    *self.socket.write() = Arc::new(fresh);
+                    info!(target: "tribes::membership", "multicast socket re-created after repeated errors");
+                    return;
+                }
+                Err(e) => {
+                    warn!(target: "tribes::membership", "multicast recovery failed: {e}; retrying in {:?}", self.cfg.recovery_sleep);
+                    let until = Instant::now() + self.cfg.recovery_sleep;
+                    while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
         }
     }
 
@@ -280,7 +359,10 @@ impl RxLoop {
 }
 
 struct TxLoop {
-    socket: Arc<UdpSocket>,
+    socket: SharedSocket,
+    errors: Mutex<ErrorCounter>,
+    recovery_counter: u32,
+    recover: Arc<AtomicBool>,
     dest: SocketAddr,
     local: Arc<RwLock<Member>>,
     started: Instant,
@@ -307,8 +389,83 @@ impl TxLoop {
         if shutdown {
             m.command = Bytes::from_static(SHUTDOWN_COMMAND);
         }
-        if let Err(e) = self.socket.send_to(&encode_member(&m), self.dest) {
-            warn!(target: "tribes::membership", "beacon send failed: {e}");
+        let socket = Arc::clone(&self.socket.read());
+        match socket.send_to(&encode_member(&m), self.dest) {
+            Ok(_) => {
+                self.errors.lock().record(true, self.recovery_counter);
+            }
+            Err(e) => {
+                warn!(target: "tribes::membership", "beacon send failed: {e}");
+                // A run of send errors asks the receive loop to re-create the socket.
+                if self.errors.lock().record(false, self.recovery_counter) {
+                    self.recover.store(true, Ordering::Release);
+                }
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_is_due_after_the_configured_run_of_errors_only() {
+        let mut c = ErrorCounter::default();
+        for _ in 0..9 {
+            assert!(!c.record(false, 10));
+        }
+        assert!(!c.record(true, 10), "a success resets the run");
+        for _ in 0..9 {
+            assert!(!c.record(false, 10));
+        }
+        assert!(c.record(false, 10));
+        // Counting starts again after a recovery.
+        assert!(!c.record(false, 10));
+    }
+
+    #[test]
+    fn recovery_re_creates_the_socket_and_membership_goes_on() {
+        let cfg = McastConfig {
+            port: 47900 + (std::process::id() % 90) as u16,
+            frequency: Duration::from_millis(50),
+            drop_time: Duration::from_millis(2000),
+            ttl: Some(0),
+            ..McastConfig::default()
+        };
+        let local = Arc::new(RwLock::new(Member::new("127.0.0.1:4000".parse().unwrap())));
+        let added = Arc::new(Mutex::new(Vec::new()));
+        let a2 = Arc::clone(&added);
+        let sink: EventSink = Arc::new(move |e| {
+            if let MemberEvent::Added(m) = e {
+                a2.lock().push(m);
+            }
+        });
+        let mut svc = McastService::new(cfg.clone(), "rec", local, sink).unwrap();
+        svc.start_rx().unwrap();
+        let before = Arc::clone(&svc.socket.read());
+        // What a run of send errors does: ask the receive loop to recover.
+        svc.recover.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Arc::ptr_eq(&before, &svc.socket.read()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !Arc::ptr_eq(&before, &svc.socket.read()),
+            "socket re-created"
+        );
+        // Beacons still arrive on the new socket.
+        let peer = Member::new("127.0.0.1:4001".parse().unwrap());
+        let out = open_socket(&cfg).unwrap();
+        while added.lock().is_empty() && Instant::now() < deadline {
+            out.send_to(
+                &encode_member(&peer),
+                SocketAddrV4::new(cfg.group, cfg.port),
+            )
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(added.lock().as_slice(), &[peer]);
+        svc.stop_rx();
     }
 }
