@@ -1,0 +1,47 @@
+//! Errors of the session layer.
+
+use std::fmt;
+
+/// Why a session operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// An attribute value could not be serialized; nothing was stored or recorded.
+    Serialize {
+        /// The attribute name.
+        name: String,
+        /// The serializer's message.
+        reason: String,
+    },
+    /// A stored attribute could not be read back as the requested type.
+    Deserialize {
+        /// The attribute name.
+        name: String,
+        /// The deserializer's message.
+        reason: String,
+    },
+    /// A replication message could not be decoded.
+    Codec(String),
+}
+
+impl fmt::Display for SessionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Serialize { name, reason } => {
+                write!(
+                    f,
+                    "session attribute {name:?} cannot be serialized: {reason}"
+                )
+            }
+            Self::Deserialize { name, reason } => {
+                write!(
+                    f,
+                    "session attribute {name:?} cannot be read as that type: {reason}"
+                )
+            }
+            Self::Codec(reason) => write!(f, "bad session message: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for SessionError {}

@@ -1,0 +1,163 @@
+//! DeltaManager messages (the `EVT_*` vocabulary of Tomcat's `SessionMessage`, §10.2), as a
+//! serde enum encoded with rmp-serde inside a tribes byte message.
+
+use serde::{Deserialize, Serialize};
+
+use crate::delta::Delta;
+use crate::error::SessionError;
+use crate::session::{Session, SessionId};
+
+/// What happened to which session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// `EVT_SESSION_CREATED` (1): a session was created on the sender.
+    Created {
+        /// The new session.
+        id: SessionId,
+        /// Its max inactive interval, seconds.
+        max_inactive_secs: i64,
+    },
+    /// `EVT_SESSION_EXPIRED` (2): expired or invalidated on the sender.
+    Expired {
+        /// The session.
+        id: SessionId,
+    },
+    /// `EVT_SESSION_ACCESSED` (3): touched on the sender (keeps copies alive).
+    Accessed {
+        /// The session.
+        id: SessionId,
+        /// When, ms since the Unix epoch.
+        at_ms: i64,
+    },
+    /// `EVT_GET_ALL_SESSIONS` (4): a joining node asks for the state.
+    GetAllSessions,
+    /// `EVT_ALL_SESSION_DATA` (12): one bounded batch of full sessions.
+    AllSessionData {
+        /// The sessions of this batch.
+        sessions: Vec<Session>,
+    },
+    /// `EVT_SESSION_DELTA` (13): the changes of one request.
+    Delta(Delta),
+    /// `EVT_ALL_SESSION_TRANSFERCOMPLETE` (14): the state transfer is complete; the sender
+    /// took its snapshot at `snapshot_ms`.
+    TransferComplete {
+        /// Snapshot time, ms since the Unix epoch.
+        snapshot_ms: i64,
+    },
+    /// `EVT_CHANGE_SESSION_ID` (15): the session was renamed.
+    ChangeSessionId {
+        /// The old id.
+        old: SessionId,
+        /// The new id.
+        new: SessionId,
+    },
+    /// `EVT_ALL_SESSION_NOCONTEXTMANAGER` (16): the asked node has no such context.
+    NoContextManager,
+}
+
+impl SessionEvent {
+    /// Tomcat's event number, for logs.
+    pub fn code(&self) -> i32 {
+        match self {
+            Self::Created { .. } => 1,
+            Self::Expired { .. } => 2,
+            Self::Accessed { .. } => 3,
+            Self::GetAllSessions => 4,
+            Self::AllSessionData { .. } => 12,
+            Self::Delta(_) => 13,
+            Self::TransferComplete { .. } => 14,
+            Self::ChangeSessionId { .. } => 15,
+            Self::NoContextManager => 16,
+        }
+    }
+}
+
+/// A message for the session manager of one context.
+///
+/// ```
+/// use ha::{SessionEvent, SessionId, SessionMessage};
+/// let m = SessionMessage {
+///     context: "/shop".into(),
+///     timestamp_ms: 1,
+///     event: SessionEvent::Expired { id: SessionId::new("a") },
+/// };
+/// assert_eq!(SessionMessage::decode(&m.encode().unwrap()).unwrap(), m);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionMessage {
+    /// The manager's name (context path, e.g. `/shop`).
+    pub context: String,
+    /// Sender wall clock, ms since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// The event.
+    pub event: SessionEvent,
+}
+
+impl SessionMessage {
+    /// Encodes with rmp-serde.
+    pub fn encode(&self) -> Result<Vec<u8>, SessionError> {
+        rmp_serde::to_vec_named(self).map_err(|e| SessionError::Codec(e.to_string()))
+    }
+
+    /// Decodes; bad bytes are an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SessionError> {
+        rmp_serde::from_slice(bytes).map_err(|e| SessionError::Codec(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delta::Action;
+
+    #[test]
+    fn every_event_round_trips() {
+        let mut s = Session::new(SessionId::new("s"), 5, 60);
+        s.insert("k", &"v").unwrap();
+        // The pending delta log is local to a node and never travels.
+        let _ = s.take_delta();
+        let events = vec![
+            SessionEvent::Created {
+                id: SessionId::new("a"),
+                max_inactive_secs: 60,
+            },
+            SessionEvent::Expired {
+                id: SessionId::new("a"),
+            },
+            SessionEvent::Accessed {
+                id: SessionId::new("a"),
+                at_ms: 9,
+            },
+            SessionEvent::GetAllSessions,
+            SessionEvent::AllSessionData { sessions: vec![s] },
+            SessionEvent::Delta(Delta {
+                session_id: SessionId::new("a"),
+                version: 3,
+                last_access_ms: 7,
+                actions: vec![Action::SetNew(false)],
+            }),
+            SessionEvent::TransferComplete { snapshot_ms: 11 },
+            SessionEvent::ChangeSessionId {
+                old: SessionId::new("a.n1"),
+                new: SessionId::new("a.n2"),
+            },
+            SessionEvent::NoContextManager,
+        ];
+        for event in events {
+            let m = SessionMessage {
+                context: "/c".into(),
+                timestamp_ms: 42,
+                event,
+            };
+            let back = SessionMessage::decode(&m.encode().unwrap()).unwrap();
+            assert_eq!(back, m);
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(SessionMessage::decode(b"\xff\x00junk").is_err());
+        assert!(SessionMessage::decode(b"").is_err());
+    }
+}

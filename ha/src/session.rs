@@ -1,0 +1,335 @@
+//! The session model: typed attributes stored serialized, every change recorded.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::delta::{Action, Delta, DeltaLog};
+use crate::error::SessionError;
+
+/// A session id, optionally carrying a route suffix (`<id>.<route>`, as Tomcat's jvmRoute).
+///
+/// ```
+/// use ha::SessionId;
+/// let id = SessionId::new("abc.node1");
+/// assert_eq!(id.route(), Some("node1"));
+/// assert_eq!(id.with_route("node2").as_str(), "abc.node2");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// Wraps an id string.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The part before the route suffix.
+    pub fn base(&self) -> &str {
+        self.0.split_once('.').map_or(&self.0, |(b, _)| b)
+    }
+
+    /// The route suffix, if any.
+    pub fn route(&self) -> Option<&str> {
+        self.0.split_once('.').map(|(_, r)| r)
+    }
+
+    /// The same id with `route` as its suffix.
+    pub fn with_route(&self, route: &str) -> Self {
+        Self(format!("{}.{route}", self.base()))
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A web session. Attributes are stored serialized (rmp-serde), so a value that cannot be
+/// serialized is refused at `insert`, and nothing can be mutated in place behind the
+/// session's back: every change goes through `insert`/`remove` and lands in the delta log.
+///
+/// ```
+/// use ha::{Session, SessionId};
+/// let mut s = Session::new(SessionId::new("s1"), 1_000, 1800);
+/// s.insert("count", &3u32).unwrap();
+/// assert_eq!(s.get::<u32>("count").unwrap(), Some(3));
+/// let delta = s.take_delta().unwrap();
+/// assert_eq!(delta.actions.len(), 1);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    id: SessionId,
+    created_ms: i64,
+    last_access_ms: i64,
+    /// Seconds; negative = never expires (servlet convention).
+    max_inactive_secs: i64,
+    is_new: bool,
+    attributes: BTreeMap<String, Bytes>,
+    version: u64,
+    /// This node serves the session (false for a replicated copy).
+    primary: bool,
+    #[serde(skip)]
+    delta: DeltaLog,
+}
+
+impl Session {
+    /// A new primary session.
+    pub fn new(id: SessionId, now_ms: i64, max_inactive_secs: i64) -> Self {
+        Self {
+            id,
+            created_ms: now_ms,
+            last_access_ms: now_ms,
+            max_inactive_secs,
+            is_new: true,
+            attributes: BTreeMap::new(),
+            version: 0,
+            primary: true,
+            delta: DeltaLog::default(),
+        }
+    }
+
+    /// A replicated copy created from a CREATED message (no attributes yet).
+    pub fn replica(id: SessionId, created_ms: i64, max_inactive_secs: i64) -> Self {
+        Self {
+            primary: false,
+            ..Self::new(id, created_ms, max_inactive_secs)
+        }
+    }
+
+    /// The id.
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// Creation time, ms since the Unix epoch.
+    pub fn created_ms(&self) -> i64 {
+        self.created_ms
+    }
+
+    /// Last access time, ms since the Unix epoch.
+    pub fn last_access_ms(&self) -> i64 {
+        self.last_access_ms
+    }
+
+    /// Max inactive interval in seconds (negative = never).
+    pub fn max_inactive_secs(&self) -> i64 {
+        self.max_inactive_secs
+    }
+
+    /// Whether the client has not yet joined the session.
+    pub fn is_new(&self) -> bool {
+        self.is_new
+    }
+
+    /// The version: increases with every replicated change.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Whether this node holds the primary copy.
+    pub fn is_primary(&self) -> bool {
+        self.primary
+    }
+
+    /// Marks this copy primary or not.
+    pub fn set_primary(&mut self, primary: bool) {
+        self.primary = primary;
+    }
+
+    /// Attribute names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.attributes.keys().map(String::as_str)
+    }
+
+    /// Reads an attribute as `T`.
+    pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, SessionError> {
+        self.attributes
+            .get(name)
+            .map(|b| {
+                rmp_serde::from_slice(b).map_err(|e| SessionError::Deserialize {
+                    name: name.into(),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    /// Sets an attribute; fails (changing nothing) if the value cannot be serialized.
+    pub fn insert<T: Serialize + ?Sized>(
+        &mut self,
+        name: &str,
+        value: &T,
+    ) -> Result<(), SessionError> {
+        let bytes =
+            Bytes::from(
+                rmp_serde::to_vec_named(value).map_err(|e| SessionError::Serialize {
+                    name: name.into(),
+                    reason: e.to_string(),
+                })?,
+            );
+        self.attributes.insert(name.to_string(), bytes.clone());
+        self.delta.record(Action::SetAttribute {
+            name: name.to_string(),
+            value: bytes,
+        });
+        Ok(())
+    }
+
+    /// Removes an attribute; returns whether it existed.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let existed = self.attributes.remove(name).is_some();
+        if existed {
+            self.delta
+                .record(Action::RemoveAttribute { name: name.into() });
+        }
+        existed
+    }
+
+    /// Changes the max inactive interval.
+    pub fn set_max_inactive_secs(&mut self, secs: i64) {
+        self.max_inactive_secs = secs;
+        self.delta.record(Action::SetMaxInactive(secs));
+    }
+
+    /// Records an access at `now_ms` (the client joined: no longer new).
+    pub fn access(&mut self, now_ms: i64) {
+        self.last_access_ms = now_ms;
+        if self.is_new {
+            self.is_new = false;
+            self.delta.record(Action::SetNew(false));
+        }
+    }
+
+    /// True when changes wait to be replicated.
+    pub fn is_dirty(&self) -> bool {
+        !self.delta.is_empty()
+    }
+
+    /// Takes the pending changes as a delta with the next version (None if nothing changed).
+    pub fn take_delta(&mut self) -> Option<Delta> {
+        if self.delta.is_empty() {
+            return None;
+        }
+        self.version += 1;
+        Some(Delta {
+            session_id: self.id.clone(),
+            version: self.version,
+            last_access_ms: self.last_access_ms,
+            actions: self.delta.take(),
+        })
+    }
+
+    /// Applies a replicated delta (without recording it again) and adopts its version.
+    pub(crate) fn apply(&mut self, delta: &Delta) {
+        for a in &delta.actions {
+            match a {
+                Action::SetAttribute { name, value } => {
+                    self.attributes.insert(name.clone(), value.clone());
+                }
+                Action::RemoveAttribute { name } => {
+                    self.attributes.remove(name);
+                }
+                Action::SetMaxInactive(s) => self.max_inactive_secs = *s,
+                Action::SetNew(n) => self.is_new = *n,
+            }
+        }
+        self.version = delta.version;
+        self.last_access_ms = self.last_access_ms.max(delta.last_access_ms);
+    }
+
+    /// Renames the session (id rotation or route rebinding).
+    pub(crate) fn rename(&mut self, id: SessionId) {
+        self.id = id;
+    }
+
+    /// Refreshes the last access time from a replicated ACCESSED.
+    pub(crate) fn touch(&mut self, at_ms: i64) {
+        self.last_access_ms = self.last_access_ms.max(at_ms);
+    }
+
+    /// Whether the session has expired at `now_ms`: a primary after its max inactive
+    /// interval, a copy after twice that (grace for lost access messages, as Tribes).
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        if self.max_inactive_secs < 0 {
+            return false;
+        }
+        let factor = if self.primary { 1 } else { 2 };
+        now_ms - self.last_access_ms > self.max_inactive_secs * 1000 * factor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::ser::Error as _;
+
+    struct Unserializable;
+    impl Serialize for Unserializable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(S::Error::custom("not today"))
+        }
+    }
+
+    #[test]
+    fn unserializable_value_is_refused_at_insert_and_changes_nothing() {
+        let mut s = Session::new(SessionId::new("x"), 0, 60);
+        let err = s.insert("bad", &Unserializable).unwrap_err();
+        assert!(matches!(err, SessionError::Serialize { ref name, .. } if name == "bad"));
+        assert_eq!(s.names().count(), 0);
+        assert!(!s.is_dirty());
+    }
+
+    #[test]
+    fn typed_get_reports_a_wrong_type() {
+        let mut s = Session::new(SessionId::new("x"), 0, 60);
+        s.insert("n", &"text").unwrap();
+        assert!(s.get::<u64>("n").is_err());
+        assert_eq!(s.get::<String>("n").unwrap().as_deref(), Some("text"));
+        assert_eq!(s.get::<String>("missing").unwrap(), None);
+    }
+
+    #[test]
+    fn deltas_replay_to_the_same_state_with_increasing_versions() {
+        let mut a = Session::new(SessionId::new("x"), 0, 60);
+        let mut b = Session::replica(SessionId::new("x"), 0, 60);
+        a.insert("n", &1u32).unwrap();
+        a.access(10);
+        let d1 = a.take_delta().unwrap();
+        a.insert("n", &2u32).unwrap();
+        a.insert("m", &vec![1, 2, 3]).unwrap();
+        assert!(a.remove("m"));
+        a.set_max_inactive_secs(120);
+        let d2 = a.take_delta().unwrap();
+        assert!(d2.version > d1.version);
+        b.apply(&d1);
+        b.apply(&d2);
+        assert_eq!(b.get::<u32>("n").unwrap(), Some(2));
+        assert_eq!(b.get::<Vec<u8>>("m").unwrap(), None);
+        assert_eq!(b.max_inactive_secs(), 120);
+        assert!(!b.is_new());
+        assert_eq!(b.version(), a.version());
+        assert!(a.take_delta().is_none(), "nothing new");
+    }
+
+    #[test]
+    fn copies_expire_after_twice_the_interval() {
+        let mut p = Session::new(SessionId::new("x"), 0, 10);
+        assert!(!p.is_expired(10_000));
+        assert!(p.is_expired(10_001));
+        p.set_primary(false);
+        assert!(!p.is_expired(20_000));
+        assert!(p.is_expired(20_001));
+        p.set_max_inactive_secs(-1);
+        assert!(!p.is_expired(i64::MAX / 2));
+    }
+}

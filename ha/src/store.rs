@@ -1,0 +1,341 @@
+//! The sessions of one context on one node, and how replicated events change them. Pure:
+//! time is a parameter.
+
+use std::collections::HashMap;
+
+use log::{debug, warn};
+
+use crate::delta::Delta;
+use crate::message::SessionEvent;
+use crate::session::{Session, SessionId};
+
+/// What applying an event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Applied {
+    /// The store changed.
+    Changed,
+    /// A delta older than (or as old as) the copy's version was dropped.
+    Stale,
+    /// The event names a session this node does not have; nothing changed.
+    Unknown,
+    /// Not a store event (state-transfer control); nothing changed.
+    Ignored,
+}
+
+/// Counters of a store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Events that changed the store.
+    pub applied: u64,
+    /// Deltas dropped because a newer version was already applied.
+    pub stale: u64,
+    /// Deltas that skipped versions (an earlier one was lost); applied anyway.
+    pub gaps: u64,
+    /// Events for unknown sessions.
+    pub unknown: u64,
+    /// Sessions expired by [`SessionStore::expire`].
+    pub expired: u64,
+}
+
+/// Session copies keyed by id, with per-session versions: a copy never goes back to an older
+/// state, whatever order deltas arrive in.
+///
+/// ```
+/// use ha::{Applied, SessionEvent, SessionId, SessionStore};
+/// let mut store = SessionStore::default();
+/// let ev = SessionEvent::Created { id: SessionId::new("a"), max_inactive_secs: 60 };
+/// assert_eq!(store.apply(&ev, 1_000), Applied::Changed);
+/// assert!(store.get(&SessionId::new("a")).is_some());
+/// ```
+#[derive(Debug, Default)]
+pub struct SessionStore {
+    sessions: HashMap<SessionId, Session>,
+    stats: StoreStats,
+}
+
+impl SessionStore {
+    /// The session, if present.
+    pub fn get(&self, id: &SessionId) -> Option<&Session> {
+        self.sessions.get(id)
+    }
+
+    /// The session, mutably (for request handling on this node).
+    pub fn get_mut(&mut self, id: &SessionId) -> Option<&mut Session> {
+        self.sessions.get_mut(id)
+    }
+
+    /// Adds or replaces a local session.
+    pub fn insert(&mut self, session: Session) {
+        self.sessions.insert(session.id().clone(), session);
+    }
+
+    /// Removes a session.
+    pub fn remove(&mut self, id: &SessionId) -> Option<Session> {
+        self.sessions.remove(id)
+    }
+
+    /// Number of sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// All sessions (for state transfer), cloned.
+    pub fn snapshot(&self) -> Vec<Session> {
+        self.sessions.values().cloned().collect()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    /// Applies an event from another node received at `sent_ms` (the message timestamp).
+    ///
+    /// Reference: `DeltaManager.messageReceived` and its `handle*` methods.
+    pub fn apply(&mut self, event: &SessionEvent, sent_ms: i64) -> Applied {
+        let result = match event {
+            SessionEvent::Created {
+                id,
+                max_inactive_secs,
+            } => {
+                if !self.sessions.contains_key(id) {
+                    self.sessions.insert(
+                        id.clone(),
+                        Session::replica(id.clone(), sent_ms, *max_inactive_secs),
+                    );
+                }
+                Applied::Changed
+            }
+            SessionEvent::Expired { id } => match self.sessions.remove(id) {
+                Some(_) => Applied::Changed,
+                None => Applied::Unknown,
+            },
+            SessionEvent::Accessed { id, at_ms } => match self.sessions.get_mut(id) {
+                Some(s) => {
+                    s.touch(*at_ms);
+                    s.set_primary(false);
+                    Applied::Changed
+                }
+                None => Applied::Unknown,
+            },
+            SessionEvent::Delta(delta) => self.apply_delta(delta, sent_ms),
+            SessionEvent::ChangeSessionId { old, new } => match self.sessions.remove(old) {
+                Some(mut s) => {
+                    s.rename(new.clone());
+                    self.sessions.insert(new.clone(), s);
+                    Applied::Changed
+                }
+                None => Applied::Unknown,
+            },
+            SessionEvent::AllSessionData { sessions } => {
+                for incoming in sessions {
+                    let newer = self
+                        .sessions
+                        .get(incoming.id())
+                        .is_none_or(|s| incoming.version() >= s.version());
+                    if newer {
+                        let mut copy = incoming.clone();
+                        copy.set_primary(false);
+                        self.sessions.insert(copy.id().clone(), copy);
+                    }
+                }
+                Applied::Changed
+            }
+            SessionEvent::GetAllSessions
+            | SessionEvent::TransferComplete { .. }
+            | SessionEvent::NoContextManager => Applied::Ignored,
+        };
+        match result {
+            Applied::Changed => self.stats.applied += 1,
+            Applied::Stale => self.stats.stale += 1,
+            Applied::Unknown => self.stats.unknown += 1,
+            Applied::Ignored => {}
+        }
+        result
+    }
+
+    fn apply_delta(&mut self, delta: &Delta, sent_ms: i64) -> Applied {
+        let session = match self.sessions.get_mut(&delta.session_id) {
+            Some(s) => s,
+            // The first delta of a session can stand in for a CREATED that has not arrived
+            // (they may travel on different connections).
+            None if delta.version == 1 => self
+                .sessions
+                .entry(delta.session_id.clone())
+                .or_insert_with(|| Session::replica(delta.session_id.clone(), sent_ms, -1)),
+            None => {
+                debug!(target: "ha::store", "delta for unknown session {}", delta.session_id);
+                return Applied::Unknown;
+            }
+        };
+        if delta.version <= session.version() {
+            debug!(target: "ha::store", "dropping stale delta v{} for {} (at v{})", delta.version, delta.session_id, session.version());
+            return Applied::Stale;
+        }
+        if delta.version > session.version() + 1 {
+            warn!(target: "ha::store", "delta v{} for {} skips versions after v{}; applying", delta.version, delta.session_id, session.version());
+            self.stats.gaps += 1;
+        }
+        session.apply(delta);
+        session.set_primary(false);
+        Applied::Changed
+    }
+
+    /// Removes sessions expired at `now_ms` (primaries after their interval, copies after
+    /// twice that) and returns their ids.
+    pub fn expire(&mut self, now_ms: i64) -> Vec<SessionId> {
+        let gone: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| s.is_expired(now_ms))
+            .map(|s| s.id().clone())
+            .collect();
+        for id in &gone {
+            self.sessions.remove(id);
+        }
+        self.stats.expired += gone.len() as u64;
+        gone
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn primary_with_deltas(n: u32) -> (Session, Vec<Delta>) {
+        let mut s = Session::new(SessionId::new("s"), 0, 60);
+        let mut deltas = Vec::new();
+        for i in 1..=n {
+            s.insert("count", &i).unwrap();
+            s.access(i64::from(i));
+            deltas.push(s.take_delta().unwrap());
+        }
+        (s, deltas)
+    }
+
+    #[test]
+    fn out_of_order_and_duplicate_deltas_never_go_backwards() {
+        let (_, d) = primary_with_deltas(4);
+        let mut store = SessionStore::default();
+        let id = SessionId::new("s");
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[0].clone()), 1),
+            Applied::Changed
+        );
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[2].clone()), 3),
+            Applied::Changed
+        );
+        // The late v2 and a duplicate v3 must not overwrite v3's state.
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[1].clone()), 2),
+            Applied::Stale
+        );
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[2].clone()), 3),
+            Applied::Stale
+        );
+        assert_eq!(
+            store.get(&id).unwrap().get::<u32>("count").unwrap(),
+            Some(3)
+        );
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[3].clone()), 4),
+            Applied::Changed
+        );
+        assert_eq!(
+            store.get(&id).unwrap().get::<u32>("count").unwrap(),
+            Some(4)
+        );
+        let st = store.stats();
+        assert_eq!((st.stale, st.gaps, st.applied), (2, 1, 3));
+    }
+
+    #[test]
+    fn first_delta_creates_the_copy_but_later_ones_for_unknown_sessions_do_not() {
+        let (_, d) = primary_with_deltas(2);
+        let mut store = SessionStore::default();
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[1].clone()), 2),
+            Applied::Unknown
+        );
+        assert!(store.is_empty());
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[0].clone()), 1),
+            Applied::Changed
+        );
+        assert!(!store.get(&SessionId::new("s")).unwrap().is_primary());
+    }
+
+    #[test]
+    fn created_expired_accessed_and_renamed() {
+        let mut store = SessionStore::default();
+        let a = SessionId::new("a.n1");
+        store.apply(
+            &SessionEvent::Created {
+                id: a.clone(),
+                max_inactive_secs: 10,
+            },
+            1_000,
+        );
+        store.apply(
+            &SessionEvent::Accessed {
+                id: a.clone(),
+                at_ms: 5_000,
+            },
+            5_000,
+        );
+        assert_eq!(store.get(&a).unwrap().last_access_ms(), 5_000);
+        let b = a.with_route("n2");
+        store.apply(
+            &SessionEvent::ChangeSessionId {
+                old: a.clone(),
+                new: b.clone(),
+            },
+            6_000,
+        );
+        assert!(store.get(&a).is_none());
+        assert_eq!(store.get(&b).unwrap().id(), &b);
+        // A copy expires after twice the interval since the last access.
+        assert!(store.expire(24_000).is_empty());
+        assert_eq!(store.expire(25_001), vec![b.clone()]);
+        assert_eq!(
+            store.apply(&SessionEvent::Expired { id: b }, 26_000),
+            Applied::Unknown
+        );
+    }
+
+    #[test]
+    fn state_data_keeps_the_newer_copy() {
+        let (mut newer, _) = primary_with_deltas(3);
+        let mut store = SessionStore::default();
+        store.insert(newer.clone());
+        let (older, _) = primary_with_deltas(1);
+        store.apply(
+            &SessionEvent::AllSessionData {
+                sessions: vec![older],
+            },
+            0,
+        );
+        assert_eq!(store.get(newer.id()).unwrap().version(), 3);
+        newer.insert("count", &9u32).unwrap();
+        let _ = newer.take_delta();
+        store.apply(
+            &SessionEvent::AllSessionData {
+                sessions: vec![newer.clone()],
+            },
+            0,
+        );
+        assert_eq!(
+            store.get(newer.id()).unwrap().get::<u32>("count").unwrap(),
+            Some(9)
+        );
+        assert!(!store.get(newer.id()).unwrap().is_primary());
+    }
+}
