@@ -3,19 +3,32 @@
 //! This first part is the protocol core, pure and socket-free: the session model with typed
 //! attributes ([`session`]), the per-session delta log ([`delta`]), the DeltaManager message
 //! vocabulary ([`message`]), the store of session copies with per-session versions and
-//! expiry rules ([`store`]), and the state-transfer queue ([`transfer`]). The cluster object,
-//! the DeltaManager driver on a `GroupChannel` and the tower layer come next.
+//! expiry rules ([`store`]), and the state-transfer queue ([`transfer`]); on top of them the
+//! [`Cluster`] (a `GroupChannel` routing session messages by context) and the
+//! [`DeltaManager`]. The tower layer, route rebinding and the cluster demo come next.
 
+pub mod cluster;
 pub mod delta;
 pub mod error;
+pub mod manager;
 pub mod message;
 pub mod session;
 pub mod store;
 pub mod transfer;
 
+pub use cluster::Cluster;
 pub use delta::{Action, Delta, DeltaLog};
 pub use error::SessionError;
+pub use manager::{DeltaManager, ManagerConfig};
 pub use message::{SessionEvent, SessionMessage};
 pub use session::{Session, SessionId};
 pub use store::{Applied, SessionStore, StoreStats};
 pub use transfer::{Offer, StateTransfer};
+
+/// Wall clock in ms since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

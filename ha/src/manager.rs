@@ -1,0 +1,349 @@
+//! `DeltaManager`: all-to-all delta replication of one context's sessions over a [`Cluster`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use parking_lot::{Condvar, Mutex};
+use tribes::{Member, ProcessError, SendError, SendOptions};
+
+use crate::cluster::{Cluster, ClusterInner};
+use crate::message::{SessionEvent, SessionMessage};
+use crate::session::{Session, SessionId};
+use crate::store::SessionStore;
+use crate::transfer::{Offer, StateTransfer};
+
+/// Settings of a [`DeltaManager`].
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Max inactive interval of new sessions, seconds. Default 1800 (servlet default).
+    pub max_inactive_secs: i64,
+    /// How long `start` waits for the state of the oldest member. Default 60 s (Tribes
+    /// `stateTransferTimeout`).
+    pub state_transfer_timeout: Duration,
+    /// Sessions per state-transfer message. Default 1000 (Tribes `sendAllSessionsSize`).
+    pub send_all_sessions_size: usize,
+    /// Replicate synchronously (`USE_ACK | SYNCHRONIZED_ACK`: the request waits until every
+    /// member applied the change) instead of asynchronously (Tribes' default
+    /// `channelSendOptions=8`). Default false.
+    pub sync: bool,
+    /// Route suffix for new session ids (Tomcat's jvmRoute). Default none.
+    pub route: Option<String>,
+    /// Queued messages during state transfer. Default 65536.
+    pub max_transfer_queue: usize,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            max_inactive_secs: 1800,
+            state_transfer_timeout: Duration::from_secs(60),
+            send_all_sessions_size: 1000,
+            sync: false,
+            route: None,
+            max_transfer_queue: 65536,
+        }
+    }
+}
+
+/// Replicates every session change of one context to all members (Tribes `DeltaManager`).
+pub struct DeltaManager {
+    context: String,
+    cfg: ManagerConfig,
+    store: Mutex<SessionStore>,
+    transfer: Mutex<Option<StateTransfer>>,
+    transfer_done: Condvar,
+    cluster: Mutex<Weak<ClusterInner>>,
+    sent: AtomicU64,
+    send_errors: AtomicU64,
+}
+
+impl DeltaManager {
+    /// A manager for `context` (e.g. `/shop`).
+    pub fn new(context: impl Into<String>, cfg: ManagerConfig) -> Arc<Self> {
+        Arc::new(Self {
+            context: context.into(),
+            cfg,
+            store: Mutex::new(SessionStore::default()),
+            transfer: Mutex::new(None),
+            transfer_done: Condvar::new(),
+            cluster: Mutex::new(Weak::new()),
+            sent: AtomicU64::new(0),
+            send_errors: AtomicU64::new(0),
+        })
+    }
+
+    /// The context name messages are routed by.
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    /// Pulls the state from the oldest member (bounded by the transfer timeout), then
+    /// replays what arrived meanwhile. Returns false when no member answered in time (the
+    /// manager still starts, as in Tribes).
+    pub fn start(&self, cluster: &Cluster) -> bool {
+        *self.cluster.lock() = cluster.inner();
+        let channel = cluster.channel();
+        let mut candidates = channel.service_members();
+        if candidates.is_empty() {
+            candidates = channel.members();
+        }
+        if candidates.is_empty() {
+            return true;
+        }
+        let now = crate::now_ms();
+        *self.transfer.lock() = Some(StateTransfer::new(
+            now,
+            self.cfg.state_transfer_timeout.as_millis() as i64,
+            self.cfg.max_transfer_queue,
+        ));
+        let request = self.message(SessionEvent::GetAllSessions);
+        let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+        let asked = candidates.iter().find(|m| {
+            self.send(&request, Some(m), sync)
+                .inspect_err(|e| warn!(target: "ha::manager", "state request to {m} failed: {e}"))
+                .is_ok()
+        });
+        let complete = asked.is_some() && self.wait_for_state(self.cfg.state_transfer_timeout);
+        if let Some(m) = asked {
+            if complete {
+                info!(target: "ha::manager", "{}: state received from {m}", self.context);
+            } else {
+                warn!(target: "ha::manager", "{}: no session state from {m} within {:?}", self.context, self.cfg.state_transfer_timeout);
+            }
+        }
+        let replay = self
+            .transfer
+            .lock()
+            .take()
+            .map(|mut t| t.finish())
+            .unwrap_or_default();
+        let mut store = self.store.lock();
+        for m in replay {
+            store.apply(&m.event, m.timestamp_ms);
+        }
+        complete
+    }
+
+    fn wait_for_state(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut t = self.transfer.lock();
+        loop {
+            match t.as_ref() {
+                Some(tr) if tr.is_complete() => return true,
+                None => return true,
+                Some(_) => {}
+            }
+            if self.transfer_done.wait_until(&mut t, deadline).timed_out() {
+                return t.as_ref().is_some_and(StateTransfer::is_complete);
+            }
+        }
+    }
+
+    /// Creates a session, replicates its creation, and returns its id.
+    pub fn create_session(&self) -> Result<SessionId, SendError> {
+        let raw = format!("{:032x}", u128::from_be_bytes(tribes::UniqueId::random().0));
+        let id = match &self.cfg.route {
+            Some(r) => SessionId::new(format!("{raw}.{r}")),
+            None => SessionId::new(raw),
+        };
+        let s = Session::new(id.clone(), crate::now_ms(), self.cfg.max_inactive_secs);
+        self.store.lock().insert(s);
+        let msg = self.message(SessionEvent::Created {
+            id: id.clone(),
+            max_inactive_secs: self.cfg.max_inactive_secs,
+        });
+        self.send(&msg, None, self.options())?;
+        Ok(id)
+    }
+
+    /// Runs `f` on the session (recording the access), if this node has it. Changes are
+    /// replicated by [`DeltaManager::request_completed`].
+    pub fn with_session<R>(&self, id: &SessionId, f: impl FnOnce(&mut Session) -> R) -> Option<R> {
+        let mut store = self.store.lock();
+        let s = store.get_mut(id)?;
+        s.access(crate::now_ms());
+        Some(f(s))
+    }
+
+    /// A copy of the session, if present.
+    pub fn session(&self, id: &SessionId) -> Option<Session> {
+        self.store.lock().get(id).cloned()
+    }
+
+    /// Number of sessions held (primaries and copies).
+    pub fn len(&self) -> usize {
+        self.store.lock().len()
+    }
+
+    /// True when no session is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// End of a request: sends the session's delta (or an access notice if this node just
+    /// took the session over) and marks this copy primary.
+    pub fn request_completed(&self, id: &SessionId) -> Result<(), SendError> {
+        let event = {
+            let mut store = self.store.lock();
+            let Some(s) = store.get_mut(id) else {
+                return Ok(());
+            };
+            let was_primary = s.is_primary();
+            s.set_primary(true);
+            match s.take_delta() {
+                Some(d) => Some(SessionEvent::Delta(d)),
+                None if !was_primary => Some(SessionEvent::Accessed {
+                    id: id.clone(),
+                    at_ms: s.last_access_ms(),
+                }),
+                None => None,
+            }
+        };
+        match event {
+            Some(e) => self.send(&self.message(e), None, self.options()),
+            None => Ok(()),
+        }
+    }
+
+    /// Invalidates a session here and everywhere.
+    pub fn invalidate(&self, id: &SessionId) -> Result<(), SendError> {
+        if self.store.lock().remove(id).is_none() {
+            return Ok(());
+        }
+        self.send(
+            &self.message(SessionEvent::Expired { id: id.clone() }),
+            None,
+            self.options(),
+        )
+    }
+
+    /// Renames a session (route rebinding, id rotation) and replicates the change.
+    pub fn change_session_id(&self, old: &SessionId, new: SessionId) -> Result<bool, SendError> {
+        let event = SessionEvent::ChangeSessionId {
+            old: old.clone(),
+            new,
+        };
+        if self.store.lock().apply(&event, crate::now_ms()) != crate::store::Applied::Changed {
+            return Ok(false);
+        }
+        self.send(&self.message(event), None, self.options())?;
+        Ok(true)
+    }
+
+    /// Expires idle sessions at `now_ms`; expiries of primaries are replicated.
+    pub fn expire(&self, now_ms: i64) -> Vec<SessionId> {
+        let primaries: Vec<SessionId> = {
+            let store = self.store.lock();
+            store
+                .snapshot()
+                .into_iter()
+                .filter(|s| s.is_primary() && s.is_expired(now_ms))
+                .map(|s| s.id().clone())
+                .collect()
+        };
+        let gone = self.store.lock().expire(now_ms);
+        for id in primaries {
+            let _ = self.send(
+                &self.message(SessionEvent::Expired { id }),
+                None,
+                self.options(),
+            );
+        }
+        gone
+    }
+
+    /// Messages sent and send errors so far.
+    pub fn send_stats(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.send_errors.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn handle(
+        &self,
+        msg: SessionMessage,
+        sender: &Member,
+        cluster: &ClusterInner,
+    ) -> Result<(), ProcessError> {
+        let msg = {
+            let mut t = self.transfer.lock();
+            match t.as_mut() {
+                Some(tr) => match tr.offer(msg) {
+                    Offer::Apply(m) => m,
+                    _ => return Ok(()),
+                },
+                None => msg,
+            }
+        };
+        match &msg.event {
+            SessionEvent::GetAllSessions => self.send_state(sender, cluster),
+            SessionEvent::TransferComplete { .. } | SessionEvent::NoContextManager => {
+                self.transfer_done.notify_all();
+            }
+            event => {
+                self.store.lock().apply(event, msg.timestamp_ms);
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a state request: bounded batches, then the snapshot time (Tribes
+    /// `sendAllSessions=false` behaviour, never one unbounded message).
+    fn send_state(&self, to: &Member, cluster: &ClusterInner) {
+        let snapshot_ms = crate::now_ms();
+        let sessions = self.store.lock().snapshot();
+        let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+        for batch in sessions.chunks(self.cfg.send_all_sessions_size.max(1)) {
+            let msg = self.message(SessionEvent::AllSessionData {
+                sessions: batch.to_vec(),
+            });
+            if let Err(e) = cluster.send(&msg, Some(to), sync) {
+                warn!(target: "ha::manager", "state transfer to {to} failed: {e}");
+                return;
+            }
+        }
+        let done = self.message(SessionEvent::TransferComplete { snapshot_ms });
+        if let Err(e) = cluster.send(&done, Some(to), sync) {
+            warn!(target: "ha::manager", "state transfer to {to} failed: {e}");
+        }
+    }
+
+    fn options(&self) -> SendOptions {
+        if self.cfg.sync {
+            SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK
+        } else {
+            SendOptions::ASYNCHRONOUS
+        }
+    }
+
+    fn message(&self, event: SessionEvent) -> SessionMessage {
+        SessionMessage {
+            context: self.context.clone(),
+            timestamp_ms: crate::now_ms(),
+            event,
+        }
+    }
+
+    fn send(
+        &self,
+        msg: &SessionMessage,
+        to: Option<&Member>,
+        options: SendOptions,
+    ) -> Result<(), SendError> {
+        let Some(cluster) = self.cluster.lock().upgrade() else {
+            return Ok(());
+        };
+        let r = cluster.send(msg, to, options);
+        match &r {
+            Ok(()) => self.sent.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                warn!(target: "ha::manager", "{}: replication failed: {e}", self.context);
+                self.send_errors.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        r
+    }
+}

@@ -1,0 +1,190 @@
+//! Session replication on loopback (issue #5): the Tomcat cluster HOW-TO scenario and two
+//! nodes starting at the same moment.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ha::{Cluster, DeltaManager, ManagerConfig, SessionId};
+use tribes::interceptors::{
+    MessageDispatchInterceptor, StaticMembershipInterceptor, TcpFailureDetector,
+};
+use tribes::transport::ReceiverConfig;
+use tribes::{GroupChannel, Member, UniqueId};
+use tribes_suite::wait_until;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Node {
+    cluster: Cluster,
+    manager: Arc<DeltaManager>,
+}
+
+/// A node on `port` that knows `peers` statically, with Tribes' cluster defaults (dispatch +
+/// failure detector) and synchronous replication.
+fn node(port: u16, peers: &[u16]) -> Node {
+    let members: Vec<Member> = peers
+        .iter()
+        .map(|p| Member::with_id(SocketAddr::from(([127, 0, 0, 1], *p)), UniqueId::random()))
+        .collect();
+    let channel = GroupChannel::builder()
+        .name(format!("ha{port}"))
+        .receiver(ReceiverConfig {
+            port,
+            auto_bind: 1,
+            ..ReceiverConfig::default()
+        })
+        .heartbeat_interval(None)
+        .interceptor(MessageDispatchInterceptor::default())
+        .interceptor(TcpFailureDetector::default())
+        .interceptor(StaticMembershipInterceptor::new(members))
+        .build()
+        .unwrap();
+    let cluster = Cluster::new(channel);
+    let manager = DeltaManager::new(
+        "/app",
+        ManagerConfig {
+            sync: true,
+            state_transfer_timeout: Duration::from_secs(10),
+            ..ManagerConfig::default()
+        },
+    );
+    cluster.register(&manager);
+    cluster.start().unwrap();
+    Node { cluster, manager }
+}
+
+fn counter(n: &Node, id: &SessionId) -> Option<u32> {
+    n.manager.session(id)?.get::<u32>("counter").unwrap()
+}
+
+fn bump(n: &Node, id: &SessionId) -> u32 {
+    let v = n
+        .manager
+        .with_session(id, |s| {
+            let v = s.get::<u32>("counter").unwrap().unwrap_or(0) + 1;
+            s.insert("counter", &v).unwrap();
+            v
+        })
+        .expect("session present");
+    n.manager.request_completed(id).unwrap();
+    v
+}
+
+#[test]
+fn howto_scenario_state_transfer_failover_restart_invalidate_expire() {
+    let (pa, pb) = (free_port(), free_port());
+    // A starts alone.
+    let a = node(pa, &[pb]);
+    assert!(a.manager.start(&a.cluster));
+    let s1 = a.manager.create_session().unwrap();
+    assert_eq!(bump(&a, &s1), 1);
+
+    // B starts and pulls A's sessions.
+    let b = node(pb, &[pa]);
+    assert!(b
+        .cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+    assert!(b.manager.start(&b.cluster), "state transfer from A");
+    assert_eq!(counter(&b, &s1), Some(1));
+    assert!(a
+        .cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+
+    // A change on A is readable on B (synchronous replication: applied when it returns).
+    assert_eq!(bump(&a, &s1), 2);
+    assert_eq!(counter(&b, &s1), Some(2));
+
+    // A goes away; B serves the session.
+    a.cluster.stop().unwrap();
+    drop(a);
+    assert!(wait_until(Duration::from_secs(5), || b
+        .cluster
+        .channel()
+        .members()
+        .is_empty()));
+    assert_eq!(bump(&b, &s1), 3);
+
+    // A comes back (same port, new process identity) and pulls the state from B.
+    let a = node(pa, &[pb]);
+    assert!(a
+        .cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+    assert!(a.manager.start(&a.cluster));
+    assert_eq!(counter(&a, &s1), Some(3));
+    assert!(b
+        .cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+
+    // Invalidate on A expires the copy on B.
+    a.manager.invalidate(&s1).unwrap();
+    assert!(b.manager.session(&s1).is_none());
+
+    // An idle session expires on both.
+    let s2 = a.manager.create_session().unwrap();
+    a.manager.with_session(&s2, |s| s.set_max_inactive_secs(1));
+    a.manager.request_completed(&s2).unwrap();
+    assert_eq!(b.manager.session(&s2).unwrap().max_inactive_secs(), 1);
+    let later = ha_now() + 1_500;
+    assert_eq!(a.manager.expire(later), vec![s2.clone()]);
+    assert!(b.manager.session(&s2).is_none(), "expiry replicated");
+}
+
+fn ha_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[test]
+fn two_nodes_starting_together_both_end_with_every_session() {
+    let (pc, pd) = (free_port(), free_port());
+    let c = node(pc, &[pd]);
+    let d = node(pd, &[pc]);
+    assert!(c
+        .cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+    assert!(d
+        .cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+    // Both ask each other for state at the same moment; neither may stall.
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let hc = s.spawn(|| c.manager.start(&c.cluster));
+        let hd = s.spawn(|| d.manager.start(&d.cluster));
+        assert!(hc.join().unwrap());
+        assert!(hd.join().unwrap());
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let mut ids = Vec::new();
+    for n in [&c, &d] {
+        for _ in 0..20 {
+            let id = n.manager.create_session().unwrap();
+            bump(n, &id);
+            ids.push(id);
+        }
+    }
+    for n in [&c, &d] {
+        assert_eq!(n.manager.len(), 40);
+        for id in &ids {
+            assert_eq!(counter(n, id), Some(1));
+        }
+    }
+}
