@@ -29,6 +29,10 @@ struct Node {
 /// A node on `port` that knows `peers` statically, with Tribes' cluster defaults (dispatch +
 /// failure detector) and synchronous replication.
 fn node(port: u16, peers: &[u16]) -> Node {
+    node_with_route(port, peers, None)
+}
+
+fn node_with_route(port: u16, peers: &[u16], route: Option<&str>) -> Node {
     let members: Vec<Member> = peers
         .iter()
         .map(|p| Member::with_id(SocketAddr::from(([127, 0, 0, 1], *p)), UniqueId::random()))
@@ -52,6 +56,7 @@ fn node(port: u16, peers: &[u16]) -> Node {
         ManagerConfig {
             sync: true,
             state_transfer_timeout: Duration::from_secs(10),
+            route: route.map(str::to_string),
             ..ManagerConfig::default()
         },
     );
@@ -187,4 +192,41 @@ fn two_nodes_starting_together_both_end_with_every_session() {
             assert_eq!(counter(n, id), Some(1));
         }
     }
+}
+
+#[test]
+fn route_rebinding_moves_the_session_to_the_surviving_node() {
+    let (pa, pb) = (free_port(), free_port());
+    let a = node_with_route(pa, &[pb], Some("a"));
+    let b = node_with_route(pb, &[pa], Some("b"));
+    assert!(a
+        .cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+    assert!(b
+        .cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+    a.manager.start(&a.cluster);
+    b.manager.start(&b.cluster);
+    let id = a.manager.create_session().unwrap();
+    assert_eq!(id.route(), Some("a"));
+    assert_eq!(bump(&a, &id), 1);
+    // A dies; the sticky balancer sends the client (cookie "<id>.a") to B.
+    a.cluster.stop().unwrap();
+    drop(a);
+    let new_id = b.manager.rebind(&id).unwrap().expect("rebound");
+    assert_eq!(new_id.route(), Some("b"));
+    assert_eq!(new_id.base(), id.base());
+    assert!(b.manager.session(&id).is_none());
+    assert_eq!(
+        counter(&b, &new_id),
+        Some(1),
+        "session intact under the new id"
+    );
+    assert_eq!(bump(&b, &new_id), 2);
+    // Same route: nothing to do.
+    assert_eq!(b.manager.rebind(&new_id).unwrap(), None);
+    // A second request with the old cookie is re-pointed without another rename.
+    assert_eq!(b.manager.rebind(&id).unwrap(), Some(new_id));
 }

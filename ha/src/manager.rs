@@ -232,6 +232,31 @@ impl DeltaManager {
         Ok(true)
     }
 
+    /// Route rebinding (Tomcat `JvmRouteBinderValve`): a request for `requested` reached
+    /// this node although its id names another route (that node died, or the balancer moved
+    /// the client). Renames the session to this node's route, replicates the change, and
+    /// returns the id the client must use from now on (for the cookie). Returns `None` when
+    /// nothing is to be done (no route configured, same route, or unknown session).
+    pub fn rebind(&self, requested: &SessionId) -> Result<Option<SessionId>, SendError> {
+        let Some(local) = &self.cfg.route else {
+            return Ok(None);
+        };
+        if requested.route() == Some(local.as_str()) {
+            return Ok(None);
+        }
+        let rebound = requested.with_route(local);
+        if self.store.lock().get(&rebound).is_some() {
+            // Renamed already (another request got here first): just re-point the client.
+            return Ok(Some(rebound));
+        }
+        if self.change_session_id(requested, rebound.clone())? {
+            info!(target: "ha::manager", "{}: session {requested} rebound to {rebound}", self.context);
+            Ok(Some(rebound))
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Expires idle sessions at `now_ms`; expiries of primaries are replicated.
     pub fn expire(&self, now_ms: i64) -> Vec<SessionId> {
         let primaries: Vec<SessionId> = {
