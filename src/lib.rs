@@ -204,3 +204,55 @@ impl Drop for DnsResponder {
         }
     }
 }
+
+/// A session-replication node on 127.0.0.1:`port` that knows `peers` statically, with
+/// Tribes' cluster defaults (dispatch + TCP failure detector), one `DeltaManager` for
+/// context `/app` (synchronous replication, `route` as its jvmRoute), already started.
+pub fn ha_node(
+    port: u16,
+    peers: &[u16],
+    route: Option<&str>,
+) -> Result<(ha::Cluster, Arc<ha::DeltaManager>), ChannelError> {
+    let members: Vec<tribes::Member> = peers
+        .iter()
+        .map(|p| {
+            tribes::Member::with_id(
+                SocketAddr::from(([127, 0, 0, 1], *p)),
+                tribes::UniqueId::random(),
+            )
+        })
+        .collect();
+    let channel = GroupChannel::builder()
+        .name(format!("ha{port}"))
+        .receiver(ReceiverConfig {
+            port,
+            auto_bind: 1,
+            ..ReceiverConfig::default()
+        })
+        .heartbeat_interval(None)
+        .interceptor(MessageDispatchInterceptor::default())
+        .interceptor(tribes::interceptors::TcpFailureDetector::default())
+        .interceptor(StaticMembershipInterceptor::new(members))
+        .build()?;
+    let cluster = ha::Cluster::new(channel);
+    let manager = ha::DeltaManager::new(
+        "/app",
+        ha::ManagerConfig {
+            sync: true,
+            state_transfer_timeout: Duration::from_secs(10),
+            route: route.map(str::to_string),
+            ..ha::ManagerConfig::default()
+        },
+    );
+    cluster.register(&manager);
+    cluster.start()?;
+    Ok((cluster, manager))
+}
+
+/// A port that was free on 127.0.0.1 a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}

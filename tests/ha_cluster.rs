@@ -1,67 +1,23 @@
 //! Session replication on loopback (issue #5): the Tomcat cluster HOW-TO scenario and two
 //! nodes starting at the same moment.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ha::{Cluster, DeltaManager, ManagerConfig, SessionId};
-use tribes::interceptors::{
-    MessageDispatchInterceptor, StaticMembershipInterceptor, TcpFailureDetector,
-};
-use tribes::transport::ReceiverConfig;
-use tribes::{GroupChannel, Member, UniqueId};
-use tribes_suite::wait_until;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use ha::{Cluster, DeltaManager, SessionId};
+use tribes_suite::{free_port, ha_node, wait_until};
 
 struct Node {
     cluster: Cluster,
     manager: Arc<DeltaManager>,
 }
 
-/// A node on `port` that knows `peers` statically, with Tribes' cluster defaults (dispatch +
-/// failure detector) and synchronous replication.
 fn node(port: u16, peers: &[u16]) -> Node {
     node_with_route(port, peers, None)
 }
 
 fn node_with_route(port: u16, peers: &[u16], route: Option<&str>) -> Node {
-    let members: Vec<Member> = peers
-        .iter()
-        .map(|p| Member::with_id(SocketAddr::from(([127, 0, 0, 1], *p)), UniqueId::random()))
-        .collect();
-    let channel = GroupChannel::builder()
-        .name(format!("ha{port}"))
-        .receiver(ReceiverConfig {
-            port,
-            auto_bind: 1,
-            ..ReceiverConfig::default()
-        })
-        .heartbeat_interval(None)
-        .interceptor(MessageDispatchInterceptor::default())
-        .interceptor(TcpFailureDetector::default())
-        .interceptor(StaticMembershipInterceptor::new(members))
-        .build()
-        .unwrap();
-    let cluster = Cluster::new(channel);
-    let manager = DeltaManager::new(
-        "/app",
-        ManagerConfig {
-            sync: true,
-            state_transfer_timeout: Duration::from_secs(10),
-            route: route.map(str::to_string),
-            ..ManagerConfig::default()
-        },
-    );
-    cluster.register(&manager);
-    cluster.start().unwrap();
+    let (cluster, manager) = ha_node(port, peers, route).unwrap();
     Node { cluster, manager }
 }
 

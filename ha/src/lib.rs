@@ -10,6 +10,8 @@
 pub mod cluster;
 pub mod delta;
 pub mod error;
+#[cfg(feature = "axum")]
+pub mod layer;
 pub mod manager;
 pub mod message;
 pub mod session;

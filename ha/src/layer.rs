@@ -1,0 +1,313 @@
+//! The replication layer (Tomcat `ReplicationValve` + `JvmRouteBinderValve`) as a tower
+//! [`Layer`] for axum: finds the request's session from its cookie, hands handlers a
+//! [`Session`] extractor, and at the end of the request replicates what changed.
+//!
+//! With a synchronous manager ([`crate::ManagerConfig::sync`]) the response is sent only
+//! after every member applied the change, so a client that lands on another node next sees
+//! its own writes. The replication call blocks the task briefly (a loopback round trip);
+//! run the server on a multi-threaded runtime.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::extract::FromRequestParts;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use log::warn;
+use parking_lot::Mutex;
+use regex::Regex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tower::{Layer, Service};
+
+use crate::error::SessionError;
+use crate::manager::DeltaManager;
+use crate::session::SessionId;
+
+/// Counters of a [`ReplicationLayer`] (Tomcat `ReplicationValve` statistics).
+#[derive(Debug, Default)]
+pub struct LayerStats {
+    /// Requests seen.
+    pub requests: AtomicU64,
+    /// Requests that replicated something.
+    pub sends: AtomicU64,
+    /// Requests skipped by the URI filter.
+    pub filtered: AtomicU64,
+    /// Replication failures (logged; the response still goes out).
+    pub errors: AtomicU64,
+    /// Time spent replicating, microseconds.
+    pub send_micros: AtomicU64,
+}
+
+struct Config {
+    manager: Arc<DeltaManager>,
+    cookie: String,
+    filter: Option<Regex>,
+    stats: LayerStats,
+}
+
+/// Puts a [`Session`] into every request and replicates its changes at the end.
+///
+/// ```no_run
+/// use axum::{routing::get, Router};
+/// use ha::{DeltaManager, ManagerConfig, layer::{ReplicationLayer, Session}};
+///
+/// async fn counter(session: Session) -> String {
+///     let n = session.get::<u64>("n").unwrap().unwrap_or(0) + 1;
+///     session.insert("n", &n).unwrap();
+///     n.to_string()
+/// }
+///
+/// let manager = DeltaManager::new("/", ManagerConfig::default());
+/// let app: Router = Router::new()
+///     .route("/counter", get(counter))
+///     .layer(ReplicationLayer::new(manager).filter(r".*\.(png|css|js)$").unwrap());
+/// ```
+#[derive(Clone)]
+pub struct ReplicationLayer {
+    cfg: Arc<Config>,
+}
+
+impl ReplicationLayer {
+    /// A layer over `manager`, cookie `JSESSIONID`, no filter.
+    pub fn new(manager: Arc<DeltaManager>) -> Self {
+        Self {
+            cfg: Arc::new(Config {
+                manager,
+                cookie: "JSESSIONID".into(),
+                filter: None,
+                stats: LayerStats::default(),
+            }),
+        }
+    }
+
+    /// The session cookie's name (default `JSESSIONID`).
+    pub fn cookie_name(self, name: impl Into<String>) -> Self {
+        self.with(|c| c.cookie = name.into())
+    }
+
+    /// Requests whose path matches `regex` (anchored: the whole path) are not replicated,
+    /// e.g. static resources.
+    pub fn filter(self, regex: &str) -> Result<Self, regex::Error> {
+        let re = Regex::new(&format!("^(?:{regex})$"))?;
+        Ok(self.with(|c| c.filter = Some(re)))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &LayerStats {
+        &self.cfg.stats
+    }
+
+    fn with(self, f: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = Config {
+            manager: Arc::clone(&self.cfg.manager),
+            cookie: self.cfg.cookie.clone(),
+            filter: self.cfg.filter.clone(),
+            stats: LayerStats::default(),
+        };
+        f(&mut cfg);
+        Self { cfg: Arc::new(cfg) }
+    }
+}
+
+impl<S> Layer<S> for ReplicationLayer {
+    type Service = ReplicationService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ReplicationService {
+            inner,
+            cfg: Arc::clone(&self.cfg),
+        }
+    }
+}
+
+/// The service [`ReplicationLayer`] produces.
+#[derive(Clone)]
+pub struct ReplicationService<S> {
+    inner: S,
+    cfg: Arc<Config>,
+}
+
+impl<S, B, R> Service<Request<B>> for ReplicationService<S>
+where
+    S: Service<Request<B>, Response = Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let cfg = Arc::clone(&self.cfg);
+        cfg.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let filtered = cfg
+            .filter
+            .as_ref()
+            .is_some_and(|re| re.is_match(req.uri().path()));
+        let requested = cookie(&req, &cfg.cookie).map(SessionId::new);
+        let mut current = None;
+        let mut cookie_changed = false;
+        if let Some(id) = requested {
+            // Failover with a sticky balancer: take the session over under our route.
+            match cfg.manager.rebind(&id) {
+                Ok(Some(new)) => {
+                    current = Some(new);
+                    cookie_changed = true;
+                }
+                Ok(None) => {
+                    if cfg.manager.session(&id).is_some() {
+                        current = Some(id);
+                    }
+                }
+                Err(e) => warn!(target: "ha::layer", "route rebinding of {id} failed: {e}"),
+            }
+        }
+        let session = Session {
+            inner: Arc::new(Mutex::new(Handle {
+                manager: Arc::clone(&cfg.manager),
+                id: current,
+                set_cookie: cookie_changed,
+            })),
+        };
+        req.extensions_mut().insert(session.clone());
+        // Tower's rule: call the service that was polled ready, keep a fresh clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let mut resp = inner.call(req).await?;
+            let (id, set_cookie) = {
+                let h = session.inner.lock();
+                (h.id.clone(), h.set_cookie)
+            };
+            if let Some(id) = id {
+                if filtered {
+                    cfg.stats.filtered.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let start = Instant::now();
+                    match cfg.manager.request_completed(&id) {
+                        Ok(()) => cfg.stats.sends.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            warn!(target: "ha::layer", "replication of {id} failed: {e}");
+                            cfg.stats.errors.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    cfg.stats
+                        .send_micros
+                        .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+                if set_cookie {
+                    let value = format!("{}={id}; Path=/; HttpOnly", cfg.cookie);
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        resp.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                }
+            }
+            Ok(resp)
+        })
+    }
+}
+
+fn cookie<B>(req: &Request<B>, name: &str) -> Option<String> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim().to_string())
+}
+
+struct Handle {
+    manager: Arc<DeltaManager>,
+    id: Option<SessionId>,
+    set_cookie: bool,
+}
+
+/// The request's session, as an axum extractor. Created on the first `insert`.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Mutex<Handle>>,
+}
+
+impl Session {
+    /// The session id, once there is a session.
+    pub fn id(&self) -> Option<SessionId> {
+        self.inner.lock().id.clone()
+    }
+
+    /// Reads an attribute.
+    pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, SessionError> {
+        let h = self.inner.lock();
+        let Some(id) = &h.id else {
+            return Ok(None);
+        };
+        h.manager
+            .with_session(id, |s| s.get::<T>(name))
+            .unwrap_or(Ok(None))
+    }
+
+    /// Sets an attribute, creating the session (and its cookie) if needed.
+    pub fn insert<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<(), SessionError> {
+        let mut h = self.inner.lock();
+        if h.id
+            .as_ref()
+            .is_none_or(|id| h.manager.session(id).is_none())
+        {
+            let id = h.manager.create_session().map_err(|e| {
+                SessionError::Codec(format!("session creation not replicated: {e}"))
+            })?;
+            h.id = Some(id);
+            h.set_cookie = true;
+        }
+        let id = h.id.clone().expect("set above");
+        h.manager
+            .with_session(&id, |s| s.insert(name, value))
+            .unwrap_or(Ok(()))
+    }
+
+    /// Removes an attribute.
+    pub fn remove(&self, name: &str) -> bool {
+        let h = self.inner.lock();
+        match &h.id {
+            Some(id) => h
+                .manager
+                .with_session(id, |s| s.remove(name))
+                .unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// Invalidates the session here and everywhere.
+    pub fn invalidate(&self) {
+        let mut h = self.inner.lock();
+        if let Some(id) = h.id.take() {
+            if let Err(e) = h.manager.invalidate(&id) {
+                warn!(target: "ha::layer", "invalidation of {id} not replicated: {e}");
+            }
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Session {
+    type Rejection = (StatusCode, &'static str);
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Self>().cloned().ok_or((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ha::layer::ReplicationLayer is not installed",
+        ))
+    }
+}

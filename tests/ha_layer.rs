@@ -1,0 +1,112 @@
+//! The replication layer in axum (issue #5): a counter in the session keeps counting when
+//! the client's requests alternate between nodes, and after a node is gone. Requests are
+//! driven through the services directly (no HTTP server needed); the cluster is on loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::routing::get;
+use axum::Router;
+use ha::layer::{ReplicationLayer, Session};
+use http::{header, Request, StatusCode};
+use tower::ServiceExt;
+use tribes_suite::{free_port, ha_node};
+
+async fn counter(session: Session) -> String {
+    let n = session.get::<u64>("counter").unwrap().unwrap_or(0) + 1;
+    session.insert("counter", &n).unwrap();
+    n.to_string()
+}
+
+fn app(manager: Arc<ha::DeltaManager>) -> (Router, ReplicationLayer) {
+    let layer = ReplicationLayer::new(manager)
+        .filter(r"/static/.*")
+        .unwrap();
+    (
+        Router::new()
+            .route("/counter", get(counter))
+            .route("/static/{file}", get(|| async { "static" }))
+            .layer(layer.clone()),
+        layer,
+    )
+}
+
+/// One GET; returns (status, body, Set-Cookie value without attributes).
+async fn get_with(
+    app: &Router,
+    path: &str,
+    cookie: Option<&str>,
+) -> (StatusCode, String, Option<String>) {
+    let mut req = Request::get(path);
+    if let Some(c) = cookie {
+        req = req.header(header::COOKIE, c);
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let set = resp
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().to_string());
+    let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+    (status, String::from_utf8_lossy(&body).to_string(), set)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_survives_round_robin_and_a_lost_node() {
+    let (pa, pb) = (free_port(), free_port());
+    let (ca, ma) = ha_node(pa, &[pb], Some("a")).unwrap();
+    let (cb, mb) = ha_node(pb, &[pa], Some("b")).unwrap();
+    assert!(ca.channel().wait_for_members(1, Duration::from_secs(5)));
+    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
+    ma.start(&ca);
+    mb.start(&cb);
+    let (app_a, layer_a) = app(ma);
+    let (app_b, _) = app(mb);
+
+    // First request creates the session and sets the cookie.
+    let (status, body, set) = get_with(&app_a, "/counter", None).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "1"));
+    let mut cookie = set.expect("Set-Cookie on the first request");
+    assert!(
+        cookie.starts_with("JSESSIONID=") && cookie.ends_with(".a"),
+        "{cookie}"
+    );
+
+    // Round robin: every other request lands on the other node; the count never skips.
+    for (i, app) in [&app_b, &app_a, &app_b, &app_a].into_iter().enumerate() {
+        let (_, body, set) = get_with(app, "/counter", Some(&cookie)).await;
+        assert_eq!(body, (i + 2).to_string());
+        if let Some(c) = set {
+            cookie = c; // route rebinding moved the session
+        }
+    }
+    // Static resources are filtered: no replication for them.
+    let _ = get_with(&app_a, "/static/logo.png", Some(&cookie)).await;
+    assert!(
+        layer_a
+            .stats()
+            .filtered
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+
+    // Node A is lost; B serves the session and rebinds it to its route.
+    ca.stop().unwrap();
+    let (_, body, set) = get_with(&app_b, "/counter", Some(&cookie)).await;
+    assert_eq!(body, "6");
+    if let Some(c) = set {
+        cookie = c;
+    }
+    assert!(
+        cookie.ends_with(".b"),
+        "cookie rebound to the surviving node: {cookie}"
+    );
+    let (_, body, _) = get_with(&app_b, "/counter", Some(&cookie)).await;
+    assert_eq!(body, "7");
+}
