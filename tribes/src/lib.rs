@@ -53,8 +53,3 @@ pub use id::UniqueId;
 pub use member::{Member, MemberKey};
 pub use options::SendOptions;
 pub use wire::ChannelMessage;
-
-/// The README's code, compiled as a doctest so it stays true.
-#[doc = include_str!("../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;
