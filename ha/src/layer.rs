@@ -159,16 +159,15 @@ where
         if let Some(id) = requested {
             // Failover with a sticky balancer: take the session over under our route.
             match cfg.manager.rebind(&id) {
-                Ok(Some(new)) => {
+                Some(new) => {
                     current = Some(new);
                     cookie_changed = true;
                 }
-                Ok(None) => {
+                None => {
                     if cfg.manager.session(&id).is_some() {
                         current = Some(id);
                     }
                 }
-                Err(e) => warn!(target: "ha::layer", "route rebinding of {id} failed: {e}"),
             }
         }
         let session = Session {
@@ -263,9 +262,7 @@ impl Session {
             .as_ref()
             .is_none_or(|id| h.manager.session(id).is_none())
         {
-            let id = h.manager.create_session().map_err(|e| {
-                SessionError::Codec(format!("session creation not replicated: {e}"))
-            })?;
+            let id = h.manager.create_session();
             h.id = Some(id);
             h.set_cookie = true;
         }
@@ -291,9 +288,7 @@ impl Session {
     pub fn invalidate(&self) {
         let mut h = self.inner.lock();
         if let Some(id) = h.id.take() {
-            if let Err(e) = h.manager.invalidate(&id) {
-                warn!(target: "ha::layer", "invalidation of {id} not replicated: {e}");
-            }
+            h.manager.invalidate(&id);
         }
     }
 }

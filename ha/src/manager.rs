@@ -141,8 +141,10 @@ impl DeltaManager {
         }
     }
 
-    /// Creates a session, replicates its creation, and returns its id.
-    pub fn create_session(&self) -> Result<SessionId, SendError> {
+    /// Creates a session, replicates its creation, and returns its id. A member that could
+    /// not be told is logged and counted ([`DeltaManager::send_stats`]); the session's first
+    /// delta creates its copy there later.
+    pub fn create_session(&self) -> SessionId {
         let raw = format!("{:032x}", u128::from_be_bytes(tribes::UniqueId::random().0));
         let id = match &self.cfg.route {
             Some(r) => SessionId::new(format!("{raw}.{r}")),
@@ -154,8 +156,8 @@ impl DeltaManager {
             id: id.clone(),
             max_inactive_secs: self.cfg.max_inactive_secs,
         });
-        self.send(&msg, None, self.options())?;
-        Ok(id)
+        let _ = self.send(&msg, None, self.options());
+        id
     }
 
     /// Runs `f` on the session (recording the access), if this node has it. Changes are
@@ -207,29 +209,31 @@ impl DeltaManager {
         }
     }
 
-    /// Invalidates a session here and everywhere.
-    pub fn invalidate(&self, id: &SessionId) -> Result<(), SendError> {
+    /// Invalidates a session here and everywhere (replication failures are logged and
+    /// counted).
+    pub fn invalidate(&self, id: &SessionId) {
         if self.store.lock().remove(id).is_none() {
-            return Ok(());
+            return;
         }
-        self.send(
+        let _ = self.send(
             &self.message(SessionEvent::Expired { id: id.clone() }),
             None,
             self.options(),
-        )
+        );
     }
 
-    /// Renames a session (route rebinding, id rotation) and replicates the change.
-    pub fn change_session_id(&self, old: &SessionId, new: SessionId) -> Result<bool, SendError> {
+    /// Renames a session (route rebinding, id rotation) and replicates the change; returns
+    /// whether the session existed. Replication failures are logged and counted.
+    pub fn change_session_id(&self, old: &SessionId, new: SessionId) -> bool {
         let event = SessionEvent::ChangeSessionId {
             old: old.clone(),
             new,
         };
         if self.store.lock().apply(&event, crate::now_ms()) != crate::store::Applied::Changed {
-            return Ok(false);
+            return false;
         }
-        self.send(&self.message(event), None, self.options())?;
-        Ok(true)
+        let _ = self.send(&self.message(event), None, self.options());
+        true
     }
 
     /// Route rebinding (Tomcat `JvmRouteBinderValve`): a request for `requested` reached
@@ -237,23 +241,24 @@ impl DeltaManager {
     /// the client). Renames the session to this node's route, replicates the change, and
     /// returns the id the client must use from now on (for the cookie). Returns `None` when
     /// nothing is to be done (no route configured, same route, or unknown session).
-    pub fn rebind(&self, requested: &SessionId) -> Result<Option<SessionId>, SendError> {
-        let Some(local) = &self.cfg.route else {
-            return Ok(None);
-        };
-        if requested.route() == Some(local.as_str()) {
-            return Ok(None);
+    pub fn rebind(&self, requested: &SessionId) -> Option<SessionId> {
+        let local = self.cfg.route.as_ref()?;
+        if requested.route() == Some(local.as_str()) && self.store.lock().get(requested).is_some() {
+            return None;
         }
         let rebound = requested.with_route(local);
-        if self.store.lock().get(&rebound).is_some() {
+        // The session may be held under another route than the client's cookie says: a node
+        // renamed it and died before the client saw the new cookie.
+        let held = self.store.lock().find_by_base(requested.base())?;
+        if held == rebound {
             // Renamed already (another request got here first): just re-point the client.
-            return Ok(Some(rebound));
+            return (held != *requested).then_some(rebound);
         }
-        if self.change_session_id(requested, rebound.clone())? {
+        if self.change_session_id(&held, rebound.clone()) {
             info!(target: "ha::manager", "{}: session {requested} rebound to {rebound}", self.context);
-            Ok(Some(rebound))
+            Some(rebound)
         } else {
-            Ok(None)
+            None
         }
     }
 

@@ -65,6 +65,12 @@ impl SessionStore {
         self.sessions.get_mut(id)
     }
 
+    /// The id under which a session with the same base id (ignoring the route suffix) is
+    /// held, if any.
+    pub fn find_by_base(&self, base: &str) -> Option<SessionId> {
+        self.sessions.keys().find(|id| id.base() == base).cloned()
+    }
+
     /// Adds or replaces a local session.
     pub fn insert(&mut self, session: Session) {
         self.sessions.insert(session.id().clone(), session);
