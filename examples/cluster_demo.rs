@@ -7,6 +7,7 @@
 //! cargo run --release --example cluster_demo                 # sync replication (default)
 //! cargo run --release --example cluster_demo -- --async      # Tribes' default: async
 //! cargo run --release --example cluster_demo -- --sticky     # sticky balancer, route rebinding
+//! cargo run --release --example cluster_demo -- --bench      # local-only vs async vs sync
 //! cargo run --release --example cluster_demo -- node --id 0 --http 127.0.0.1:8080 \
 //!     --port 4000 --peers 4001,4002 [--async]               # one node by hand
 //! ```
@@ -34,6 +35,8 @@ use tribes::{GroupChannel, Member, UniqueId};
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const NODES: usize = 3;
+/// Node count of the cluster configurations (the benchmark's local-only case uses one).
+type NodeCount = usize;
 const SESSIONS: usize = 200;
 const REQUESTS_PER_SESSION: usize = 20;
 const CONCURRENCY: usize = 8;
@@ -47,14 +50,17 @@ fn main() -> Res<()> {
     if args.first().map(String::as_str) == Some("node") {
         return node_main(&args[1..]);
     }
-    let sync = !args.iter().any(|a| a == "--async");
-    let sticky = args.iter().any(|a| a == "--sticky");
     if let Some(bad) = args
         .iter()
-        .find(|a| !matches!(a.as_str(), "--async" | "--sticky"))
+        .find(|a| !matches!(a.as_str(), "--async" | "--sticky" | "--bench"))
     {
         return Err(format!("unknown argument {bad}; see the file's header for usage").into());
     }
+    if args.iter().any(|a| a == "--bench") {
+        return run_bench();
+    }
+    let sync = !args.iter().any(|a| a == "--async");
+    let sticky = args.iter().any(|a| a == "--sticky");
     run_demo(sync, sticky)
 }
 
@@ -162,10 +168,10 @@ impl Drop for NodeProc {
     }
 }
 
-fn start_nodes(sync: bool) -> Res<Vec<NodeProc>> {
-    let cluster_ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect::<Res<_>>()?;
+fn start_nodes(count: NodeCount, sync: bool) -> Res<Vec<NodeProc>> {
+    let cluster_ports: Vec<u16> = (0..count).map(|_| free_port()).collect::<Res<_>>()?;
     let mut nodes = Vec::new();
-    for i in 0..NODES {
+    for i in 0..count {
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let peers: Vec<String> = cluster_ports
             .iter()
@@ -327,7 +333,72 @@ struct Summary {
 }
 
 fn run_demo(sync: bool, sticky: bool) -> Res<()> {
-    let mut nodes = start_nodes(sync)?;
+    let r = run_load(NODES, sync, sticky, true)?;
+    println!("{}", r.line());
+    // A request in flight on the node at the moment it is killed can fail (no answer) or,
+    // when the node had already replicated its change, be retried by the balancer and show
+    // as one skipped step. Lost sessions and counters going backwards are replication
+    // failures: with synchronous replication there must be none (CI runs this demo).
+    let broken = r.lost + r.backward;
+    if sync && broken > 0 {
+        return Err(format!(
+            "{broken} lost sessions or backward counters with synchronous replication"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The replication benchmark: the same load against one node with local-only sessions and
+/// against three nodes (round robin) with async and with sync replication, in one run.
+fn run_bench() -> Res<()> {
+    let cases = [
+        ("local-only", 1, true),
+        ("async", NODES, false),
+        ("sync", NODES, true),
+    ];
+    let mut base = None;
+    for (label, count, sync) in cases {
+        let r = run_load(count, sync, false, false)?;
+        let base_rate = *base.get_or_insert(r.rate);
+        println!(
+            "replication-bench mode={label} nodes={count} -> {:.0} req/s p50={}us p99={}us [{:.2}x local-only; failed={} lost={} backward={} skipped={}]",
+            r.rate,
+            r.p50,
+            r.p99,
+            r.rate / base_rate,
+            r.failed,
+            r.lost,
+            r.backward,
+            r.skipped
+        );
+    }
+    Ok(())
+}
+
+struct Report {
+    sent: u64,
+    failed: u64,
+    lost: u64,
+    backward: u64,
+    skipped: u64,
+    rate: f64,
+    p50: u64,
+    p99: u64,
+    secs: f64,
+}
+
+impl Report {
+    fn line(&self) -> String {
+        format!(
+            "requests={} failed={} sessions_lost={} backward={} skipped={} -> {:.0} req/s p50={}us p99={}us ({:.2}s)",
+            self.sent, self.failed, self.lost, self.backward, self.skipped, self.rate, self.p50, self.p99, self.secs
+        )
+    }
+}
+
+fn run_load(count: NodeCount, sync: bool, sticky: bool, kill: bool) -> Res<Report> {
+    let mut nodes = start_nodes(count, sync)?;
     let stop = Arc::new(AtomicBool::new(false));
     let lb = start_balancer(
         nodes.iter().map(|n| n.http).collect(),
@@ -335,7 +406,7 @@ fn run_demo(sync: bool, sticky: bool) -> Res<()> {
         Arc::clone(&stop),
     )?;
     println!(
-        "cluster demo: {NODES} nodes ({} replication), {} balancer at {lb}",
+        "cluster demo: {count} node(s) ({} replication), {} balancer at {lb}",
         if sync { "sync" } else { "async" },
         if sticky { "sticky" } else { "round-robin" }
     );
@@ -389,16 +460,18 @@ fn run_demo(sync: bool, sticky: bool) -> Res<()> {
         })
         .collect();
     // Kill one node (SIGKILL) half-way through the load.
-    while done_requests.load(Ordering::Relaxed) < total / 2 && started.elapsed() < LOAD_LIMIT {
-        std::thread::sleep(Duration::from_millis(5));
+    if kill && nodes.len() > 1 {
+        while done_requests.load(Ordering::Relaxed) < total / 2 && started.elapsed() < LOAD_LIMIT {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let victim = nodes.remove(1);
+        println!(
+            "killing node 1 ({}) after {} requests",
+            victim.http,
+            done_requests.load(Ordering::Relaxed)
+        );
+        drop(victim);
     }
-    let victim = nodes.remove(1);
-    println!(
-        "killing node 1 ({}) after {} requests",
-        victim.http,
-        done_requests.load(Ordering::Relaxed)
-    );
-    drop(victim);
     for w in workers {
         let _ = w.join();
     }
@@ -413,27 +486,15 @@ fn run_demo(sync: bool, sticky: bool) -> Res<()> {
             .unwrap_or(0)
     };
     let sent = summary.sent.load(Ordering::Relaxed);
-    println!(
-        "requests={sent} failed={} sessions_lost={} backward={} skipped={} -> {:.0} req/s p50={}us p99={}us ({:.2}s)",
-        summary.failed.load(Ordering::Relaxed),
-        summary.lost.load(Ordering::Relaxed),
-        summary.backward.load(Ordering::Relaxed),
-        summary.skipped.load(Ordering::Relaxed),
-        sent as f64 / elapsed.as_secs_f64(),
-        pct(0.5),
-        pct(0.99),
-        elapsed.as_secs_f64()
-    );
-    // A request in flight on the node at the moment it is killed can fail (no answer) or,
-    // when the node had already replicated its change, be retried by the balancer and show
-    // as one skipped step. Lost sessions and counters going backwards are replication
-    // failures: with synchronous replication there must be none (CI runs this demo).
-    let broken = summary.lost.load(Ordering::Relaxed) + summary.backward.load(Ordering::Relaxed);
-    if sync && broken > 0 {
-        return Err(format!(
-            "{broken} lost sessions or backward counters with synchronous replication"
-        )
-        .into());
-    }
-    Ok(())
+    Ok(Report {
+        sent,
+        failed: summary.failed.load(Ordering::Relaxed),
+        lost: summary.lost.load(Ordering::Relaxed),
+        backward: summary.backward.load(Ordering::Relaxed),
+        skipped: summary.skipped.load(Ordering::Relaxed),
+        rate: sent as f64 / elapsed.as_secs_f64(),
+        p50: pct(0.5),
+        p99: pct(0.99),
+        secs: elapsed.as_secs_f64(),
+    })
 }
