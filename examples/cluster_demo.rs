@@ -37,8 +37,21 @@ type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 const NODES: usize = 3;
 /// Node count of the cluster configurations (the benchmark's local-only case uses one).
 type NodeCount = usize;
-const SESSIONS: usize = 200;
-const REQUESTS_PER_SESSION: usize = 20;
+/// The load: sessions × requests per session (`--short`: 40 × 10, for the test suite).
+#[derive(Clone, Copy)]
+struct Load {
+    sessions: usize,
+    requests: usize,
+}
+
+const FULL: Load = Load {
+    sessions: 200,
+    requests: 20,
+};
+const SHORT: Load = Load {
+    sessions: 40,
+    requests: 10,
+};
 const CONCURRENCY: usize = 8;
 /// A node process never outlives this, even if the demo's parent died.
 const NODE_LIFETIME: Duration = Duration::from_secs(300);
@@ -52,7 +65,7 @@ fn main() -> Res<()> {
     }
     if let Some(bad) = args
         .iter()
-        .find(|a| !matches!(a.as_str(), "--async" | "--sticky" | "--bench"))
+        .find(|a| !matches!(a.as_str(), "--async" | "--sticky" | "--bench" | "--short"))
     {
         return Err(format!("unknown argument {bad}; see the file's header for usage").into());
     }
@@ -61,7 +74,12 @@ fn main() -> Res<()> {
     }
     let sync = !args.iter().any(|a| a == "--async");
     let sticky = args.iter().any(|a| a == "--sticky");
-    run_demo(sync, sticky)
+    let load = if args.iter().any(|a| a == "--short") {
+        SHORT
+    } else {
+        FULL
+    };
+    run_demo(sync, sticky, load)
 }
 
 // ------------------------------------------------------------------- one app node
@@ -332,8 +350,8 @@ struct Summary {
     latencies_us: parking_lot::Mutex<Vec<u64>>,
 }
 
-fn run_demo(sync: bool, sticky: bool) -> Res<()> {
-    let r = run_load(NODES, sync, sticky, true)?;
+fn run_demo(sync: bool, sticky: bool, load: Load) -> Res<()> {
+    let r = run_load(NODES, sync, sticky, true, load)?;
     println!("{}", r.line());
     // A request in flight on the node at the moment it is killed can fail (no answer) or,
     // when the node had already replicated its change, be retried by the balancer and show
@@ -359,7 +377,7 @@ fn run_bench() -> Res<()> {
     ];
     let mut base = None;
     for (label, count, sync) in cases {
-        let r = run_load(count, sync, false, false)?;
+        let r = run_load(count, sync, false, false, FULL)?;
         let base_rate = *base.get_or_insert(r.rate);
         println!(
             "replication-bench mode={label} nodes={count} -> {:.0} req/s p50={}us p99={}us [{:.2}x local-only; failed={} lost={} backward={} skipped={}]",
@@ -397,7 +415,7 @@ impl Report {
     }
 }
 
-fn run_load(count: NodeCount, sync: bool, sticky: bool, kill: bool) -> Res<Report> {
+fn run_load(count: NodeCount, sync: bool, sticky: bool, kill: bool, load: Load) -> Res<Report> {
     let mut nodes = start_nodes(count, sync)?;
     let stop = Arc::new(AtomicBool::new(false));
     let lb = start_balancer(
@@ -413,7 +431,7 @@ fn run_load(count: NodeCount, sync: bool, sticky: bool, kill: bool) -> Res<Repor
     let summary = Arc::new(Summary::default());
     let next_session = Arc::new(AtomicUsize::new(0));
     let done_requests = Arc::new(AtomicU64::new(0));
-    let total = (SESSIONS * REQUESTS_PER_SESSION) as u64;
+    let total = (load.sessions * load.requests) as u64;
     let started = Instant::now();
     let workers: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
@@ -424,12 +442,12 @@ fn run_load(count: NodeCount, sync: bool, sticky: bool, kill: bool) -> Res<Repor
             );
             std::thread::spawn(move || loop {
                 let i = next_session.fetch_add(1, Ordering::Relaxed);
-                if i >= SESSIONS || started.elapsed() > LOAD_LIMIT {
+                if i >= load.sessions || started.elapsed() > LOAD_LIMIT {
                     return;
                 }
                 let mut cookie: Option<String> = None;
                 let mut last = 0u64;
-                for _ in 0..REQUESTS_PER_SESSION {
+                for _ in 0..load.requests {
                     let t0 = Instant::now();
                     summary.sent.fetch_add(1, Ordering::Relaxed);
                     done.fetch_add(1, Ordering::Relaxed);

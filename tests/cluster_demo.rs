@@ -1,0 +1,48 @@
+//! A shorter run of the main demo (issue #5, acceptance 4): three app processes behind the
+//! round-robin balancer, one SIGKILLed half-way, synchronous replication: no session lost,
+//! no counter going backwards. Runs the example binary `cargo test` builds.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn example(name: &str) -> PathBuf {
+    // target/<profile>/deps/<this test> -> target/<profile>/examples/<name>
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory")
+        .join("examples")
+        .join(name);
+    assert!(
+        dir.exists(),
+        "{} is missing: `cargo test` builds the examples first",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn cluster_demo_short_run_loses_nothing_when_a_node_is_killed() {
+    let out = Command::new(example("cluster_demo"))
+        .arg("--short")
+        .output()
+        .expect("run cluster_demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cluster_demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("requests="))
+        .unwrap_or_else(|| panic!("no summary line in:\n{stdout}"));
+    assert!(
+        stdout.contains("killing node 1"),
+        "a node was killed:\n{stdout}"
+    );
+    assert!(summary.starts_with("requests=400 "), "{summary}");
+    assert!(summary.contains(" sessions_lost=0 "), "{summary}");
+    assert!(summary.contains(" backward=0 "), "{summary}");
+}
