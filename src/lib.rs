@@ -213,6 +213,23 @@ pub fn ha_node(
     peers: &[u16],
     route: Option<&str>,
 ) -> Result<(ha::Cluster, Arc<ha::DeltaManager>), ChannelError> {
+    ha_node_with(
+        port,
+        peers,
+        ha::ManagerConfig {
+            route: route.map(str::to_string),
+            ..ha::ManagerConfig::default()
+        },
+    )
+}
+
+/// Like [`ha_node`] with a manager configuration of the caller's (synchronous replication
+/// and a 10 s state-transfer timeout are forced).
+pub fn ha_node_with(
+    port: u16,
+    peers: &[u16],
+    cfg: ha::ManagerConfig,
+) -> Result<(ha::Cluster, Arc<ha::DeltaManager>), ChannelError> {
     let members: Vec<tribes::Member> = peers
         .iter()
         .map(|p| {
@@ -240,8 +257,7 @@ pub fn ha_node(
         ha::ManagerConfig {
             sync: true,
             state_transfer_timeout: Duration::from_secs(10),
-            route: route.map(str::to_string),
-            ..ha::ManagerConfig::default()
+            ..cfg
         },
     );
     cluster.register(&manager);

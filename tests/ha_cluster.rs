@@ -186,3 +186,32 @@ fn route_rebinding_moves_the_session_to_the_surviving_node() {
     // A second request with the old cookie is re-pointed without another rename.
     assert_eq!(b.manager.rebind(&id), Some(new_id));
 }
+
+#[test]
+fn attribute_filter_and_expire_on_shutdown() {
+    let (pa, pb) = (free_port(), free_port());
+    let cfg = ha::ManagerConfig {
+        attribute_filter: Some(Arc::new(|name: &str| !name.starts_with("local."))),
+        expire_sessions_on_shutdown: true,
+        ..ha::ManagerConfig::default()
+    };
+    let (ca, ma) = tribes_suite::ha_node_with(pa, &[pb], cfg.clone()).unwrap();
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
+    assert!(ca.channel().wait_for_members(1, Duration::from_secs(5)));
+    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
+    ma.start(&ca);
+    mb.start(&cb);
+    let id = ma.create_session();
+    ma.with_session(&id, |s| {
+        s.insert("shared", &1u8).unwrap();
+        s.insert("local.cache", &2u8).unwrap();
+    });
+    ma.request_completed(&id).unwrap();
+    let copy = mb.session(&id).unwrap();
+    assert_eq!(copy.get::<u8>("shared").unwrap(), Some(1));
+    assert_eq!(copy.get::<u8>("local.cache").unwrap(), None, "filtered out");
+    // A's manager stops with expire-on-shutdown: its primaries go everywhere.
+    ma.stop();
+    assert!(ma.is_empty());
+    assert!(mb.session(&id).is_none());
+}

@@ -21,7 +21,7 @@ pub mod transfer;
 pub use cluster::Cluster;
 pub use delta::{Action, Delta, DeltaLog};
 pub use error::SessionError;
-pub use manager::{DeltaManager, ManagerConfig};
+pub use manager::{AttributeFilter, DeltaManager, ManagerConfig};
 pub use message::{SessionEvent, SessionMessage};
 pub use session::{Session, SessionId};
 pub use store::{Applied, SessionStore, StoreStats};

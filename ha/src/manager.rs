@@ -15,7 +15,7 @@ use crate::store::SessionStore;
 use crate::transfer::{Offer, StateTransfer};
 
 /// Settings of a [`DeltaManager`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ManagerConfig {
     /// Max inactive interval of new sessions, seconds. Default 1800 (servlet default).
     pub max_inactive_secs: i64,
@@ -32,7 +32,16 @@ pub struct ManagerConfig {
     pub route: Option<String>,
     /// Queued messages during state transfer. Default 65536.
     pub max_transfer_queue: usize,
+    /// Only attributes whose name passes are replicated (Tribes
+    /// `sessionAttributeNameFilter`); `None` = all. Default none.
+    pub attribute_filter: Option<AttributeFilter>,
+    /// On [`DeltaManager::stop`], expire this node's sessions cluster-wide (true) or only
+    /// locally (false). Default false (Tribes `expireSessionsOnShutdown`).
+    pub expire_sessions_on_shutdown: bool,
 }
+
+/// A predicate on attribute names, for [`ManagerConfig::attribute_filter`].
+pub type AttributeFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl Default for ManagerConfig {
     fn default() -> Self {
@@ -43,7 +52,26 @@ impl Default for ManagerConfig {
             sync: false,
             route: None,
             max_transfer_queue: 65536,
+            attribute_filter: None,
+            expire_sessions_on_shutdown: false,
         }
+    }
+}
+
+impl std::fmt::Debug for ManagerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagerConfig")
+            .field("max_inactive_secs", &self.max_inactive_secs)
+            .field("state_transfer_timeout", &self.state_transfer_timeout)
+            .field("send_all_sessions_size", &self.send_all_sessions_size)
+            .field("sync", &self.sync)
+            .field("route", &self.route)
+            .field("attribute_filter", &self.attribute_filter.is_some())
+            .field(
+                "expire_sessions_on_shutdown",
+                &self.expire_sessions_on_shutdown,
+            )
+            .finish()
     }
 }
 
@@ -194,7 +222,17 @@ impl DeltaManager {
             };
             let was_primary = s.is_primary();
             s.set_primary(true);
-            match s.take_delta() {
+            let delta = s.take_delta().map(|mut d| {
+                if let Some(keep) = &self.cfg.attribute_filter {
+                    d.actions.retain(|a| match a {
+                        crate::delta::Action::SetAttribute { name, .. }
+                        | crate::delta::Action::RemoveAttribute { name } => keep(name),
+                        _ => true,
+                    });
+                }
+                d
+            });
+            match delta {
                 Some(d) => Some(SessionEvent::Delta(d)),
                 None if !was_primary => Some(SessionEvent::Accessed {
                     id: id.clone(),
@@ -282,6 +320,21 @@ impl DeltaManager {
             );
         }
         gone
+    }
+
+    /// Stops the manager: with `expire_sessions_on_shutdown` this node's primary sessions are
+    /// expired cluster-wide, otherwise only dropped locally (the copies live on).
+    pub fn stop(&self) {
+        let sessions = std::mem::take(&mut *self.store.lock()).snapshot();
+        if self.cfg.expire_sessions_on_shutdown {
+            for s in sessions.iter().filter(|s| s.is_primary()) {
+                let _ = self.send(
+                    &self.message(SessionEvent::Expired { id: s.id().clone() }),
+                    None,
+                    self.options(),
+                );
+            }
+        }
     }
 
     /// Messages sent and send errors so far.
