@@ -215,3 +215,44 @@ fn attribute_filter_and_expire_on_shutdown() {
     assert!(ma.is_empty());
     assert!(mb.session(&id).is_none());
 }
+
+#[test]
+fn a_cluster_with_tribes_defaults_replicates_over_multicast() {
+    use tribes::membership::McastConfig;
+    let mcast = McastConfig {
+        port: 47500 + (std::process::id() % 400) as u16,
+        frequency: Duration::from_millis(100),
+        drop_time: Duration::from_millis(1000),
+        ttl: Some(0),
+        ..McastConfig::default()
+    };
+    let make = || {
+        let c = Cluster::with_defaults(
+            tribes::GroupChannel::builder()
+                .port(0)
+                .heartbeat_interval(None)
+                .multicast(mcast.clone()),
+        )
+        .unwrap();
+        let m = DeltaManager::new(
+            "/",
+            ha::ManagerConfig {
+                sync: true,
+                ..Default::default()
+            },
+        );
+        c.register(&m);
+        c.start().unwrap();
+        (c, m)
+    };
+    let (ca, ma) = make();
+    let (cb, mb) = make();
+    assert!(ca.channel().wait_for_members(1, Duration::from_secs(5)));
+    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
+    ma.start(&ca);
+    mb.start(&cb);
+    let id = ma.create_session();
+    ma.with_session(&id, |s| s.insert("k", &7u8).unwrap());
+    ma.request_completed(&id).unwrap();
+    assert_eq!(mb.session(&id).unwrap().get::<u8>("k").unwrap(), Some(7));
+}

@@ -47,6 +47,26 @@ impl Cluster {
         Self { inner }
     }
 
+    /// A cluster over a channel built from `builder` with Tribes' cluster defaults: when no
+    /// interceptor was added, `MessageDispatchInterceptor` then `TcpFailureDetector` (as
+    /// `SimpleTcpCluster` does).
+    ///
+    /// ```no_run
+    /// let cluster = ha::Cluster::with_defaults(tribes::GroupChannel::builder().port(4000))?;
+    /// cluster.start()?;
+    /// # Ok::<(), tribes::ChannelError>(())
+    /// ```
+    pub fn with_defaults(builder: tribes::ChannelBuilder) -> Result<Self, tribes::ChannelError> {
+        let builder = if builder.has_interceptors() {
+            builder
+        } else {
+            builder
+                .interceptor(tribes::interceptors::MessageDispatchInterceptor::default())
+                .interceptor(tribes::interceptors::TcpFailureDetector::default())
+        };
+        Ok(Self::new(builder.build()?))
+    }
+
     /// Starts the channel (all levels).
     pub fn start(&self) -> Result<(), tribes::ChannelError> {
         self.inner.channel.start(tribes::Levels::ALL)

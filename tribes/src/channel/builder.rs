@@ -102,6 +102,11 @@ impl ChannelBuilder {
         self
     }
 
+    /// True when interceptors were added (so the builder's default stack will not be used).
+    pub fn has_interceptors(&self) -> bool {
+        !self.interceptors.is_empty()
+    }
+
     /// Heartbeat period; `None` disables the thread. Default 5 s (Tribes
     /// `heartbeatSleeptime`).
     pub fn heartbeat_interval(mut self, interval: Option<Duration>) -> Self {
