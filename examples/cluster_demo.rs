@@ -340,6 +340,88 @@ fn request(lb: SocketAddr, cookie: Option<&str>) -> Res<(u16, Option<u64>, Optio
     Ok((status, body.trim().parse().ok(), set))
 }
 
+/// The benchmark's client: keep-alive connections straight to each node, requests in round
+/// robin, so the figures measure the nodes and replication rather than connection setup and
+/// the demo's balancer.
+struct DirectClient {
+    nodes: Vec<SocketAddr>,
+    conns: Vec<Option<BufReader<TcpStream>>>,
+    next: usize,
+}
+
+impl DirectClient {
+    fn new(nodes: Vec<SocketAddr>, start: usize) -> Self {
+        let n = nodes.len();
+        Self {
+            nodes,
+            conns: (0..n).map(|_| None).collect(),
+            next: start,
+        }
+    }
+
+    fn request(&mut self, cookie: Option<&str>) -> Res<(u16, Option<u64>, Option<String>)> {
+        let i = self.next % self.nodes.len();
+        self.next += 1;
+        let r = self.try_request(i, cookie);
+        if r.is_err() {
+            self.conns[i] = None; // reconnect next time
+        }
+        r
+    }
+
+    fn try_request(
+        &mut self,
+        i: usize,
+        cookie: Option<&str>,
+    ) -> Res<(u16, Option<u64>, Option<String>)> {
+        if self.conns[i].is_none() {
+            let s = TcpStream::connect(self.nodes[i])?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(15)))?;
+            self.conns[i] = Some(BufReader::new(s));
+        }
+        let conn = self.conns[i].as_mut().ok_or("no connection")?;
+        let cookie_line = cookie
+            .map(|c| format!("Cookie: {c}\r\n"))
+            .unwrap_or_default();
+        write!(
+            conn.get_mut(),
+            "GET /counter HTTP/1.1\r\nHost: demo\r\n{cookie_line}\r\n"
+        )?;
+        let mut status = 0u16;
+        let mut len = 0usize;
+        let mut set = None;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if conn.read_line(&mut line)? == 0 {
+                return Err("connection closed".into());
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let lower = l.to_ascii_lowercase();
+            if lower.starts_with("http/1.1 ") {
+                status = l[9..12].parse().unwrap_or(0);
+            } else if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            } else if lower.starts_with("set-cookie:") {
+                set = l
+                    .split_once(':')
+                    .map(|(_, v)| v.split(';').next().unwrap_or_default().trim().to_string());
+            }
+        }
+        let mut body = vec![0u8; len];
+        conn.read_exact(&mut body)?;
+        Ok((
+            status,
+            String::from_utf8_lossy(&body).trim().parse().ok(),
+            set,
+        ))
+    }
+}
+
 #[derive(Default)]
 struct Summary {
     sent: AtomicU64,
@@ -351,7 +433,7 @@ struct Summary {
 }
 
 fn run_demo(sync: bool, sticky: bool, load: Load) -> Res<()> {
-    let r = run_load(NODES, sync, sticky, true, load)?;
+    let r = run_load(NODES, sync, sticky, true, load, false)?;
     println!("{}", r.line());
     // A request in flight on the node at the moment it is killed can fail (no answer) or,
     // when the node had already replicated its change, be retried by the balancer and show
@@ -377,7 +459,7 @@ fn run_bench() -> Res<()> {
     ];
     let mut base = None;
     for (label, count, sync) in cases {
-        let r = run_load(count, sync, false, false, FULL)?;
+        let r = run_load(count, sync, false, false, FULL, true)?;
         let base_rate = *base.get_or_insert(r.rate);
         println!(
             "replication-bench mode={label} nodes={count} -> {:.0} req/s p50={}us p99={}us [{:.2}x local-only; failed={} lost={} backward={} skipped={}]",
@@ -415,7 +497,14 @@ impl Report {
     }
 }
 
-fn run_load(count: NodeCount, sync: bool, sticky: bool, kill: bool, load: Load) -> Res<Report> {
+fn run_load(
+    count: NodeCount,
+    sync: bool,
+    sticky: bool,
+    kill: bool,
+    load: Load,
+    direct: bool,
+) -> Res<Report> {
     let mut nodes = start_nodes(count, sync)?;
     let stop = Arc::new(AtomicBool::new(false));
     let lb = start_balancer(
@@ -433,13 +522,15 @@ fn run_load(count: NodeCount, sync: bool, sticky: bool, kill: bool, load: Load) 
     let done_requests = Arc::new(AtomicU64::new(0));
     let total = (load.sessions * load.requests) as u64;
     let started = Instant::now();
+    let node_addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
     let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
+        .map(|w| {
             let (summary, next_session, done) = (
                 Arc::clone(&summary),
                 Arc::clone(&next_session),
                 Arc::clone(&done_requests),
             );
+            let mut client = direct.then(|| DirectClient::new(node_addrs.clone(), w));
             std::thread::spawn(move || loop {
                 let i = next_session.fetch_add(1, Ordering::Relaxed);
                 if i >= load.sessions || started.elapsed() > LOAD_LIMIT {
@@ -451,7 +542,11 @@ fn run_load(count: NodeCount, sync: bool, sticky: bool, kill: bool, load: Load) 
                     let t0 = Instant::now();
                     summary.sent.fetch_add(1, Ordering::Relaxed);
                     done.fetch_add(1, Ordering::Relaxed);
-                    match request(lb, cookie.as_deref()) {
+                    let result = match client.as_mut() {
+                        Some(c) => c.request(cookie.as_deref()),
+                        None => request(lb, cookie.as_deref()),
+                    };
+                    match result {
                         Ok((200, Some(n), set)) => {
                             summary
                                 .latencies_us

@@ -71,6 +71,21 @@ impl SessionStore {
         self.sessions.keys().find(|id| id.base() == base).cloned()
     }
 
+    /// Finds the session `id` names: under that id, or under the same base id with another
+    /// route (a rename this node missed, e.g. from a node that died while replicating it),
+    /// which is then renamed to `id`. Base ids are random 128-bit values, so they are unique.
+    fn resolve(&mut self, id: &SessionId) -> Option<SessionId> {
+        if self.sessions.contains_key(id) {
+            return Some(id.clone());
+        }
+        let held = self.find_by_base(id.base())?;
+        let mut s = self.sessions.remove(&held)?;
+        debug!(target: "ha::store", "{held} is {id} elsewhere: renaming the copy");
+        s.rename(id.clone());
+        self.sessions.insert(id.clone(), s);
+        Some(id.clone())
+    }
+
     /// Adds or replaces a local session.
     pub fn insert(&mut self, session: Session) {
         self.sessions.insert(session.id().clone(), session);
@@ -118,27 +133,38 @@ impl SessionStore {
                 }
                 Applied::Changed
             }
-            SessionEvent::Expired { id } => match self.sessions.remove(id) {
-                Some(_) => Applied::Changed,
-                None => Applied::Unknown,
-            },
-            SessionEvent::Accessed { id, at_ms } => match self.sessions.get_mut(id) {
-                Some(s) => {
-                    s.touch(*at_ms);
-                    s.set_primary(false);
+            SessionEvent::Expired { id } => match self.resolve(id) {
+                Some(id) => {
+                    self.sessions.remove(&id);
                     Applied::Changed
                 }
                 None => Applied::Unknown,
             },
+            SessionEvent::Accessed { id, at_ms } => {
+                match self.resolve(id).and_then(|id| self.sessions.get_mut(&id)) {
+                    Some(s) => {
+                        s.touch(*at_ms);
+                        s.set_primary(false);
+                        Applied::Changed
+                    }
+                    None => Applied::Unknown,
+                }
+            }
             SessionEvent::Delta(delta) => self.apply_delta(delta, sent_ms),
-            SessionEvent::ChangeSessionId { old, new } => match self.sessions.remove(old) {
-                Some(mut s) => {
-                    s.rename(new.clone());
-                    self.sessions.insert(new.clone(), s);
+            SessionEvent::ChangeSessionId { old, new } => {
+                if self.sessions.contains_key(new) {
                     Applied::Changed
+                } else {
+                    match self.resolve(old).and_then(|old| self.sessions.remove(&old)) {
+                        Some(mut s) => {
+                            s.rename(new.clone());
+                            self.sessions.insert(new.clone(), s);
+                            Applied::Changed
+                        }
+                        None => Applied::Unknown,
+                    }
                 }
-                None => Applied::Unknown,
-            },
+            }
             SessionEvent::AllSessionData { sessions } => {
                 for incoming in sessions {
                     let newer = self
@@ -167,6 +193,7 @@ impl SessionStore {
     }
 
     fn apply_delta(&mut self, delta: &Delta, sent_ms: i64) -> Applied {
+        let _ = self.resolve(&delta.session_id);
         let session = match self.sessions.get_mut(&delta.session_id) {
             Some(s) => s,
             // The first delta of a session can stand in for a CREATED that has not arrived
@@ -315,6 +342,42 @@ mod tests {
             store.apply(&SessionEvent::Expired { id: b }, 26_000),
             Applied::Unknown
         );
+    }
+
+    #[test]
+    fn a_missed_rename_does_not_strand_the_copy() {
+        // A node renamed s.n0 -> s.n1, told another node, and died before telling us; then
+        // the survivor renamed it to s.n2 and sent a delta under that id.
+        let (_, d) = primary_with_deltas(2);
+        let mut store = SessionStore::default();
+        let mut first = d[0].clone();
+        first.session_id = SessionId::new("s.n0");
+        store.apply(&SessionEvent::Delta(first), 1);
+        let ev = SessionEvent::ChangeSessionId {
+            old: SessionId::new("s.n1"),
+            new: SessionId::new("s.n2"),
+        };
+        assert_eq!(store.apply(&ev, 2), Applied::Changed);
+        let mut second = d[1].clone();
+        second.session_id = SessionId::new("s.n2");
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(second), 3),
+            Applied::Changed
+        );
+        let s = store.get(&SessionId::new("s.n2")).unwrap();
+        assert_eq!(s.get::<u32>("count").unwrap(), Some(2));
+        assert_eq!(store.len(), 1);
+        // An expiry under yet another route finds it too.
+        assert_eq!(
+            store.apply(
+                &SessionEvent::Expired {
+                    id: SessionId::new("s.n0")
+                },
+                4
+            ),
+            Applied::Changed
+        );
+        assert!(store.is_empty());
     }
 
     #[test]
