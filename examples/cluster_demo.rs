@@ -9,7 +9,7 @@
 //! cargo run --release --example cluster_demo -- --sticky     # sticky balancer, route rebinding
 //! cargo run --release --example cluster_demo -- --bench      # local-only vs async vs sync
 //! cargo run --release --example cluster_demo -- node --id 0 --http 127.0.0.1:8080 \
-//!     --port 4000 --peers 4001,4002 [--async]               # one node by hand
+//!     --port 4000 --peers 4001,4002 [--async] [--route]     # one node by hand
 //! ```
 //!
 //! Each node serves `GET /counter`: it increments the integer in the session and answers with
@@ -98,6 +98,7 @@ fn node_main(args: &[String]) -> Res<()> {
     let mut port = 4000u16;
     let mut peers = Vec::new();
     let mut sync = true;
+    let mut route = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -113,6 +114,7 @@ fn node_main(args: &[String]) -> Res<()> {
                     .collect::<Result<Vec<u16>, _>>()?
             }
             "--async" => sync = false,
+            "--route" => route = true,
             other => return Err(format!("unknown node argument {other}").into()),
         }
     }
@@ -142,7 +144,9 @@ fn node_main(args: &[String]) -> Res<()> {
         "/",
         ManagerConfig {
             sync,
-            route: Some(format!("n{id}")),
+            // Route suffixes only help a sticky balancer; with round robin every hop would
+            // rename the session (one more replicated message per request).
+            route: route.then(|| format!("n{id}")),
             state_transfer_timeout: Duration::from_secs(10),
             ..ManagerConfig::default()
         },
@@ -186,7 +190,7 @@ impl Drop for NodeProc {
     }
 }
 
-fn start_nodes(count: NodeCount, sync: bool) -> Res<Vec<NodeProc>> {
+fn start_nodes(count: NodeCount, sync: bool, route: bool) -> Res<Vec<NodeProc>> {
     let cluster_ports: Vec<u16> = (0..count).map(|_| free_port()).collect::<Res<_>>()?;
     let mut nodes = Vec::new();
     for i in 0..count {
@@ -209,6 +213,9 @@ fn start_nodes(count: NodeCount, sync: bool) -> Res<Vec<NodeProc>> {
             .stderr(Stdio::null());
         if !sync {
             cmd.arg("--async");
+        }
+        if route {
+            cmd.arg("--route");
         }
         let mut child = cmd.spawn()?;
         let mut out = BufReader::new(child.stdout.take().ok_or("no stdout")?);
@@ -505,7 +512,7 @@ fn run_load(
     load: Load,
     direct: bool,
 ) -> Res<Report> {
-    let mut nodes = start_nodes(count, sync)?;
+    let mut nodes = start_nodes(count, sync, sticky)?;
     let stop = Arc::new(AtomicBool::new(false));
     let lb = start_balancer(
         nodes.iter().map(|n| n.http).collect(),
