@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver as ChanRx, Sender as ChanTx, TrySendError};
 use log::{debug, info, trace, warn};
 use mio::net::{TcpListener, TcpStream};
@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 
 use super::config::ReceiverConfig;
 use crate::error::{ChannelError, ProcessError};
-use crate::wire::{AckCommand, ChannelMessage, FrameDecoder};
+use crate::wire::{AckCommand, ChannelMessage, FrameDecoder, WireError};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -481,47 +481,17 @@ impl Selector {
                     conn.decoder.push(&self.scratch[..n]);
                     let mut inbox = conn.shared.inbox.lock();
                     loop {
-                        match conn.decoder.next_frame() {
-                            Ok(Some(frame)) => {
-                                // Envelopes are decoded here (cheap, no copy) so that a bad one
-                                // stops reading at once and an ACK on receipt can go out
-                                // without waiting for a worker.
-                                let msg = match ChannelMessage::decode(&frame) {
-                                    Ok(m) => m,
-                                    Err(e) => {
-                                        // Like Tribes: no ACK for an invalid package; what came
-                                        // before it is still delivered, then the connection
-                                        // closes.
-                                        warn!(target: "tribes::transport", "invalid message from {}: {e}; closing connection", conn.shared.peer);
-                                        self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                                        conn.finished = true;
-                                        break;
-                                    }
-                                };
-                                let opts = msg.options;
-                                // ACK on receipt straight away when nothing earlier on this
-                                // connection still waits for its ACK (ACKs stay in order).
-                                let acked = opts.wants_ack()
-                                    && !opts.wants_ack_after_processing()
-                                    && inbox.pending_acks == 0;
-                                if acked {
-                                    conn.shared.write_reply(&AckCommand::Ack.frame());
-                                } else if opts.wants_ack() {
-                                    inbox.pending_acks += 1;
-                                }
-                                inbox.bytes += frame.len();
-                                inbox.msgs.push_back(Incoming {
-                                    msg,
-                                    acked,
-                                    frame_len: frame.len(),
-                                });
-                                if !inbox.scheduled {
-                                    inbox.scheduled = true;
-                                    schedule = true;
-                                }
-                            }
+                        let next = conn.decoder.next_frame().and_then(|frame| {
+                            frame
+                                .map(|f| enqueue_frame(&conn.shared, &mut inbox, &f))
+                                .transpose()
+                        });
+                        match next {
+                            Ok(Some(first)) => schedule |= first,
                             Ok(None) => break,
                             Err(e) => {
+                                // Like Tribes: no ACK for an invalid package; what came
+                                // before it is still delivered, then the connection closes.
                                 warn!(target: "tribes::transport", "closing connection from {}: {e}", conn.shared.peer);
                                 self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                                 conn.finished = true;
@@ -613,6 +583,28 @@ impl Selector {
             debug!(target: "tribes::transport", "closed connection from {}", shared.peer);
         }
     }
+}
+
+/// Decodes one frame into the connection's inbox. The envelope is decoded here (cheap, no
+/// copy) so a bad one stops reading at once, and an ACK on receipt goes out without waiting
+/// for a worker when no earlier ACK on this connection is outstanding (ACKs stay in order).
+/// Returns true when the inbox was idle, so the connection must be scheduled.
+fn enqueue_frame(shared: &ConnShared, inbox: &mut Inbox, frame: &Bytes) -> Result<bool, WireError> {
+    let msg = ChannelMessage::decode(frame)?;
+    let opts = msg.options;
+    let acked = opts.wants_ack() && !opts.wants_ack_after_processing() && inbox.pending_acks == 0;
+    if acked {
+        shared.write_reply(&AckCommand::Ack.frame());
+    } else if opts.wants_ack() {
+        inbox.pending_acks += 1;
+    }
+    inbox.bytes += frame.len();
+    inbox.msgs.push_back(Incoming {
+        msg,
+        acked,
+        frame_len: frame.len(),
+    });
+    Ok(!std::mem::replace(&mut inbox.scheduled, true))
 }
 
 /// Lets the registry (de/re)register a stream held in an `Arc`.
