@@ -8,6 +8,8 @@
 //! cargo run --release --example cluster_demo -- --async      # Tribes' default: async
 //! cargo run --release --example cluster_demo -- --sticky     # sticky balancer, route rebinding
 //! cargo run --release --example cluster_demo -- --bench      # local-only vs async vs sync
+//! cargo run --release --example cluster_demo -- --bench --mode async --rounds 20
+//!                                           # local-only and one mode, 20 rounds each
 //! cargo run --release --example cluster_demo -- node --id 0 --http 127.0.0.1:8080 \
 //!     --port 4000 --peers 4001,4002 [--async] [--route]     # one node by hand
 //! ```
@@ -53,7 +55,7 @@ const SHORT: Load = Load {
     requests: 10,
 };
 const CONCURRENCY: usize = 8;
-/// Loads per benchmark case (`--bench`).
+/// Loads per benchmark case (`--bench`; `--rounds N` changes it).
 const BENCH_ROUNDS: usize = 7;
 /// A node process never outlives this, even if the demo's parent died.
 const NODE_LIFETIME: Duration = Duration::from_secs(300);
@@ -65,14 +67,23 @@ fn main() -> Res<()> {
     if args.first().map(String::as_str) == Some("node") {
         return node_main(&args[1..]);
     }
-    if let Some(bad) = args
-        .iter()
-        .find(|a| !matches!(a.as_str(), "--async" | "--sticky" | "--bench" | "--short"))
-    {
-        return Err(format!("unknown argument {bad}; see the file's header for usage").into());
+    let mut only = None;
+    let mut rounds = BENCH_ROUNDS;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--async" | "--sticky" | "--bench" | "--short" => {}
+            "--mode" => only = Some(it.next().ok_or("--mode needs a value")?.clone()),
+            "--rounds" => rounds = it.next().ok_or("--rounds needs a value")?.parse()?,
+            bad => {
+                return Err(
+                    format!("unknown argument {bad}; see the file's header for usage").into(),
+                )
+            }
+        }
     }
     if args.iter().any(|a| a == "--bench") {
-        return run_bench();
+        return run_bench(only.as_deref(), rounds.max(1));
     }
     let sync = !args.iter().any(|a| a == "--async");
     let sticky = args.iter().any(|a| a == "--sticky");
@@ -463,15 +474,24 @@ fn run_demo(sync: bool, sticky: bool, load: Load) -> Res<()> {
 /// case repeats the load [`BENCH_ROUNDS`] times on the same nodes (fresh sessions each time;
 /// one load takes well under a second, too short to measure alone on a shared machine) and
 /// reports the median round; anomalies are summed over all rounds.
-fn run_bench() -> Res<()> {
+fn run_bench(only: Option<&str>, rounds: usize) -> Res<()> {
     let cases = [
         ("local-only", 1, true),
         ("async", NODES, false),
         ("sync", NODES, true),
     ];
+    if let Some(mode) = only {
+        if !cases.iter().any(|c| c.0 == mode) {
+            return Err(format!("--mode {mode}: expected local-only, async or sync").into());
+        }
+    }
     let mut base = None;
     for (label, count, sync) in cases {
-        let mut rounds = run_rounds(count, sync, false, false, FULL, true, BENCH_ROUNDS)?;
+        // The ratio needs local-only, so it always runs; `--mode` only skips the others.
+        if only.is_some_and(|m| m != label && label != "local-only") {
+            continue;
+        }
+        let mut rounds = run_rounds(count, sync, false, false, FULL, true, rounds)?;
         let anomalies = |f: fn(&Report) -> u64| rounds.iter().map(f).sum::<u64>();
         let (failed, lost, backward, skipped) = (
             anomalies(|r| r.failed),

@@ -1,7 +1,7 @@
 //! The sessions of one context on one node, and how replicated events change them. Pure:
 //! time is a parameter.
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 
 use log::{debug, warn};
 
@@ -50,50 +50,52 @@ pub struct StoreStats {
 /// ```
 #[derive(Debug, Default)]
 pub struct SessionStore {
-    sessions: HashMap<SessionId, Session>,
+    /// Keyed by base id (the id without its route suffix): base ids are random 128-bit
+    /// values, so a session is one entry whatever route it carries, and a copy held under
+    /// an old route is found in one lookup, not a scan.
+    sessions: HashMap<String, Session>,
     stats: StoreStats,
 }
 
 impl SessionStore {
-    /// The session, if present.
+    /// The session, if present under exactly this id.
     pub fn get(&self, id: &SessionId) -> Option<&Session> {
-        self.sessions.get(id)
+        self.sessions.get(id.base()).filter(|s| s.id() == id)
     }
 
     /// The session, mutably (for request handling on this node).
     pub fn get_mut(&mut self, id: &SessionId) -> Option<&mut Session> {
-        self.sessions.get_mut(id)
+        self.sessions.get_mut(id.base()).filter(|s| s.id() == id)
     }
 
     /// The id under which a session with the same base id (ignoring the route suffix) is
     /// held, if any.
     pub fn find_by_base(&self, base: &str) -> Option<SessionId> {
-        self.sessions.keys().find(|id| id.base() == base).cloned()
+        self.sessions.get(base).map(|s| s.id().clone())
     }
 
     /// Finds the session `id` names: under that id, or under the same base id with another
     /// route (a rename this node missed, e.g. from a node that died while replicating it),
-    /// which is then renamed to `id`. Base ids are random 128-bit values, so they are unique.
-    fn resolve(&mut self, id: &SessionId) -> Option<SessionId> {
-        if self.sessions.contains_key(id) {
-            return Some(id.clone());
+    /// which is then renamed to `id`.
+    fn resolve(&mut self, id: &SessionId) -> Option<&mut Session> {
+        let s = self.sessions.get_mut(id.base())?;
+        if s.id() != id {
+            debug!(target: "ha::store", "{} is {id} elsewhere: renaming the copy", s.id());
+            s.rename(id.clone());
         }
-        let held = self.find_by_base(id.base())?;
-        let mut s = self.sessions.remove(&held)?;
-        debug!(target: "ha::store", "{held} is {id} elsewhere: renaming the copy");
-        s.rename(id.clone());
-        self.sessions.insert(id.clone(), s);
-        Some(id.clone())
+        Some(s)
     }
 
     /// Adds or replaces a local session.
     pub fn insert(&mut self, session: Session) {
-        self.sessions.insert(session.id().clone(), session);
+        self.sessions
+            .insert(session.id().base().to_owned(), session);
     }
 
     /// Removes a session.
     pub fn remove(&mut self, id: &SessionId) -> Option<Session> {
-        self.sessions.remove(id)
+        self.get(id)?;
+        self.sessions.remove(id.base())
     }
 
     /// Number of sessions.
@@ -125,40 +127,32 @@ impl SessionStore {
                 id,
                 max_inactive_secs,
             } => {
-                if !self.sessions.contains_key(id) {
-                    self.sessions.insert(
-                        id.clone(),
-                        Session::replica(id.clone(), sent_ms, *max_inactive_secs),
-                    );
-                }
+                self.sessions
+                    .entry(id.base().to_owned())
+                    .or_insert_with(|| Session::replica(id.clone(), sent_ms, *max_inactive_secs));
                 Applied::Changed
             }
-            SessionEvent::Expired { id } => match self.resolve(id) {
-                Some(id) => {
-                    self.sessions.remove(&id);
+            SessionEvent::Expired { id } => match self.sessions.remove(id.base()) {
+                Some(_) => Applied::Changed,
+                None => Applied::Unknown,
+            },
+            SessionEvent::Accessed { id, at_ms } => match self.resolve(id) {
+                Some(s) => {
+                    s.touch(*at_ms);
+                    s.set_primary(false);
                     Applied::Changed
                 }
                 None => Applied::Unknown,
             },
-            SessionEvent::Accessed { id, at_ms } => {
-                match self.resolve(id).and_then(|id| self.sessions.get_mut(&id)) {
-                    Some(s) => {
-                        s.touch(*at_ms);
-                        s.set_primary(false);
-                        Applied::Changed
-                    }
-                    None => Applied::Unknown,
-                }
-            }
             SessionEvent::Delta(delta) => self.apply_delta(delta, sent_ms),
             SessionEvent::ChangeSessionId { old, new } => {
-                if self.sessions.contains_key(new) {
+                if self.get(new).is_some() {
                     Applied::Changed
                 } else {
-                    match self.resolve(old).and_then(|old| self.sessions.remove(&old)) {
+                    match self.sessions.remove(old.base()) {
                         Some(mut s) => {
                             s.rename(new.clone());
-                            self.sessions.insert(new.clone(), s);
+                            self.insert(s);
                             Applied::Changed
                         }
                         None => Applied::Unknown,
@@ -169,12 +163,12 @@ impl SessionStore {
                 for incoming in sessions {
                     let newer = self
                         .sessions
-                        .get(incoming.id())
+                        .get(incoming.id().base())
                         .is_none_or(|s| incoming.version() >= s.version());
                     if newer {
                         let mut copy = incoming.clone();
                         copy.set_primary(false);
-                        self.sessions.insert(copy.id().clone(), copy);
+                        self.insert(copy);
                     }
                 }
                 Applied::Changed
@@ -193,16 +187,21 @@ impl SessionStore {
     }
 
     fn apply_delta(&mut self, delta: &Delta, sent_ms: i64) -> Applied {
-        let _ = self.resolve(&delta.session_id);
-        let session = match self.sessions.get_mut(&delta.session_id) {
-            Some(s) => s,
+        let session = match self.sessions.entry(delta.session_id.base().to_owned()) {
+            Entry::Occupied(e) => {
+                let s = e.into_mut();
+                if s.id() != &delta.session_id {
+                    debug!(target: "ha::store", "{} is {} elsewhere: renaming the copy", s.id(), delta.session_id);
+                    s.rename(delta.session_id.clone());
+                }
+                s
+            }
             // The first delta of a session can stand in for a CREATED that has not arrived
             // (they may travel on different connections).
-            None if delta.version == 1 => self
-                .sessions
-                .entry(delta.session_id.clone())
-                .or_insert_with(|| Session::replica(delta.session_id.clone(), sent_ms, -1)),
-            None => {
+            Entry::Vacant(e) if delta.version == 1 => {
+                e.insert(Session::replica(delta.session_id.clone(), sent_ms, -1))
+            }
+            Entry::Vacant(_) => {
                 debug!(target: "ha::store", "delta for unknown session {}", delta.session_id);
                 return Applied::Unknown;
             }
@@ -223,15 +222,14 @@ impl SessionStore {
     /// Removes sessions expired at `now_ms` (primaries after their interval, copies after
     /// twice that) and returns their ids.
     pub fn expire(&mut self, now_ms: i64) -> Vec<SessionId> {
-        let gone: Vec<SessionId> = self
-            .sessions
-            .values()
-            .filter(|s| s.is_expired(now_ms))
-            .map(|s| s.id().clone())
-            .collect();
-        for id in &gone {
-            self.sessions.remove(id);
-        }
+        let mut gone = Vec::new();
+        self.sessions.retain(|_, s| {
+            let expired = s.is_expired(now_ms);
+            if expired {
+                gone.push(s.id().clone());
+            }
+            !expired
+        });
         self.stats.expired += gone.len() as u64;
         gone
     }
