@@ -99,6 +99,33 @@ fn howto_scenario_state_transfer_failover_restart_invalidate_expire() {
     let later = ha_now() + 1_500;
     assert_eq!(a.manager.expire(later), vec![s2.clone()]);
     assert!(b.manager.session(&s2).is_none(), "expiry replicated");
+
+    // The restarted A's counters: one state request, one session made and two gone
+    // (invalidated, expired), each replicated.
+    let sa = a.manager.stats();
+    assert_eq!(sa.sent.get_all_sessions, 1);
+    assert_eq!(sa.received.transfer_complete, 1);
+    assert!(sa.received.all_session_data >= 1);
+    assert_eq!((sa.sessions_created, sa.sessions_expired), (1, 2), "{sa:?}");
+    assert_eq!((sa.sent.created, sa.sent.delta, sa.sent.expired), (1, 1, 2));
+    assert_eq!((sa.state_transfers_failed, sa.send_errors), (0, 0));
+    assert_eq!(sa.active, 0);
+    // B: asked A for the state at its start and answered the restarted A; while alone it
+    // sent nothing (its bump of s1 had no member to go to).
+    let sb = b.manager.stats();
+    assert_eq!(
+        (sb.sent.get_all_sessions, sb.received.get_all_sessions),
+        (1, 1)
+    );
+    assert_eq!(sb.sent.transfer_complete, 1);
+    assert_eq!(sb.sent.delta, 0, "{sb:?}");
+    assert_eq!(sb.received.expired, 2);
+    assert_eq!(
+        sb.received.delta, 2,
+        "A's bump of s1 before it died, and s2's"
+    );
+    assert_eq!(sb.max_active, 1, "s1 was gone before s2 came");
+    assert_eq!(sb.store.stale, 0);
 }
 
 fn ha_now() -> i64 {

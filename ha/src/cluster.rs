@@ -97,23 +97,24 @@ impl Cluster {
 
 impl ClusterInner {
     /// Sends to `to`, or to every member when `None`; with no members it is a no-op.
+    /// Returns whether anything was sent.
     pub(crate) fn send(
         &self,
         msg: &SessionMessage,
         to: Option<&Member>,
         options: SendOptions,
-    ) -> Result<(), SendError> {
+    ) -> Result<bool, SendError> {
         let members = match to {
             Some(m) => vec![m.clone()],
             None => self.channel.members(),
         };
         if members.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let bytes = msg
             .encode()
             .map_err(|e| SendError::Serialize(e.to_string()))?;
-        self.channel.send(&members, bytes, options).map(|_| ())
+        self.channel.send(&members, bytes, options).map(|_| true)
     }
 }
 

@@ -15,6 +15,7 @@ pub mod layer;
 pub mod manager;
 pub mod message;
 pub mod session;
+pub mod stats;
 pub mod store;
 pub mod transfer;
 
@@ -24,6 +25,7 @@ pub use error::SessionError;
 pub use manager::{AttributeFilter, DeltaManager, ManagerConfig};
 pub use message::{SessionEvent, SessionMessage};
 pub use session::{Session, SessionId};
+pub use stats::{EventCounts, ManagerStats};
 pub use store::{Applied, SessionStore, StoreStats};
 pub use transfer::{Offer, StateTransfer};
 

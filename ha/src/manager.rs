@@ -1,6 +1,6 @@
 //! `DeltaManager`: all-to-all delta replication of one context's sessions over a [`Cluster`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use tribes::{Member, ProcessError, SendError, SendOptions};
 use crate::cluster::{Cluster, ClusterInner};
 use crate::message::{SessionEvent, SessionMessage};
 use crate::session::{Session, SessionId};
+use crate::stats::{Counters, ManagerStats};
 use crate::store::SessionStore;
 use crate::transfer::{Offer, StateTransfer};
 
@@ -83,8 +84,7 @@ pub struct DeltaManager {
     transfer: Mutex<Option<StateTransfer>>,
     transfer_done: Condvar,
     cluster: Mutex<Weak<ClusterInner>>,
-    sent: AtomicU64,
-    send_errors: AtomicU64,
+    counters: Counters,
 }
 
 impl DeltaManager {
@@ -97,8 +97,7 @@ impl DeltaManager {
             transfer: Mutex::new(None),
             transfer_done: Condvar::new(),
             cluster: Mutex::new(Weak::new()),
-            sent: AtomicU64::new(0),
-            send_errors: AtomicU64::new(0),
+            counters: Counters::default(),
         })
     }
 
@@ -121,6 +120,7 @@ impl DeltaManager {
             return true;
         }
         let now = crate::now_ms();
+        let started = Instant::now();
         *self.transfer.lock() = Some(StateTransfer::new(
             now,
             self.cfg.state_transfer_timeout.as_millis() as i64,
@@ -145,12 +145,25 @@ impl DeltaManager {
             .transfer
             .lock()
             .take()
-            .map(|mut t| t.finish())
+            .map(|mut t| {
+                let replay = t.finish();
+                self.counters
+                    .transfer_dropped
+                    .fetch_add(t.dropped() + t.stale(), Ordering::Relaxed);
+                replay
+            })
             .unwrap_or_default();
+        let c = &self.counters;
+        c.state_transfer_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if !complete {
+            c.state_transfers_failed.fetch_add(1, Ordering::Relaxed);
+        }
         let mut store = self.store.lock();
         for m in replay {
             store.apply(&m.event, m.timestamp_ms);
         }
+        c.active(store.len());
         complete
     }
 
@@ -170,7 +183,7 @@ impl DeltaManager {
     }
 
     /// Creates a session, replicates its creation, and returns its id. A member that could
-    /// not be told is logged and counted ([`DeltaManager::send_stats`]); the session's first
+    /// not be told is logged and counted ([`DeltaManager::stats`]); the session's first
     /// delta creates its copy there later.
     pub fn create_session(&self) -> SessionId {
         let raw = format!("{:032x}", u128::from_be_bytes(tribes::UniqueId::random().0));
@@ -179,7 +192,14 @@ impl DeltaManager {
             None => SessionId::new(raw),
         };
         let s = Session::new(id.clone(), crate::now_ms(), self.cfg.max_inactive_secs);
-        self.store.lock().insert(s);
+        {
+            let mut store = self.store.lock();
+            store.insert(s);
+            self.counters.active(store.len());
+        }
+        self.counters
+            .sessions_created
+            .fetch_add(1, Ordering::Relaxed);
         let msg = self.message(SessionEvent::Created {
             id: id.clone(),
             max_inactive_secs: self.cfg.max_inactive_secs,
@@ -253,6 +273,9 @@ impl DeltaManager {
         if self.store.lock().remove(id).is_none() {
             return;
         }
+        self.counters
+            .sessions_expired
+            .fetch_add(1, Ordering::Relaxed);
         let _ = self.send(
             &self.message(SessionEvent::Expired { id: id.clone() }),
             None,
@@ -312,6 +335,9 @@ impl DeltaManager {
                 .collect()
         };
         let gone = self.store.lock().expire(now_ms);
+        self.counters
+            .sessions_expired
+            .fetch_add(gone.len() as u64, Ordering::Relaxed);
         for id in primaries {
             let _ = self.send(
                 &self.message(SessionEvent::Expired { id }),
@@ -337,12 +363,20 @@ impl DeltaManager {
         }
     }
 
-    /// Messages sent and send errors so far.
-    pub fn send_stats(&self) -> (u64, u64) {
-        (
-            self.sent.load(Ordering::Relaxed),
-            self.send_errors.load(Ordering::Relaxed),
-        )
+    /// A snapshot of the manager's counters.
+    ///
+    /// ```
+    /// # use ha::{DeltaManager, ManagerConfig};
+    /// let m = DeltaManager::new("/", ManagerConfig::default());
+    /// let st = m.stats();
+    /// assert_eq!(st.send_errors + st.sent.delta + st.received.delta, 0);
+    /// ```
+    pub fn stats(&self) -> ManagerStats {
+        let (active, store) = {
+            let s = self.store.lock();
+            (s.len(), s.stats().clone())
+        };
+        self.counters.snapshot(active, store)
     }
 
     pub(crate) fn handle(
@@ -351,6 +385,7 @@ impl DeltaManager {
         sender: &Member,
         cluster: &ClusterInner,
     ) -> Result<(), ProcessError> {
+        self.counters.received(&msg.event);
         let msg = {
             let mut t = self.transfer.lock();
             match t.as_mut() {
@@ -367,7 +402,9 @@ impl DeltaManager {
                 self.transfer_done.notify_all();
             }
             event => {
-                self.store.lock().apply(event, msg.timestamp_ms);
+                let mut store = self.store.lock();
+                store.apply(event, msg.timestamp_ms);
+                self.counters.active(store.len());
             }
         }
         Ok(())
@@ -383,13 +420,13 @@ impl DeltaManager {
             let msg = self.message(SessionEvent::AllSessionData {
                 sessions: batch.to_vec(),
             });
-            if let Err(e) = cluster.send(&msg, Some(to), sync) {
+            if let Err(e) = self.send_via(cluster, &msg, Some(to), sync) {
                 warn!(target: "ha::manager", "state transfer to {to} failed: {e}");
                 return;
             }
         }
         let done = self.message(SessionEvent::TransferComplete { snapshot_ms });
-        if let Err(e) = cluster.send(&done, Some(to), sync) {
+        if let Err(e) = self.send_via(cluster, &done, Some(to), sync) {
             warn!(target: "ha::manager", "state transfer to {to} failed: {e}");
         }
     }
@@ -419,14 +456,28 @@ impl DeltaManager {
         let Some(cluster) = self.cluster.lock().upgrade() else {
             return Ok(());
         };
-        let r = cluster.send(msg, to, options);
-        match &r {
-            Ok(()) => self.sent.fetch_add(1, Ordering::Relaxed),
+        self.send_via(&cluster, msg, to, options)
+    }
+
+    fn send_via(
+        &self,
+        cluster: &ClusterInner,
+        msg: &SessionMessage,
+        to: Option<&Member>,
+        options: SendOptions,
+    ) -> Result<(), SendError> {
+        match cluster.send(msg, to, options) {
+            Ok(sent) => {
+                if sent {
+                    self.counters.sent(&msg.event);
+                }
+                Ok(())
+            }
             Err(e) => {
                 warn!(target: "ha::manager", "{}: replication failed: {e}", self.context);
-                self.send_errors.fetch_add(1, Ordering::Relaxed)
+                self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                Err(e)
             }
-        };
-        r
+        }
     }
 }

@@ -54,6 +54,7 @@ pub struct StateTransfer {
     snapshot_ms: Option<i64>,
     complete: bool,
     dropped: u64,
+    stale: u64,
 }
 
 impl StateTransfer {
@@ -68,6 +69,7 @@ impl StateTransfer {
             snapshot_ms: None,
             complete: false,
             dropped: 0,
+            stale: 0,
         }
     }
 
@@ -134,7 +136,13 @@ impl StateTransfer {
         if stale > 0 {
             info!(target: "ha::transfer", "dropped {stale} queued message(s) older than the state snapshot");
         }
+        self.stale += stale;
         replay
+    }
+
+    /// Queued messages [`StateTransfer::finish`] dropped as older than the snapshot.
+    pub fn stale(&self) -> u64 {
+        self.stale
     }
 }
 
@@ -183,6 +191,7 @@ mod tests {
         ));
         let replay = t.finish();
         assert_eq!(replay, vec![expired(2_500, "new")]);
+        assert_eq!(t.stale(), 2);
     }
 
     #[test]
