@@ -265,8 +265,29 @@ pub fn ha_node_with(
     Ok((cluster, manager))
 }
 
-/// A port that was free on 127.0.0.1 a moment ago.
+/// A port that was free on 127.0.0.1 a moment ago. Taken below Linux's ephemeral range
+/// (32768–60999) so that the outgoing connections of other tests, which get ephemeral ports,
+/// cannot take it between this call and the bind; successive calls in one process never
+/// repeat a port.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Start at a per-process offset so test binaries run one after another do not reuse the
+    // ports the previous one left in TIME_WAIT.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const LOW: u16 = 20000;
+    const SPAN: u16 = 12000;
+    let _ = NEXT.compare_exchange(
+        0,
+        (std::process::id() % u32::from(SPAN)) as u16 + 1,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    for _ in 0..SPAN {
+        let port = LOW + NEXT.fetch_add(1, Ordering::AcqRel) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

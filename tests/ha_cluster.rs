@@ -283,3 +283,56 @@ fn a_cluster_with_tribes_defaults_replicates_over_multicast() {
     ma.request_completed(&id).unwrap();
     assert_eq!(mb.session(&id).unwrap().get::<u8>("k").unwrap(), Some(7));
 }
+
+#[test]
+fn a_request_for_an_unknown_session_asks_the_cluster() {
+    let (pa, pb) = (free_port(), free_port());
+    // A lists no member, so what it creates stays on A; B lists A.
+    let a = node(pa, &[]);
+    assert!(a.manager.start(&a.cluster));
+    let b = node(pb, &[pa]);
+    assert!(b
+        .cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+    assert!(b.manager.start(&b.cluster), "state transfer (empty) from A");
+    let s = a.manager.create_session();
+    assert_eq!(bump(&a, &s), 1);
+    assert!(!b.manager.knows(&s), "A did not replicate to B");
+
+    assert!(b.manager.fetch(&s));
+    assert_eq!(counter(&b, &s), Some(1));
+    assert!(!b.manager.session(&s).unwrap().is_primary());
+    assert_eq!(bump(&b, &s), 2, "B carries on from A's state");
+
+    let unknown = SessionId::new("0123456789abcdef0123456789abcdef");
+    assert!(!b.manager.fetch(&unknown));
+    let st = b.manager.stats();
+    assert_eq!((st.sessions_fetched, st.fetch_misses), (1, 1), "{st:?}");
+    assert_eq!((st.sent.get_session, st.received.session_data), (2, 1));
+    assert_eq!(a.manager.stats().sent.session_data, 1);
+}
+
+#[test]
+fn fetching_can_be_switched_off() {
+    let (pa, pb) = (free_port(), free_port());
+    let a = node(pa, &[]);
+    assert!(a.manager.start(&a.cluster));
+    let (cluster, manager) = tribes_suite::ha_node_with(
+        pb,
+        &[pa],
+        ha::ManagerConfig {
+            max_concurrent_fetches: 0,
+            ..ha::ManagerConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+    assert!(manager.start(&cluster));
+    let s = a.manager.create_session();
+    assert!(!manager.fetch(&s));
+    assert_eq!(manager.stats().sent.get_session, 0);
+    assert_eq!(a.manager.stats().received.get_session, 0);
+}

@@ -157,6 +157,11 @@ where
         let mut current = None;
         let mut cookie_changed = false;
         if let Some(id) = requested {
+            // An id this node has not seen (its replication is still in flight, or this node
+            // missed it): ask the members before the handler sees no session.
+            if !cfg.manager.knows(&id) {
+                cfg.manager.fetch(&id);
+            }
             // Failover with a sticky balancer: take the session over under our route.
             match cfg.manager.rebind(&id) {
                 Some(new) => {
@@ -164,7 +169,7 @@ where
                     cookie_changed = true;
                 }
                 None => {
-                    if cfg.manager.session(&id).is_some() {
+                    if cfg.manager.contains(&id) {
                         current = Some(id);
                     }
                 }
@@ -258,10 +263,7 @@ impl Session {
     /// Sets an attribute, creating the session (and its cookie) if needed.
     pub fn insert<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<(), SessionError> {
         let mut h = self.inner.lock();
-        if h.id
-            .as_ref()
-            .is_none_or(|id| h.manager.session(id).is_none())
-        {
+        if h.id.as_ref().is_none_or(|id| !h.manager.contains(id)) {
             let id = h.manager.create_session();
             h.id = Some(id);
             h.set_cookie = true;

@@ -1,10 +1,10 @@
 //! `DeltaManager`: all-to-all delta replication of one context's sessions over a [`Cluster`].
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 use tribes::{Member, ProcessError, SendError, SendOptions};
 
@@ -39,6 +39,13 @@ pub struct ManagerConfig {
     /// On [`DeltaManager::stop`], expire this node's sessions cluster-wide (true) or only
     /// locally (false). Default false (Tribes `expireSessionsOnShutdown`).
     pub expire_sessions_on_shutdown: bool,
+    /// A request whose session id this node does not hold asks the members for it
+    /// ([`DeltaManager::fetch`]) before the application sees no session; at most this many
+    /// asks at a time (each is one synchronous round trip to every member, so ids from
+    /// forged cookies cannot tie up more), 0 = never ask. Default 32. Not in Tribes, where
+    /// such a request starts a new session: with asynchronous replication behind a
+    /// round-robin balancer that is most requests that follow a session's first one.
+    pub max_concurrent_fetches: usize,
 }
 
 /// A predicate on attribute names, for [`ManagerConfig::attribute_filter`].
@@ -55,6 +62,7 @@ impl Default for ManagerConfig {
             max_transfer_queue: 65536,
             attribute_filter: None,
             expire_sessions_on_shutdown: false,
+            max_concurrent_fetches: 32,
         }
     }
 }
@@ -72,6 +80,7 @@ impl std::fmt::Debug for ManagerConfig {
                 "expire_sessions_on_shutdown",
                 &self.expire_sessions_on_shutdown,
             )
+            .field("max_concurrent_fetches", &self.max_concurrent_fetches)
             .finish()
     }
 }
@@ -85,6 +94,7 @@ pub struct DeltaManager {
     transfer_done: Condvar,
     cluster: Mutex<Weak<ClusterInner>>,
     counters: Counters,
+    fetching: AtomicUsize,
 }
 
 impl DeltaManager {
@@ -98,6 +108,7 @@ impl DeltaManager {
             transfer_done: Condvar::new(),
             cluster: Mutex::new(Weak::new()),
             counters: Counters::default(),
+            fetching: AtomicUsize::new(0),
         })
     }
 
@@ -220,6 +231,61 @@ impl DeltaManager {
     /// A copy of the session, if present.
     pub fn session(&self, id: &SessionId) -> Option<Session> {
         self.store.lock().get(id).cloned()
+    }
+
+    /// Whether the session is held under exactly this id.
+    pub fn contains(&self, id: &SessionId) -> bool {
+        self.store.lock().get(id).is_some()
+    }
+
+    /// Whether a session with this id's base is held, under any route.
+    pub fn knows(&self, id: &SessionId) -> bool {
+        self.store.lock().get_by_base(id.base()).is_some()
+    }
+
+    /// Asks the members for a session this node does not hold (a request carried its id)
+    /// and waits until every member has answered; returns whether a copy arrived. Members
+    /// that hold it send it back before they acknowledge, so on return it is in the store
+    /// (as a non-primary copy, under the holder's id: [`DeltaManager::rebind`] renames it).
+    /// Bounded by [`ManagerConfig::max_concurrent_fetches`] and the send timeout.
+    ///
+    /// With asynchronous replication behind a round-robin balancer, a session's second
+    /// request often arrives before its creation did; this keeps that request on the same
+    /// session instead of starting a new one (which would be a lost session for the user).
+    pub fn fetch(&self, id: &SessionId) -> bool {
+        if self.knows(id) {
+            return true;
+        }
+        let cap = self.cfg.max_concurrent_fetches;
+        if cap == 0 {
+            return false;
+        }
+        if self.fetching.fetch_add(1, Ordering::AcqRel) >= cap {
+            self.fetching.fetch_sub(1, Ordering::AcqRel);
+            self.counters.fetch_misses.fetch_add(1, Ordering::Relaxed);
+            debug!(target: "ha::manager", "{}: {cap} session fetches in flight; not asking for {id}", self.context);
+            return false;
+        }
+        let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+        let asked = self.send(
+            &self.message(SessionEvent::GetSession { id: id.clone() }),
+            None,
+            sync,
+        );
+        self.fetching.fetch_sub(1, Ordering::AcqRel);
+        let found = self.knows(id);
+        if found {
+            self.counters
+                .sessions_fetched
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(target: "ha::manager", "{}: fetched unknown session {id} from the cluster", self.context);
+        } else {
+            self.counters.fetch_misses.fetch_add(1, Ordering::Relaxed);
+            if asked.is_ok() {
+                debug!(target: "ha::manager", "{}: no member holds session {id}", self.context);
+            }
+        }
+        found
     }
 
     /// Number of sessions held (primaries and copies).
@@ -398,6 +464,20 @@ impl DeltaManager {
         };
         match &msg.event {
             SessionEvent::GetAllSessions => self.send_state(sender, cluster),
+            SessionEvent::GetSession { id } => {
+                let copy = self.store.lock().get_by_base(id.base()).cloned();
+                if let Some(s) = copy {
+                    // Sent before this message is acknowledged: the asker finds it in its
+                    // store when its request returns.
+                    let reply = self.message(SessionEvent::SessionData {
+                        session: Box::new(s),
+                    });
+                    let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+                    if let Err(e) = self.send_via(cluster, &reply, Some(sender), sync) {
+                        warn!(target: "ha::manager", "{}: cannot send session {id} to {sender}: {e}", self.context);
+                    }
+                }
+            }
             SessionEvent::TransferComplete { .. } | SessionEvent::NoContextManager => {
                 self.transfer_done.notify_all();
             }

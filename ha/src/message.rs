@@ -54,6 +54,18 @@ pub enum SessionEvent {
     },
     /// `EVT_ALL_SESSION_NOCONTEXTMANAGER` (16): the asked node has no such context.
     NoContextManager,
+    /// Not in Tomcat (Resin's idea): a request came with a session id this node does not
+    /// know; members that hold it answer with [`SessionEvent::SessionData`].
+    GetSession {
+        /// The id from the request (its route may differ from the holder's).
+        id: SessionId,
+    },
+    /// Not in Tomcat: one full session, the answer to [`SessionEvent::GetSession`]. Applied
+    /// like state-transfer data: it replaces a copy only if it is at least as new.
+    SessionData {
+        /// The session.
+        session: Box<Session>,
+    },
 }
 
 impl SessionEvent {
@@ -69,6 +81,9 @@ impl SessionEvent {
             Self::TransferComplete { .. } => 14,
             Self::ChangeSessionId { .. } => 15,
             Self::NoContextManager => 16,
+            // Outside Tomcat's numbering.
+            Self::GetSession { .. } => 101,
+            Self::SessionData { .. } => 102,
         }
     }
 }
@@ -143,6 +158,12 @@ mod tests {
                 new: SessionId::new("a.n2"),
             },
             SessionEvent::NoContextManager,
+            SessionEvent::GetSession {
+                id: SessionId::new("a.n1"),
+            },
+            SessionEvent::SessionData {
+                session: Box::new(Session::new(SessionId::new("b"), 5, 60)),
+            },
         ];
         for event in events {
             let m = SessionMessage {

@@ -29,6 +29,10 @@ pub struct EventCounts {
     pub change_session_id: u64,
     /// `EVT_ALL_SESSION_NOCONTEXTMANAGER`.
     pub no_context_manager: u64,
+    /// Requests for a session this node did not know (not in Tomcat).
+    pub get_session: u64,
+    /// Full sessions sent in answer (not in Tomcat).
+    pub session_data: u64,
 }
 
 impl EventCounts {
@@ -43,6 +47,8 @@ impl EventCounts {
             + self.transfer_complete
             + self.change_session_id
             + self.no_context_manager
+            + self.get_session
+            + self.session_data
     }
 }
 
@@ -84,11 +90,16 @@ pub struct ManagerStats {
     /// Messages that arrived during a state transfer and were dropped: the queue was full,
     /// or they were older than the snapshot.
     pub transfer_dropped: u64,
+    /// Requests whose session id this node did not know and that a member supplied.
+    pub sessions_fetched: u64,
+    /// Requests whose session id no member knew (expired, or never issued), plus those not
+    /// asked because too many asks were already in flight.
+    pub fetch_misses: u64,
     /// Applied, stale, out-of-order and unknown-session counts of the session store.
     pub store: StoreStats,
 }
 
-const KINDS: usize = 9;
+const KINDS: usize = 11;
 
 fn kind(event: &SessionEvent) -> usize {
     match event {
@@ -101,6 +112,8 @@ fn kind(event: &SessionEvent) -> usize {
         SessionEvent::TransferComplete { .. } => 6,
         SessionEvent::ChangeSessionId { .. } => 7,
         SessionEvent::NoContextManager => 8,
+        SessionEvent::GetSession { .. } => 9,
+        SessionEvent::SessionData { .. } => 10,
     }
 }
 
@@ -116,6 +129,8 @@ pub(crate) struct Counters {
     pub(crate) state_transfers_failed: AtomicU64,
     pub(crate) state_transfer_ms: AtomicU64,
     pub(crate) transfer_dropped: AtomicU64,
+    pub(crate) sessions_fetched: AtomicU64,
+    pub(crate) fetch_misses: AtomicU64,
 }
 
 impl Counters {
@@ -143,6 +158,8 @@ impl Counters {
             transfer_complete: load(&c[6]),
             change_session_id: load(&c[7]),
             no_context_manager: load(&c[8]),
+            get_session: load(&c[9]),
+            session_data: load(&c[10]),
         };
         ManagerStats {
             sent: counts(&self.sent),
@@ -155,6 +172,8 @@ impl Counters {
             state_transfers_failed: load(&self.state_transfers_failed),
             state_transfer_ms: load(&self.state_transfer_ms),
             transfer_dropped: load(&self.transfer_dropped),
+            sessions_fetched: load(&self.sessions_fetched),
+            fetch_misses: load(&self.fetch_misses),
             store,
         }
     }
@@ -193,6 +212,10 @@ mod tests {
                 new: SessionId::new("b"),
             },
             SessionEvent::NoContextManager,
+            SessionEvent::GetSession { id: id.clone() },
+            SessionEvent::SessionData {
+                session: Box::new(crate::session::Session::new(id.clone(), 0, 60)),
+            },
         ];
         for (i, e) in events.iter().enumerate() {
             for _ in 0..=i {
@@ -212,10 +235,12 @@ mod tests {
                 sent.delta,
                 sent.transfer_complete,
                 sent.change_session_id,
-                sent.no_context_manager
+                sent.no_context_manager,
+                sent.get_session,
+                sent.session_data
             ],
-            [1, 2, 3, 4, 5, 6, 7, 8, 9]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
         );
-        assert_eq!(s.received.total(), 9);
+        assert_eq!(s.received.total(), 11);
     }
 }

@@ -68,6 +68,11 @@ impl SessionStore {
         self.sessions.get_mut(id.base()).filter(|s| s.id() == id)
     }
 
+    /// The session with this base id (the id without its route suffix), whatever its route.
+    pub fn get_by_base(&self, base: &str) -> Option<&Session> {
+        self.sessions.get(base)
+    }
+
     /// The id under which a session with the same base id (ignoring the route suffix) is
     /// held, if any.
     pub fn find_by_base(&self, base: &str) -> Option<SessionId> {
@@ -161,19 +166,19 @@ impl SessionStore {
             }
             SessionEvent::AllSessionData { sessions } => {
                 for incoming in sessions {
-                    let newer = self
-                        .sessions
-                        .get(incoming.id().base())
-                        .is_none_or(|s| incoming.version() >= s.version());
-                    if newer {
-                        let mut copy = incoming.clone();
-                        copy.set_primary(false);
-                        self.insert(copy);
-                    }
+                    self.insert_copy(incoming);
                 }
                 Applied::Changed
             }
-            SessionEvent::GetAllSessions
+            SessionEvent::SessionData { session } => {
+                if self.insert_copy(session) {
+                    Applied::Changed
+                } else {
+                    Applied::Stale
+                }
+            }
+            SessionEvent::GetSession { .. }
+            | SessionEvent::GetAllSessions
             | SessionEvent::TransferComplete { .. }
             | SessionEvent::NoContextManager => Applied::Ignored,
         };
@@ -184,6 +189,21 @@ impl SessionStore {
             Applied::Ignored => {}
         }
         result
+    }
+
+    /// Keeps a full copy from another node unless the one held is newer; returns whether it
+    /// was kept.
+    fn insert_copy(&mut self, incoming: &Session) -> bool {
+        let newer = self
+            .sessions
+            .get(incoming.id().base())
+            .is_none_or(|s| incoming.version() >= s.version());
+        if newer {
+            let mut copy = incoming.clone();
+            copy.set_primary(false);
+            self.insert(copy);
+        }
+        newer
     }
 
     fn apply_delta(&mut self, delta: &Delta, sent_ms: i64) -> Applied {

@@ -77,9 +77,12 @@ impl StateTransfer {
     /// are handled at once; session events wait for [`StateTransfer::finish`].
     pub fn offer(&mut self, msg: SessionMessage) -> Offer {
         match &msg.event {
-            SessionEvent::AllSessionData { .. } | SessionEvent::GetAllSessions => {
-                return Offer::Apply(msg)
-            }
+            // State, full copies, and other nodes' requests: answered or applied at once
+            // (full copies only ever replace older ones).
+            SessionEvent::AllSessionData { .. }
+            | SessionEvent::GetAllSessions
+            | SessionEvent::GetSession { .. }
+            | SessionEvent::SessionData { .. } => return Offer::Apply(msg),
             SessionEvent::TransferComplete { snapshot_ms } => {
                 self.snapshot_ms = Some(*snapshot_ms);
                 self.complete = true;
