@@ -336,3 +336,42 @@ fn fetching_can_be_switched_off() {
     assert_eq!(manager.stats().sent.get_session, 0);
     assert_eq!(a.manager.stats().received.get_session, 0);
 }
+
+#[test]
+fn a_copy_left_behind_by_a_partial_replication_is_repaired() {
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    // A replicates only to B (as if A died after B and before C); B and C see everyone.
+    // A starts first, so the others find it up when they check their static members.
+    let a = node(pa, &[pb]);
+    let b = node(pb, &[pa, pc]);
+    let c = node(pc, &[pa, pb]);
+    for n in [&a, &b, &c] {
+        let want = if std::ptr::eq(n, &a) { 1 } else { 2 };
+        assert!(n
+            .cluster
+            .channel()
+            .wait_for_members(want, Duration::from_secs(5)));
+    }
+    for n in [&a, &b, &c] {
+        assert!(n.manager.start(&n.cluster));
+    }
+    let s = b.manager.create_session();
+    assert_eq!(bump(&b, &s), 1);
+    assert_eq!(counter(&c, &s), Some(1));
+    // A's change also sets an attribute that later changes do not touch.
+    a.manager
+        .with_session(&s, |x| x.insert("cart", &"1 book").unwrap())
+        .unwrap();
+    assert_eq!(bump(&a, &s), 2, "A had the copy");
+    assert_eq!(counter(&b, &s), Some(2));
+    assert_eq!(counter(&c, &s), Some(1), "C missed A's change");
+
+    // B serves the next request; what it replicates tells C its copy is behind, and C
+    // fetches the session from B before B's request returns: C has the cart too.
+    assert_eq!(bump(&b, &s), 3);
+    assert_eq!(counter(&c, &s), Some(3));
+    let cart = c.manager.session(&s).unwrap().get::<String>("cart").unwrap();
+    assert_eq!(cart.as_deref(), Some("1 book"));
+    assert_eq!(c.manager.stats().copies_repaired, 1);
+    assert_eq!(b.manager.stats().sent.session_data, 1);
+}

@@ -12,7 +12,7 @@ use crate::cluster::{Cluster, ClusterInner};
 use crate::message::{SessionEvent, SessionMessage};
 use crate::session::{Session, SessionId};
 use crate::stats::{Counters, ManagerStats};
-use crate::store::SessionStore;
+use crate::store::{Applied, SessionStore};
 use crate::transfer::{Offer, StateTransfer};
 
 /// Settings of a [`DeltaManager`].
@@ -323,6 +323,7 @@ impl DeltaManager {
                 None if !was_primary => Some(SessionEvent::Accessed {
                     id: id.clone(),
                     at_ms: s.last_access_ms(),
+                    version: s.version(),
                 }),
                 None => None,
             }
@@ -356,7 +357,7 @@ impl DeltaManager {
             old: old.clone(),
             new,
         };
-        if self.store.lock().apply(&event, crate::now_ms()) != crate::store::Applied::Changed {
+        if self.store.lock().apply(&event, crate::now_ms()) != Applied::Changed {
             return false;
         }
         let _ = self.send(&self.message(event), None, self.options());
@@ -482,12 +483,40 @@ impl DeltaManager {
                 self.transfer_done.notify_all();
             }
             event => {
-                let mut store = self.store.lock();
-                store.apply(event, msg.timestamp_ms);
-                self.counters.active(store.len());
+                let applied = {
+                    let mut store = self.store.lock();
+                    let applied = store.apply(event, msg.timestamp_ms);
+                    self.counters.active(store.len());
+                    applied
+                };
+                let stale_copy = match (&applied, event) {
+                    (Applied::Behind, SessionEvent::Delta(d))
+                    | (Applied::Unknown, SessionEvent::Delta(d)) => Some(&d.session_id),
+                    (Applied::Behind, SessionEvent::Accessed { id, .. })
+                    | (Applied::Unknown, SessionEvent::Accessed { id, .. }) => Some(id),
+                    _ => None,
+                };
+                if let Some(id) = stale_copy {
+                    self.repair(id, sender, cluster);
+                }
             }
         }
         Ok(())
+    }
+
+    /// This node's copy of `id` is behind the sender's, or missing although the sender
+    /// changed it: ask the sender for the whole session. With synchronous replication the
+    /// copy is whole again before the sender's request is acknowledged (so before its client
+    /// gets an answer); otherwise the request goes out asynchronously.
+    fn repair(&self, id: &SessionId, sender: &Member, cluster: &ClusterInner) {
+        self.counters
+            .copies_repaired
+            .fetch_add(1, Ordering::Relaxed);
+        info!(target: "ha::manager", "{}: copy of {id} is behind {sender}'s; fetching it", self.context);
+        let ask = self.message(SessionEvent::GetSession { id: id.clone() });
+        if let Err(e) = self.send_via(cluster, &ask, Some(sender), self.options()) {
+            warn!(target: "ha::manager", "{}: cannot ask {sender} for {id}: {e}", self.context);
+        }
     }
 
     /// Answers a state request: bounded batches, then the snapshot time (Tribes

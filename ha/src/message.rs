@@ -29,6 +29,9 @@ pub enum SessionEvent {
         id: SessionId,
         /// When, ms since the Unix epoch.
         at_ms: i64,
+        /// The sender's version of the session (not in Tomcat): a copy that is older asks
+        /// the sender for the session.
+        version: u64,
     },
     /// `EVT_GET_ALL_SESSIONS` (4): a joining node asks for the state.
     GetAllSessions,
@@ -143,6 +146,7 @@ mod tests {
             SessionEvent::Accessed {
                 id: SessionId::new("a"),
                 at_ms: 9,
+                version: 4,
             },
             SessionEvent::GetAllSessions,
             SessionEvent::AllSessionData { sessions: vec![s] },

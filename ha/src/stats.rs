@@ -95,6 +95,9 @@ pub struct ManagerStats {
     /// Requests whose session id no member knew (expired, or never issued), plus those not
     /// asked because too many asks were already in flight.
     pub fetch_misses: u64,
+    /// Copies found behind a sender's (a delta that skipped versions, an access notice for
+    /// a newer version, a change to a session this node lacked) and asked for again.
+    pub copies_repaired: u64,
     /// Applied, stale, out-of-order and unknown-session counts of the session store.
     pub store: StoreStats,
 }
@@ -131,6 +134,7 @@ pub(crate) struct Counters {
     pub(crate) transfer_dropped: AtomicU64,
     pub(crate) sessions_fetched: AtomicU64,
     pub(crate) fetch_misses: AtomicU64,
+    pub(crate) copies_repaired: AtomicU64,
 }
 
 impl Counters {
@@ -174,6 +178,7 @@ impl Counters {
             transfer_dropped: load(&self.transfer_dropped),
             sessions_fetched: load(&self.sessions_fetched),
             fetch_misses: load(&self.fetch_misses),
+            copies_repaired: load(&self.copies_repaired),
             store,
         }
     }
@@ -197,6 +202,7 @@ mod tests {
             SessionEvent::Accessed {
                 id: id.clone(),
                 at_ms: 1,
+                version: 1,
             },
             SessionEvent::GetAllSessions,
             SessionEvent::AllSessionData { sessions: vec![] },

@@ -19,6 +19,10 @@ pub enum Applied {
     Stale,
     /// The event names a session this node does not have; nothing changed.
     Unknown,
+    /// Applied, but the copy is behind the sender's: a delta skipped versions or an access
+    /// notice named a newer version (the sender died part-way through replicating an
+    /// earlier change, say). The caller should fetch the whole session from the sender.
+    Behind,
     /// Not a store event (state-transfer control); nothing changed.
     Ignored,
 }
@@ -141,11 +145,16 @@ impl SessionStore {
                 Some(_) => Applied::Changed,
                 None => Applied::Unknown,
             },
-            SessionEvent::Accessed { id, at_ms } => match self.resolve(id) {
+            SessionEvent::Accessed { id, at_ms, version } => match self.resolve(id) {
                 Some(s) => {
                     s.touch(*at_ms);
                     s.set_primary(false);
-                    Applied::Changed
+                    if s.version() < *version {
+                        debug!(target: "ha::store", "{id} is at v{}, the sender at v{version}", s.version());
+                        Applied::Behind
+                    } else {
+                        Applied::Changed
+                    }
                 }
                 None => Applied::Unknown,
             },
@@ -183,7 +192,7 @@ impl SessionStore {
             | SessionEvent::NoContextManager => Applied::Ignored,
         };
         match result {
-            Applied::Changed => self.stats.applied += 1,
+            Applied::Changed | Applied::Behind => self.stats.applied += 1,
             Applied::Stale => self.stats.stale += 1,
             Applied::Unknown => self.stats.unknown += 1,
             Applied::Ignored => {}
@@ -230,13 +239,18 @@ impl SessionStore {
             debug!(target: "ha::store", "dropping stale delta v{} for {} (at v{})", delta.version, delta.session_id, session.version());
             return Applied::Stale;
         }
-        if delta.version > session.version() + 1 {
+        let gap = delta.version > session.version() + 1;
+        if gap {
             warn!(target: "ha::store", "delta v{} for {} skips versions after v{}; applying", delta.version, delta.session_id, session.version());
             self.stats.gaps += 1;
         }
         session.apply(delta);
         session.set_primary(false);
-        Applied::Changed
+        if gap {
+            Applied::Behind
+        } else {
+            Applied::Changed
+        }
     }
 
     /// Removes sessions expired at `now_ms` (primaries after their interval, copies after
@@ -271,6 +285,38 @@ mod tests {
     }
 
     #[test]
+    fn an_access_notice_for_a_newer_version_reports_the_copy_behind() {
+        let (_, d) = primary_with_deltas(2);
+        let mut store = SessionStore::default();
+        let id = SessionId::new("s");
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        let notice = |version| SessionEvent::Accessed {
+            id: id.clone(),
+            at_ms: 9,
+            version,
+        };
+        assert_eq!(store.apply(&notice(1), 9), Applied::Changed);
+        // The sender has v2, which never reached this node (it died part-way through).
+        assert_eq!(store.apply(&notice(2), 9), Applied::Behind);
+        assert_eq!(
+            store.get(&id).unwrap().last_access_ms(),
+            9,
+            "touched anyway"
+        );
+        assert_eq!(
+            store.apply(
+                &SessionEvent::Accessed {
+                    id: SessionId::new("other"),
+                    at_ms: 9,
+                    version: 1
+                },
+                9
+            ),
+            Applied::Unknown
+        );
+    }
+
+    #[test]
     fn out_of_order_and_duplicate_deltas_never_go_backwards() {
         let (_, d) = primary_with_deltas(4);
         let mut store = SessionStore::default();
@@ -279,9 +325,10 @@ mod tests {
             store.apply(&SessionEvent::Delta(d[0].clone()), 1),
             Applied::Changed
         );
+        // v3 before v2: applied, and reported as behind (v2's changes are missing).
         assert_eq!(
             store.apply(&SessionEvent::Delta(d[2].clone()), 3),
-            Applied::Changed
+            Applied::Behind
         );
         // The late v2 and a duplicate v3 must not overwrite v3's state.
         assert_eq!(
@@ -339,6 +386,7 @@ mod tests {
             &SessionEvent::Accessed {
                 id: a.clone(),
                 at_ms: 5_000,
+                version: 0,
             },
             5_000,
         );
