@@ -8,6 +8,7 @@
 //! cargo run --release --example cluster_demo -- --async      # Tribes' default: async
 //! cargo run --release --example cluster_demo -- --sticky     # sticky balancer, route rebinding
 //! cargo run --release --example cluster_demo -- --bench      # local-only vs async vs sync
+//! cargo run --release --example cluster_demo -- --bench --sticky   # each session on one node
 //! cargo run --release --example cluster_demo -- --bench --mode async --rounds 20
 //!                                           # local-only and one mode, 20 rounds each
 //! cargo run --release --example cluster_demo -- node --id 0 --http 127.0.0.1:8080 \
@@ -85,7 +86,8 @@ fn main() -> Res<()> {
         }
     }
     if args.iter().any(|a| a == "--bench") {
-        return run_bench(only.as_deref(), rounds.max(1));
+        let sticky = args.iter().any(|a| a == "--sticky");
+        return run_bench(only.as_deref(), rounds.max(1), sticky);
     }
     let sync = !args.iter().any(|a| a == "--async");
     let sticky = args.iter().any(|a| a == "--sticky");
@@ -387,19 +389,40 @@ fn request(
 /// The benchmark's client: keep-alive connections straight to each node, requests in round
 /// robin, so the figures measure the nodes and replication rather than connection setup and
 /// the demo's balancer.
+/// How the load reaches the nodes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clients {
+    /// A new connection per request through the demo's balancer.
+    ViaBalancer,
+    /// Keep-alive connections straight to the nodes, requests in round robin.
+    RoundRobin,
+    /// Keep-alive connections straight to the nodes, each session's requests to one node
+    /// (what a sticky balancer does).
+    Pinned,
+}
+
 struct DirectClient {
     nodes: Vec<SocketAddr>,
     conns: Vec<Option<BufReader<TcpStream>>>,
     next: usize,
+    pinned: bool,
 }
 
 impl DirectClient {
-    fn new(nodes: Vec<SocketAddr>, start: usize) -> Self {
+    fn new(nodes: Vec<SocketAddr>, start: usize, pinned: bool) -> Self {
         let n = nodes.len();
         Self {
             nodes,
             conns: (0..n).map(|_| None).collect(),
             next: start,
+            pinned,
+        }
+    }
+
+    /// A new session starts: pinned clients send all of it to one node.
+    fn start_session(&mut self, index: usize) {
+        if self.pinned {
+            self.next = index;
         }
     }
 
@@ -409,7 +432,9 @@ impl DirectClient {
         seq: usize,
     ) -> Res<(u16, Option<u64>, Option<String>)> {
         let i = self.next % self.nodes.len();
-        self.next += 1;
+        if !self.pinned {
+            self.next += 1;
+        }
         let r = self.try_request(i, cookie, seq);
         if r.is_err() {
             self.conns[i] = None; // reconnect next time
@@ -482,7 +507,7 @@ struct Summary {
 }
 
 fn run_demo(sync: bool, sticky: bool, load: Load) -> Res<()> {
-    let r = run_load(NODES, sync, sticky, true, load, false)?;
+    let r = run_load(NODES, sync, sticky, true, load, Clients::ViaBalancer)?;
     println!("{}", r.line());
     // With synchronous replication every answer a client got is on the other nodes before
     // it got it, and the balancer retries a request whose node died before answering (the
@@ -504,7 +529,12 @@ fn run_demo(sync: bool, sticky: bool, load: Load) -> Res<()> {
 /// case repeats the load [`BENCH_ROUNDS`] times on the same nodes (fresh sessions each time;
 /// one load takes well under a second, too short to measure alone on a shared machine) and
 /// reports the median round; anomalies are summed over all rounds.
-fn run_bench(only: Option<&str>, rounds: usize) -> Res<()> {
+fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
+    let (clients, balance) = if sticky {
+        (Clients::Pinned, "sticky")
+    } else {
+        (Clients::RoundRobin, "round-robin")
+    };
     let cases = [
         ("local-only", 1, true),
         ("async", NODES, false),
@@ -521,7 +551,7 @@ fn run_bench(only: Option<&str>, rounds: usize) -> Res<()> {
         if only.is_some_and(|m| m != label && label != "local-only") {
             continue;
         }
-        let mut rounds = run_rounds(count, sync, false, false, FULL, true, rounds)?;
+        let mut rounds = run_rounds(count, sync, false, false, FULL, clients, rounds)?;
         let anomalies = |f: fn(&Report) -> u64| rounds.iter().map(f).sum::<u64>();
         let (failed, lost, backward, skipped) = (
             anomalies(|r| r.failed),
@@ -533,7 +563,7 @@ fn run_bench(only: Option<&str>, rounds: usize) -> Res<()> {
         let r = &rounds[rounds.len() / 2];
         let base_rate = *base.get_or_insert(r.rate);
         println!(
-            "replication-bench mode={label} nodes={count} -> {:.0} req/s p50={}us p99={}us [{:.2}x local-only; failed={failed} lost={lost} backward={backward} skipped={skipped}; median of {} rounds of {} requests]",
+            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us [{:.2}x local-only; failed={failed} lost={lost} backward={backward} skipped={skipped}; median of {} rounds of {} requests]",
             r.rate,
             r.p50,
             r.p99,
@@ -572,9 +602,9 @@ fn run_load(
     sticky: bool,
     kill: bool,
     load: Load,
-    direct: bool,
+    clients: Clients,
 ) -> Res<Report> {
-    Ok(run_rounds(count, sync, sticky, kill, load, direct, 1)?.remove(0))
+    Ok(run_rounds(count, sync, sticky, kill, load, clients, 1)?.remove(0))
 }
 
 /// Starts the nodes and the balancer once, then drives `rounds` loads of fresh sessions
@@ -585,7 +615,7 @@ fn run_rounds(
     sticky: bool,
     kill: bool,
     load: Load,
-    direct: bool,
+    clients: Clients,
     rounds: usize,
 ) -> Res<Vec<Report>> {
     let mut nodes = start_nodes(count, sync, sticky)?;
@@ -604,7 +634,7 @@ fn run_rounds(
     for round in 0..rounds.max(1) {
         let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
         let victim = (kill && round == 0 && nodes.len() > 1).then_some(&mut nodes);
-        reports.push(drive(lb, &addrs, load, direct, victim)?);
+        reports.push(drive(lb, &addrs, load, clients, victim)?);
     }
     stop.store(true, Ordering::SeqCst);
     drop(nodes);
@@ -616,7 +646,7 @@ fn drive(
     lb: SocketAddr,
     node_addrs: &[SocketAddr],
     load: Load,
-    direct: bool,
+    clients: Clients,
     victim: Option<&mut Vec<NodeProc>>,
 ) -> Res<Report> {
     let summary = Arc::new(Summary::default());
@@ -631,11 +661,15 @@ fn drive(
                 Arc::clone(&next_session),
                 Arc::clone(&done_requests),
             );
-            let mut client = direct.then(|| DirectClient::new(node_addrs.to_vec(), w));
+            let mut client = (clients != Clients::ViaBalancer)
+                .then(|| DirectClient::new(node_addrs.to_vec(), w, clients == Clients::Pinned));
             std::thread::spawn(move || loop {
                 let i = next_session.fetch_add(1, Ordering::Relaxed);
                 if i >= load.sessions || started.elapsed() > LOAD_LIMIT {
                     return;
+                }
+                if let Some(c) = client.as_mut() {
+                    c.start_session(i);
                 }
                 let mut cookie: Option<String> = None;
                 let mut last = 0u64;

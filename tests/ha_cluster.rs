@@ -370,7 +370,12 @@ fn a_copy_left_behind_by_a_partial_replication_is_repaired() {
     // fetches the session from B before B's request returns: C has the cart too.
     assert_eq!(bump(&b, &s), 3);
     assert_eq!(counter(&c, &s), Some(3));
-    let cart = c.manager.session(&s).unwrap().get::<String>("cart").unwrap();
+    let cart = c
+        .manager
+        .session(&s)
+        .unwrap()
+        .get::<String>("cart")
+        .unwrap();
     assert_eq!(cart.as_deref(), Some("1 book"));
     assert_eq!(c.manager.stats().copies_repaired, 1);
     assert_eq!(b.manager.stats().sent.session_data, 1);
