@@ -188,8 +188,10 @@ fn node_main(args: &[String]) -> Res<()> {
     cluster.register(&manager);
     cluster.start()?;
     manager.start(&cluster);
+    let stats_of = Arc::clone(&manager);
     let app = Router::new()
         .route("/counter", get(counter))
+        .route("/stats", get(move || async move { stats_line(&stats_of) }))
         .layer(ReplicationLayer::new(manager).filter(r"/static/.*")?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -203,6 +205,56 @@ fn node_main(args: &[String]) -> Res<()> {
     })?;
     cluster.stop()?;
     Ok(())
+}
+
+/// `GET /stats`: the node's replication counters as `name=value` pairs on one line.
+fn stats_line(manager: &DeltaManager) -> String {
+    let st = manager.stats();
+    format!(
+        "sessions={} deltas_sent={} deltas_received={} stale_dropped={} gaps={} repaired={} fetched={} fetch_misses={} send_errors={}",
+        st.active,
+        st.sent.delta,
+        st.received.delta,
+        st.store.stale,
+        st.store.gaps,
+        st.copies_repaired,
+        st.sessions_fetched,
+        st.fetch_misses,
+        st.send_errors,
+    )
+}
+
+/// Sums the `name=value` pairs of every node's `/stats`.
+fn cluster_stats(nodes: &[SocketAddr]) -> String {
+    let mut sums: Vec<(String, u64)> = Vec::new();
+    for node in nodes {
+        let Ok(mut s) = TcpStream::connect(node) else {
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut resp = String::new();
+        if write!(
+            s,
+            "GET /stats HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
+        )
+        .is_err()
+            || s.read_to_string(&mut resp).is_err()
+        {
+            continue;
+        }
+        let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        for (k, v) in body.split_whitespace().filter_map(|kv| kv.split_once('=')) {
+            let v: u64 = v.parse().unwrap_or(0);
+            match sums.iter_mut().find(|(name, _)| name == k) {
+                Some((_, sum)) => *sum += v,
+                None => sums.push((k.to_string(), v)),
+            }
+        }
+    }
+    sums.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 // ------------------------------------------------------------------- the demo
@@ -551,7 +603,7 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
         if only.is_some_and(|m| m != label && label != "local-only") {
             continue;
         }
-        let mut rounds = run_rounds(count, sync, false, false, FULL, clients, rounds)?;
+        let (mut rounds, stats) = run_rounds(count, sync, false, false, FULL, clients, rounds)?;
         let anomalies = |f: fn(&Report) -> u64| rounds.iter().map(f).sum::<u64>();
         let (failed, lost, backward, skipped) = (
             anomalies(|r| r.failed),
@@ -571,6 +623,9 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
             rounds.len(),
             r.sent,
         );
+        if let Some(stats) = stats {
+            println!("replication-stats mode={label} (all nodes, all rounds) {stats}");
+        }
     }
     Ok(())
 }
@@ -604,11 +659,14 @@ fn run_load(
     load: Load,
     clients: Clients,
 ) -> Res<Report> {
-    Ok(run_rounds(count, sync, sticky, kill, load, clients, 1)?.remove(0))
+    Ok(run_rounds(count, sync, sticky, kill, load, clients, 1)?
+        .0
+        .remove(0))
 }
 
 /// Starts the nodes and the balancer once, then drives `rounds` loads of fresh sessions
-/// (the kill, if any, happens in the first round).
+/// (the kill, if any, happens in the first round). Also returns the nodes' summed `/stats`
+/// when there is more than one.
 fn run_rounds(
     count: NodeCount,
     sync: bool,
@@ -617,7 +675,7 @@ fn run_rounds(
     load: Load,
     clients: Clients,
     rounds: usize,
-) -> Res<Vec<Report>> {
+) -> Res<(Vec<Report>, Option<String>)> {
     let mut nodes = start_nodes(count, sync, sticky)?;
     let stop = Arc::new(AtomicBool::new(false));
     let lb = start_balancer(
@@ -636,9 +694,13 @@ fn run_rounds(
         let victim = (kill && round == 0 && nodes.len() > 1).then_some(&mut nodes);
         reports.push(drive(lb, &addrs, load, clients, victim)?);
     }
+    let stats = (count > 1).then(|| {
+        let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
+        cluster_stats(&addrs)
+    });
     stop.store(true, Ordering::SeqCst);
     drop(nodes);
-    Ok(reports)
+    Ok((reports, stats))
 }
 
 /// One load of `load.sessions` fresh sessions; with `victim`, node 1 is killed half-way.
