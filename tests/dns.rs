@@ -13,11 +13,7 @@ fn nodes_find_each_other_through_a_dns_name_and_leave_when_it_drops_them() {
     let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
     let dns = DnsResponder::start(ips.clone());
     // All nodes listen on one port, as DNS membership requires; take one free on 127.0.0.1.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = tribes_suite::free_port();
     let nodes: Vec<GroupChannel> = ips
         .iter()
         .map(|ip| {

@@ -85,18 +85,33 @@ fn spawn_java_in(
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("JAVA INTEROP TEST CANNOT RUN: java not found");
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    // Java logs to stderr; keep the last lines, to show them if the node dies.
+    let tail = std::thread::spawn(move || {
+        let mut last: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if last.len() == 20 {
+                last.pop_front();
+            }
+            last.push_back(line);
+        }
+        Vec::from(last).join("\n")
+    });
     let (tx, lines) = crossbeam_channel::unbounded();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
-                break;
+                return;
             }
         }
+        // The process closed its stdout (it exited): say why, as a last line.
+        let why = tail.join().unwrap_or_default();
+        let _ = tx.send(format!("exited; stderr ends with:\n{why}"));
     });
     (child, stdin, lines)
 }
@@ -110,11 +125,7 @@ struct JavaNode {
 
 impl JavaNode {
     fn start(classes: &Path, rust: &Member) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = tribes_suite::free_port();
         let args = [
             port.to_string(),
             rust.host.to_string(),
@@ -447,6 +458,7 @@ fn start_java_mcast_in(
         let line = lines
             .recv_timeout(Duration::from_secs(30))
             .expect("java multicast node did not start");
+        assert!(!line.starts_with("exited"), "java multicast node {line}");
         if let Some(rest) = line.strip_prefix("ready ") {
             let f: Vec<&str> = rest.split_whitespace().collect();
             let addr = format!("127.0.0.1:{}", f[0]).parse().unwrap();
