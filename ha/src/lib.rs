@@ -1,11 +1,28 @@
-//! Web-session replication on top of `tribes` (work in progress).
+//! Web-session replication on top of `tribes`: sessions that survive the loss of a node
+//! behind a load balancer, sticky or not.
 //!
-//! This first part is the protocol core, pure and socket-free: the session model with typed
-//! attributes ([`session`]), the per-session delta log ([`delta`]), the DeltaManager message
-//! vocabulary ([`message`]), the store of session copies with per-session versions and
-//! expiry rules ([`store`]), and the state-transfer queue ([`transfer`]); on top of them the
-//! [`Cluster`] (a `GroupChannel` routing session messages by context) and the
-//! [`DeltaManager`]. The tower layer, route rebinding and the cluster demo come next.
+//! The protocol core is pure and socket-free: the session model with typed attributes
+//! ([`session`]), the per-session delta log ([`delta`]), the DeltaManager message vocabulary
+//! ([`message`]), the store of session copies with per-session versions and expiry rules
+//! ([`store`]), the state-transfer queue ([`transfer`]) and the counters ([`stats`]). On top:
+//! the [`Cluster`] (a `GroupChannel` routing session messages by context, Tribes'
+//! `SimpleTcpCluster` and `ClusterSessionListener`), the [`DeltaManager`] (all-to-all delta
+//! replication, state transfer on join, route rebinding, fetching unknown sessions from the
+//! cluster, repairing copies a dying node left behind), and with the `axum` feature the
+//! tower layer that replicates at request end ([`layer`]).
+//!
+//! ```no_run
+//! use ha::{Cluster, DeltaManager, ManagerConfig};
+//! let cluster = Cluster::with_defaults(tribes::GroupChannel::builder().port(4000))?;
+//! let manager = DeltaManager::new("/", ManagerConfig { sync: true, ..Default::default() });
+//! cluster.register(&manager);
+//! cluster.start()?;
+//! manager.start(&cluster); // pulls the sessions of the oldest member
+//! let id = manager.create_session();
+//! manager.with_session(&id, |s| s.insert("user", &"ada"));
+//! manager.request_completed(&id)?; // replicated to every member before this returns
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod cluster;
 pub mod delta;

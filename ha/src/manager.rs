@@ -508,6 +508,12 @@ impl DeltaManager {
     /// changed it: ask the sender for the whole session. With synchronous replication the
     /// copy is whole again before the sender's request is acknowledged (so before its client
     /// gets an answer); otherwise the request goes out asynchronously.
+    ///
+    /// The synchronous ask waits on a receiver worker while the sender's answer is
+    /// processed by another one here. The answer travels on a connection the sender's
+    /// replying thread picks, which is not the one whose message is waiting (that one is
+    /// busy) unless the sender's pool toward this node is exhausted; then the wait ends at
+    /// the send timeout, the sender's request reports the error, and nothing is lost.
     fn repair(&self, id: &SessionId, sender: &Member, cluster: &ClusterInner) {
         self.counters
             .copies_repaired
