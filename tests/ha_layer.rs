@@ -110,3 +110,36 @@ async fn counter_survives_round_robin_and_a_lost_node() {
     let (_, body, _) = get_with(&app_b, "/counter", Some(&cookie)).await;
     assert_eq!(body, "7");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_saw_the_session_fetches_it_instead_of_starting_over() {
+    let (pa, pb) = (free_port(), free_port());
+    // A lists no member, so nothing it does reaches B; B lists A.
+    let (ca, ma) = ha_node(pa, &[], None).unwrap();
+    ma.start(&ca);
+    let (cb, mb) = ha_node(pb, &[pa], None).unwrap();
+    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
+    mb.start(&cb);
+    let (app_a, _) = app(Arc::clone(&ma));
+    let (app_b, _) = app(Arc::clone(&mb));
+
+    let (_, _, set) = get_with(&app_a, "/counter", None).await;
+    let cookie = set.expect("Set-Cookie");
+    let (_, body, _) = get_with(&app_a, "/counter", Some(&cookie)).await;
+    assert_eq!(body, "2");
+    assert_eq!(mb.len(), 0, "B has not heard of it");
+
+    // B asks the cluster before the handler runs: same session, the count goes on.
+    let (_, body, set) = get_with(&app_b, "/counter", Some(&cookie)).await;
+    assert_eq!(body, "3");
+    assert_eq!(set, None, "no new session, no new cookie");
+    assert_eq!(mb.stats().sessions_fetched, 1);
+
+    // An id nobody has: a new session, as before.
+    let (_, body, set) = get_with(&app_b, "/counter", Some("JSESSIONID=feedbeef")).await;
+    assert_eq!(body, "1");
+    assert!(set.is_some());
+    assert_eq!(mb.stats().fetch_misses, 1);
+    ca.stop().unwrap();
+    cb.stop().unwrap();
+}
