@@ -380,3 +380,78 @@ fn a_copy_left_behind_by_a_partial_replication_is_repaired() {
     assert_eq!(c.manager.stats().copies_repaired, 1);
     assert_eq!(b.manager.stats().sent.session_data, 1);
 }
+
+#[test]
+fn cluster_messages_reach_the_listeners_that_accept_them() {
+    use ha::{ClusterListener, ClusterMessage};
+    use parking_lot::Mutex;
+
+    type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    struct Only(&'static str, Seen);
+    impl ClusterListener for Only {
+        fn accept(&self, msg: &ClusterMessage) -> bool {
+            msg.kind == self.0
+        }
+        fn message_received(&self, msg: &ClusterMessage, _sender: &tribes::Member) {
+            self.1.lock().push((msg.kind.clone(), msg.payload.clone()));
+        }
+    }
+
+    let (pa, pb) = (free_port(), free_port());
+    let a = node(pa, &[pb]);
+    let b = node(pb, &[pa]);
+    for n in [&a, &b] {
+        assert!(n
+            .cluster
+            .channel()
+            .wait_for_members(1, Duration::from_secs(5)));
+        assert!(n.manager.start(&n.cluster));
+    }
+    let evicts = Arc::new(Mutex::new(Vec::new()));
+    b.cluster
+        .add_listener(Only("cache-evict", Arc::clone(&evicts)));
+    let everything = Arc::new(Mutex::new(Vec::new()));
+    let all = Arc::clone(&everything);
+    b.cluster
+        .add_listener(move |m: &ClusterMessage, _: &tribes::Member| {
+            all.lock().push(m.kind.clone());
+        });
+
+    assert_eq!(
+        a.cluster.send_options(),
+        tribes::SendOptions::ASYNCHRONOUS,
+        "Tribes' default"
+    );
+    let payload: Vec<u8> = (0..=255).collect();
+    assert!(a
+        .cluster
+        .send(&ClusterMessage::new("cache-evict", payload.clone()), None)
+        .unwrap());
+    // Synchronous: returns once B's listeners ran.
+    a.cluster
+        .send_with(
+            &ClusterMessage::new("hello", "hi"),
+            None,
+            tribes::SendOptions::USE_ACK | tribes::SendOptions::SYNCHRONIZED_ACK,
+        )
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || everything
+        .lock()
+        .len()
+        == 2));
+    assert_eq!(
+        *evicts.lock(),
+        vec![("cache-evict".to_string(), payload)],
+        "the filtered listener saw only its kind, bytes intact"
+    );
+    // Session traffic is unaffected and cluster messages never reach a manager.
+    let s = a.manager.create_session();
+    assert_eq!(bump(&a, &s), 1);
+    assert_eq!(counter(&b, &s), Some(1));
+    let r = b.manager.stats().received;
+    assert_eq!(
+        (r.created, r.delta, r.get_all_sessions, r.transfer_complete),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(r.total(), 4, "nothing else reached B's manager: {r:?}");
+}

@@ -1,16 +1,108 @@
 //! `Cluster` (Tribes `SimpleTcpCluster`): owns a `GroupChannel`, routes session messages to
-//! the manager of their context (the `ClusterSessionListener` role), and sends for managers.
-//! Unlike Tribes, send errors reach the caller.
+//! the manager of their context (the `ClusterSessionListener` role), sends for managers, and
+//! carries the application's own cluster messages to its [`ClusterListener`]s. Unlike Tribes,
+//! send errors reach the caller.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use log::{debug, warn};
 use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
 use tribes::{ChannelMessage, GroupChannel, Member, ProcessError, SendError, SendOptions};
 
 use crate::manager::DeltaManager;
 use crate::message::{SessionEvent, SessionMessage};
+
+/// A message between cluster members that is not a session event (Tribes'
+/// `ClusterMessage`): a kind for listeners to filter on, and bytes.
+///
+/// On the wire it is a MessagePack map `{kind, payload}`, which never decodes as a
+/// [`SessionMessage`] (and the other way round), so both share the channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMessage {
+    /// What the message is, e.g. `"cache-evict"`.
+    pub kind: String,
+    /// Its content.
+    #[serde(with = "bin")]
+    pub payload: Vec<u8>,
+}
+
+impl ClusterMessage {
+    /// A message of `kind` carrying `payload`.
+    pub fn new(kind: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            kind: kind.into(),
+            payload: payload.into(),
+        }
+    }
+}
+
+/// MessagePack `bin` for the payload (serde would write a `Vec<u8>` as an array of
+/// integers: up to twice the size).
+mod bin {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl<'de> Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(Bytes)
+    }
+}
+
+/// Receives the [`ClusterMessage`]s other members send (Tribes' `ClusterListener`). Runs on
+/// a receiver worker thread: hand long work to a thread of your own.
+///
+/// ```
+/// use ha::{ClusterListener, ClusterMessage};
+/// struct Evict;
+/// impl ClusterListener for Evict {
+///     fn accept(&self, msg: &ClusterMessage) -> bool {
+///         msg.kind == "cache-evict"
+///     }
+///     fn message_received(&self, msg: &ClusterMessage, sender: &tribes::Member) {
+///         println!("{sender} evicts {:?}", String::from_utf8_lossy(&msg.payload));
+///     }
+/// }
+/// ```
+pub trait ClusterListener: Send + Sync + 'static {
+    /// Whether this listener wants the message. Default: every one.
+    fn accept(&self, _msg: &ClusterMessage) -> bool {
+        true
+    }
+
+    /// A message from `sender`.
+    fn message_received(&self, msg: &ClusterMessage, sender: &Member);
+}
+
+impl<F: Fn(&ClusterMessage, &Member) + Send + Sync + 'static> ClusterListener for F {
+    fn message_received(&self, msg: &ClusterMessage, sender: &Member) {
+        self(msg, sender);
+    }
+}
 
 /// A cluster of nodes sharing session managers over one channel.
 ///
@@ -32,6 +124,8 @@ pub struct Cluster {
 pub(crate) struct ClusterInner {
     pub(crate) channel: GroupChannel,
     managers: RwLock<HashMap<String, Arc<DeltaManager>>>,
+    listeners: RwLock<Vec<Arc<dyn ClusterListener>>>,
+    send_options: RwLock<SendOptions>,
 }
 
 impl Cluster {
@@ -41,6 +135,8 @@ impl Cluster {
         let inner = Arc::new(ClusterInner {
             channel,
             managers: RwLock::new(HashMap::new()),
+            listeners: RwLock::new(Vec::new()),
+            send_options: RwLock::new(SendOptions::ASYNCHRONOUS),
         });
         let weak = Arc::downgrade(&inner);
         inner.channel.add_channel_listener(SessionListener(weak));
@@ -90,17 +186,83 @@ impl Cluster {
             .insert(manager.context().to_string(), Arc::clone(manager));
     }
 
+    /// Adds a listener for the application's [`ClusterMessage`]s.
+    pub fn add_listener(&self, listener: impl ClusterListener) {
+        self.inner.listeners.write().push(Arc::new(listener));
+    }
+
+    /// The options [`Cluster::send`] uses. Default `ASYNCHRONOUS`, as Tribes'
+    /// `channelSendOptions` (8). Session managers choose their own
+    /// ([`ManagerConfig::sync`](crate::ManagerConfig::sync)).
+    pub fn send_options(&self) -> SendOptions {
+        *self.inner.send_options.read()
+    }
+
+    /// Changes the options [`Cluster::send`] uses.
+    pub fn set_send_options(&self, options: SendOptions) {
+        *self.inner.send_options.write() = options;
+    }
+
+    /// Sends `msg` to `to`, or to every member when `None`, with the cluster's send options.
+    /// Returns whether there was anyone to send to.
+    ///
+    /// ```no_run
+    /// # let cluster = ha::Cluster::with_defaults(tribes::GroupChannel::builder().port(4000))?;
+    /// cluster.send(&ha::ClusterMessage::new("cache-evict", "user:42"), None)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn send(&self, msg: &ClusterMessage, to: Option<&Member>) -> Result<bool, SendError> {
+        self.send_with(msg, to, self.send_options())
+    }
+
+    /// Like [`Cluster::send`] with explicit options (e.g. `USE_ACK | SYNCHRONIZED_ACK` to
+    /// return once every member's listeners have run).
+    pub fn send_with(
+        &self,
+        msg: &ClusterMessage,
+        to: Option<&Member>,
+        options: SendOptions,
+    ) -> Result<bool, SendError> {
+        let bytes =
+            rmp_serde::to_vec_named(msg).map_err(|e| SendError::Serialize(e.to_string()))?;
+        self.inner.send_bytes(bytes, to, options)
+    }
+
     pub(crate) fn inner(&self) -> Weak<ClusterInner> {
         Arc::downgrade(&self.inner)
     }
 }
 
 impl ClusterInner {
+    fn deliver(&self, msg: &ClusterMessage, sender: &Member) {
+        let listeners: Vec<_> = self.listeners.read().clone();
+        let mut taken = false;
+        for l in listeners.iter().filter(|l| l.accept(msg)) {
+            l.message_received(msg, sender);
+            taken = true;
+        }
+        if !taken {
+            debug!(target: "ha::cluster", "no listener takes cluster message {:?} from {sender}", msg.kind);
+        }
+    }
+
     /// Sends to `to`, or to every member when `None`; with no members it is a no-op.
     /// Returns whether anything was sent.
     pub(crate) fn send(
         &self,
         msg: &SessionMessage,
+        to: Option<&Member>,
+        options: SendOptions,
+    ) -> Result<bool, SendError> {
+        let bytes = msg
+            .encode()
+            .map_err(|e| SendError::Serialize(e.to_string()))?;
+        self.send_bytes(bytes, to, options)
+    }
+
+    fn send_bytes(
+        &self,
+        bytes: Vec<u8>,
         to: Option<&Member>,
         options: SendOptions,
     ) -> Result<bool, SendError> {
@@ -111,14 +273,12 @@ impl ClusterInner {
         if members.is_empty() {
             return Ok(false);
         }
-        let bytes = msg
-            .encode()
-            .map_err(|e| SendError::Serialize(e.to_string()))?;
         self.channel.send(&members, bytes, options).map(|_| true)
     }
 }
 
-/// Routes received session messages to managers (Tribes `ClusterSessionListener`).
+/// Routes received session messages to managers (Tribes `ClusterSessionListener`), and the
+/// application's cluster messages to its listeners.
 struct SessionListener(Weak<ClusterInner>);
 
 impl tribes::ChannelListener for SessionListener {
@@ -133,7 +293,12 @@ impl tribes::ChannelListener for SessionListener {
         let sm = match SessionMessage::decode(&msg.payload) {
             Ok(m) => m,
             Err(e) => {
-                debug!(target: "ha::cluster", "not a session message from {}: {e}", msg.sender);
+                match rmp_serde::from_slice::<ClusterMessage>(&msg.payload) {
+                    Ok(cm) => cluster.deliver(&cm, &msg.sender),
+                    Err(_) => {
+                        debug!(target: "ha::cluster", "neither a session nor a cluster message from {}: {e}", msg.sender)
+                    }
+                }
                 return Ok(());
             }
         };
@@ -153,5 +318,31 @@ impl tribes::ChannelListener for SessionListener {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::SessionId;
+
+    #[test]
+    fn cluster_and_session_messages_never_decode_as_each_other() {
+        let cm = ClusterMessage::new("k", vec![0u8, 1, 255]);
+        let bytes = rmp_serde::to_vec_named(&cm).unwrap();
+        assert!(SessionMessage::decode(&bytes).is_err());
+        assert_eq!(rmp_serde::from_slice::<ClusterMessage>(&bytes).unwrap(), cm);
+        // The payload travels as MessagePack bin: 2 bytes of header, then the bytes.
+        assert!(bytes.ends_with(&[0xc4, 3, 0, 1, 255]), "{bytes:?}");
+
+        let sm = SessionMessage {
+            context: "/".into(),
+            timestamp_ms: 1,
+            event: SessionEvent::Expired {
+                id: SessionId::new("a"),
+            },
+        };
+        let bytes = sm.encode().unwrap();
+        assert!(rmp_serde::from_slice::<ClusterMessage>(&bytes).is_err());
     }
 }

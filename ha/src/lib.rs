@@ -36,7 +36,7 @@ pub mod stats;
 pub mod store;
 pub mod transfer;
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, ClusterListener, ClusterMessage};
 pub use delta::{Action, Delta, DeltaLog};
 pub use error::SessionError;
 pub use manager::{AttributeFilter, DeltaManager, ManagerConfig};
