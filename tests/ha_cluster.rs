@@ -455,3 +455,32 @@ fn cluster_messages_reach_the_listeners_that_accept_them() {
     );
     assert_eq!(r.total(), 4, "nothing else reached B's manager: {r:?}");
 }
+
+#[test]
+fn fetching_asks_the_next_member_when_the_first_does_not_have_it() {
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    // Only A has the session; B knows A and C, and asks them in an order it picks.
+    let a = node(pa, &[]);
+    let c = node(pc, &[]);
+    assert!(a.manager.start(&a.cluster) && c.manager.start(&c.cluster));
+    let b = node(pb, &[pa, pc]);
+    assert!(b
+        .cluster
+        .channel()
+        .wait_for_members(2, Duration::from_secs(5)));
+    assert!(b.manager.start(&b.cluster));
+    for i in 0..6 {
+        let s = a.manager.create_session();
+        assert_eq!(bump(&a, &s), 1);
+        assert!(b.manager.fetch(&s), "session {i}");
+        assert_eq!(counter(&b, &s), Some(1));
+    }
+    let st = b.manager.stats();
+    assert_eq!(st.sessions_fetched, 6);
+    // One ask when A came first, two when C did; never more.
+    assert!((6..=12).contains(&st.sent.get_session), "{st:?}");
+    assert_eq!(
+        c.manager.stats().received.get_session + a.manager.stats().received.get_session,
+        st.sent.get_session
+    );
+}

@@ -15,6 +15,9 @@ use crate::stats::{Counters, ManagerStats};
 use crate::store::{Applied, SessionStore};
 use crate::transfer::{Offer, StateTransfer};
 
+/// Members [`DeltaManager::fetch`] asks in turn before it gives up on a session id.
+const MAX_MEMBERS_ASKED: usize = 3;
+
 /// Settings of a [`DeltaManager`].
 #[derive(Clone)]
 pub struct ManagerConfig {
@@ -41,8 +44,8 @@ pub struct ManagerConfig {
     pub expire_sessions_on_shutdown: bool,
     /// A request whose session id this node does not hold asks the members for it
     /// ([`DeltaManager::fetch`]) before the application sees no session; at most this many
-    /// asks at a time (each is one synchronous round trip to every member, so ids from
-    /// forged cookies cannot tie up more), 0 = never ask. Default 32. Not in Tribes, where
+    /// asks at a time (each is up to three synchronous round trips, so ids from forged
+    /// cookies cannot tie up more), 0 = never ask. Default 32. Not in Tribes, where
     /// such a request starts a new session: with asynchronous replication behind a
     /// round-robin balancer that is most requests that follow a session's first one.
     pub max_concurrent_fetches: usize,
@@ -243,11 +246,11 @@ impl DeltaManager {
         self.store.lock().get_by_base(id.base()).is_some()
     }
 
-    /// Asks the members for a session this node does not hold (a request carried its id)
-    /// and waits until every member has answered; returns whether a copy arrived. Members
-    /// that hold it send it back before they acknowledge, so on return it is in the store
-    /// (as a non-primary copy, under the holder's id: [`DeltaManager::rebind`] renames it).
-    /// Bounded by [`ManagerConfig::max_concurrent_fetches`] and the send timeout.
+    /// Asks the members, one after another (at most three), for a session this node does
+    /// not hold (a request carried its id); returns whether a copy arrived. A member that
+    /// holds it sends it back before it acknowledges the question, so on return it is in the
+    /// store (as a non-primary copy, under the holder's id: [`DeltaManager::rebind`] renames
+    /// it). Bounded by [`ManagerConfig::max_concurrent_fetches`] and the send timeout.
     ///
     /// With asynchronous replication behind a round-robin balancer, a session's second
     /// request often arrives before its creation did; this keeps that request on the same
@@ -266,14 +269,31 @@ impl DeltaManager {
             debug!(target: "ha::manager", "{}: {cap} session fetches in flight; not asking for {id}", self.context);
             return false;
         }
+        let members = self
+            .cluster
+            .lock()
+            .upgrade()
+            .map(|c| c.channel.members())
+            .unwrap_or_default();
+        // One member at a time: with all-to-all replication the first one asked has it, so
+        // one answer comes back instead of one from every member. Starting points differ
+        // per session, so the asking is spread over the members.
         let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
-        let asked = self.send(
-            &self.message(SessionEvent::GetSession { id: id.clone() }),
-            None,
-            sync,
-        );
+        let ask = self.message(SessionEvent::GetSession { id: id.clone() });
+        let start = id.base().bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        let mut asked = Ok(());
+        let mut found = false;
+        for k in 0..members.len().min(MAX_MEMBERS_ASKED) {
+            let m = &members[(start + k) % members.len()];
+            asked = self.send(&ask, Some(m), sync);
+            found = self.knows(id);
+            if found {
+                break;
+            }
+        }
         self.fetching.fetch_sub(1, Ordering::AcqRel);
-        let found = self.knows(id);
         if found {
             self.counters
                 .sessions_fetched
