@@ -6,8 +6,26 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn example(name: &str) -> PathBuf {
+    // `cargo test --test cluster_demo` alone does not build examples: build it here, so the
+    // test never runs a stale binary (a no-op when `cargo test` just built it).
     // target/<profile>/deps/<this test> -> target/<profile>/examples/<name>
     let exe = std::env::current_exe().expect("test binary path");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let release = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .is_some_and(|profile| profile.ends_with("release"));
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "--example", name]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --example {name} failed");
+    }
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
