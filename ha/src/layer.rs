@@ -4,8 +4,10 @@
 //!
 //! With a synchronous manager ([`crate::ManagerConfig::sync`]) the response is sent only
 //! after every member applied the change, so a client that lands on another node next sees
-//! its own writes. The replication call blocks the task briefly (a loopback round trip);
-//! run the server on a multi-threaded runtime.
+//! its own writes. A cookie naming a session this node has not seen makes it ask the
+//! cluster first ([`crate::DeltaManager::fetch`]), so a request that overtook the session's
+//! replication does not start a new session. Both block the task briefly (a loopback
+//! round trip); run the server on a multi-threaded runtime.
 
 use std::future::Future;
 use std::pin::Pin;
