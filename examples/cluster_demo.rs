@@ -185,7 +185,7 @@ fn node_main(args: &[String]) -> Res<()> {
             ..ManagerConfig::default()
         },
     );
-    cluster.register(&manager);
+    cluster.register(&manager)?;
     cluster.start()?;
     manager.start(&cluster);
     let stats_of = Arc::clone(&manager);

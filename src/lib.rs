@@ -260,7 +260,9 @@ pub fn ha_node_with(
             ..cfg
         },
     );
-    cluster.register(&manager);
+    cluster
+        .register(&manager)
+        .map_err(|e| ChannelError::Io(std::io::Error::other(e)))?;
     cluster.start()?;
     Ok((cluster, manager))
 }

@@ -268,7 +268,7 @@ fn a_cluster_with_tribes_defaults_replicates_over_multicast() {
                 ..Default::default()
             },
         );
-        c.register(&m);
+        c.register(&m).unwrap();
         c.start().unwrap();
         (c, m)
     };

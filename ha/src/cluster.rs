@@ -11,6 +11,7 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tribes::{ChannelMessage, GroupChannel, Member, ProcessError, SendError, SendOptions};
 
+use crate::error::SessionError;
 use crate::manager::DeltaManager;
 use crate::message::{SessionEvent, SessionMessage};
 
@@ -112,7 +113,7 @@ impl<F: Fn(&ClusterMessage, &Member) + Send + Sync + 'static> ClusterListener fo
 /// let channel = tribes::GroupChannel::builder().port(0).build()?;
 /// let cluster = Cluster::new(channel);
 /// let shop = DeltaManager::new("/shop", ManagerConfig::default());
-/// cluster.register(&shop);
+/// cluster.register(&shop)?;
 /// cluster.start()?;
 /// shop.start(&cluster);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -178,12 +179,19 @@ impl Cluster {
         &self.inner.channel
     }
 
-    /// Registers a manager under its context name.
-    pub fn register(&self, manager: &Arc<DeltaManager>) {
-        self.inner
-            .managers
-            .write()
-            .insert(manager.context().to_string(), Arc::clone(manager));
+    /// Registers a manager under its context name. Refuses a manager whose settings are
+    /// invalid ([`ManagerConfig::validate`](crate::ManagerConfig::validate)) or whose context
+    /// has a manager already.
+    pub fn register(&self, manager: &Arc<DeltaManager>) -> Result<(), SessionError> {
+        manager.config().validate(manager.context())?;
+        let mut managers = self.inner.managers.write();
+        if managers.contains_key(manager.context()) {
+            return Err(SessionError::DuplicateContext(
+                manager.context().to_string(),
+            ));
+        }
+        managers.insert(manager.context().to_string(), Arc::clone(manager));
+        Ok(())
     }
 
     /// Adds a listener for the application's [`ClusterMessage`]s.
@@ -325,6 +333,39 @@ impl tribes::ChannelListener for SessionListener {
 mod tests {
     use super::*;
     use crate::session::SessionId;
+
+    #[test]
+    fn register_refuses_bad_settings_and_a_second_manager_for_a_context() {
+        use crate::ManagerConfig;
+        let cluster = Cluster::new(GroupChannel::builder().port(0).build().unwrap());
+        let bad = DeltaManager::new(
+            "/a",
+            ManagerConfig {
+                route: Some("n;1".into()),
+                ..ManagerConfig::default()
+            },
+        );
+        let err = cluster.register(&bad).unwrap_err();
+        assert!(
+            matches!(err, SessionError::InvalidConfig { field: "route", .. }),
+            "{err}"
+        );
+        let zero = DeltaManager::new(
+            "/a",
+            ManagerConfig {
+                max_transfer_queue: 0,
+                ..ManagerConfig::default()
+            },
+        );
+        assert!(cluster.register(&zero).is_err());
+        let good = DeltaManager::new("/a", ManagerConfig::default());
+        cluster.register(&good).unwrap();
+        let again = DeltaManager::new("/a", ManagerConfig::default());
+        assert_eq!(
+            cluster.register(&again),
+            Err(SessionError::DuplicateContext("/a".into()))
+        );
+    }
 
     #[test]
     fn cluster_and_session_messages_never_decode_as_each_other() {

@@ -22,6 +22,17 @@ pub enum SessionError {
     },
     /// A replication message could not be decoded.
     Codec(String),
+    /// A manager's configuration was refused when it was registered.
+    InvalidConfig {
+        /// The context the manager is for.
+        context: String,
+        /// The setting.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A manager for this context is registered already.
+    DuplicateContext(String),
 }
 
 impl fmt::Display for SessionError {
@@ -40,6 +51,14 @@ impl fmt::Display for SessionError {
                 )
             }
             Self::Codec(reason) => write!(f, "bad session message: {reason}"),
+            Self::InvalidConfig {
+                context,
+                field,
+                reason,
+            } => write!(f, "manager for {context:?}: invalid {field}: {reason}"),
+            Self::DuplicateContext(context) => {
+                write!(f, "a manager for {context:?} is registered already")
+            }
         }
     }
 }

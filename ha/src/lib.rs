@@ -15,7 +15,7 @@
 //! use ha::{Cluster, DeltaManager, ManagerConfig};
 //! let cluster = Cluster::with_defaults(tribes::GroupChannel::builder().port(4000))?;
 //! let manager = DeltaManager::new("/", ManagerConfig { sync: true, ..Default::default() });
-//! cluster.register(&manager);
+//! cluster.register(&manager)?;
 //! cluster.start()?;
 //! manager.start(&cluster); // pulls the sessions of the oldest member
 //! let id = manager.create_session();

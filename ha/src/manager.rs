@@ -9,6 +9,7 @@ use parking_lot::{Condvar, Mutex};
 use tribes::{Member, ProcessError, SendError, SendOptions};
 
 use crate::cluster::{Cluster, ClusterInner};
+use crate::error::SessionError;
 use crate::message::{SessionEvent, SessionMessage};
 use crate::session::{Session, SessionId};
 use crate::stats::{Counters, ManagerStats};
@@ -70,6 +71,48 @@ impl Default for ManagerConfig {
     }
 }
 
+impl ManagerConfig {
+    /// Checks the settings (done by [`Cluster::register`]).
+    ///
+    /// ```
+    /// let bad = ha::ManagerConfig { route: Some("node 1".into()), ..Default::default() };
+    /// assert!(bad.validate("/").is_err());
+    /// assert!(ha::ManagerConfig::default().validate("/").is_ok());
+    /// ```
+    pub fn validate(&self, context: &str) -> Result<(), SessionError> {
+        let invalid = |field, reason: &str| {
+            Err(SessionError::InvalidConfig {
+                context: context.to_string(),
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if let Some(route) = &self.route {
+            // It ends up in a cookie after a '.': letters, digits, '-' and '_' only.
+            let ok = !route.is_empty()
+                && route
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return invalid(
+                    "route",
+                    "must be letters, digits, '-' or '_' (it goes into the session cookie)",
+                );
+            }
+        }
+        if self.send_all_sessions_size == 0 {
+            return invalid("send_all_sessions_size", "must be at least 1");
+        }
+        if self.max_transfer_queue == 0 {
+            return invalid(
+                "max_transfer_queue",
+                "must be at least 1 (messages arriving during a state transfer would all be dropped)",
+            );
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for ManagerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ManagerConfig")
@@ -118,6 +161,11 @@ impl DeltaManager {
     /// The context name messages are routed by.
     pub fn context(&self) -> &str {
         &self.context
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
     }
 
     /// Pulls the state from the oldest member (bounded by the transfer timeout), then
