@@ -484,3 +484,44 @@ fn fetching_asks_the_next_member_when_the_first_does_not_have_it() {
         st.sent.get_session
     );
 }
+
+#[test]
+fn idle_sessions_expire_by_themselves_on_every_node() {
+    let (pa, pb) = (free_port(), free_port());
+    let a = node(pa, &[pb]);
+    let b = node(pb, &[pa]);
+    for n in [&a, &b] {
+        assert!(n
+            .cluster
+            .channel()
+            .wait_for_members(1, Duration::from_secs(5)));
+        assert!(n.manager.start(&n.cluster));
+        n.cluster
+            .set_expire_interval(Duration::from_millis(50))
+            .unwrap();
+    }
+    let idle = a.manager.create_session();
+    a.manager
+        .with_session(&idle, |s| s.set_max_inactive_secs(1));
+    a.manager.request_completed(&idle).unwrap();
+    let busy = a.manager.create_session();
+    assert!(b.manager.session(&idle).is_some());
+    // Nobody calls expire: the clusters' threads do.
+    let t0 = Instant::now();
+    assert!(wait_until(Duration::from_secs(5), || a
+        .manager
+        .session(&idle)
+        .is_none()
+        && b.manager.session(&idle).is_none()));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "not before its interval"
+    );
+    assert!(a.manager.session(&busy).is_some(), "30 minutes to go");
+    assert_eq!(a.manager.stats().sessions_expired, 1);
+    assert!(tribes_suite::thread_names()
+        .iter()
+        .any(|n| n.starts_with("ha-expiry-")));
+    a.cluster.stop().unwrap();
+    b.cluster.stop().unwrap();
+}

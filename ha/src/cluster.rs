@@ -6,14 +6,20 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
+use std::thread::JoinHandle;
+use std::time::Duration;
+
 use log::{debug, warn};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tribes::{ChannelMessage, GroupChannel, Member, ProcessError, SendError, SendOptions};
 
 use crate::error::SessionError;
 use crate::manager::DeltaManager;
 use crate::message::{SessionEvent, SessionMessage};
+
+/// Default of [`Cluster::set_expire_interval`].
+const DEFAULT_EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 /// A message between cluster members that is not a session event (Tribes'
 /// `ClusterMessage`): a kind for listeners to filter on, and bytes.
@@ -120,6 +126,9 @@ impl<F: Fn(&ClusterMessage, &Member) + Send + Sync + 'static> ClusterListener fo
 /// ```
 pub struct Cluster {
     inner: Arc<ClusterInner>,
+    expire_every: Mutex<Duration>,
+    /// The expiry thread and the sender whose drop stops it.
+    expiry: Mutex<Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>>,
 }
 
 pub(crate) struct ClusterInner {
@@ -141,7 +150,11 @@ impl Cluster {
         });
         let weak = Arc::downgrade(&inner);
         inner.channel.add_channel_listener(SessionListener(weak));
-        Self { inner }
+        Self {
+            inner,
+            expire_every: Mutex::new(DEFAULT_EXPIRE_EVERY),
+            expiry: Mutex::new(None),
+        }
     }
 
     /// A cluster over a channel built from `builder` with Tribes' cluster defaults: when no
@@ -164,14 +177,71 @@ impl Cluster {
         Ok(Self::new(builder.build()?))
     }
 
-    /// Starts the channel (all levels).
+    /// Starts the channel (all levels) and the thread that expires idle sessions
+    /// (`ha-expiry-<channel name>`, every [`Cluster::set_expire_interval`]).
     pub fn start(&self) -> Result<(), tribes::ChannelError> {
-        self.inner.channel.start(tribes::Levels::ALL)
+        self.inner.channel.start(tribes::Levels::ALL)?;
+        self.start_expiry()?;
+        Ok(())
     }
 
-    /// Stops the channel.
+    /// Stops the expiry thread (joined) and the channel.
     pub fn stop(&self) -> Result<(), tribes::ChannelError> {
+        self.stop_expiry();
         self.inner.channel.stop(tribes::Levels::ALL)
+    }
+
+    /// How often the registered managers expire idle sessions ([`DeltaManager::expire`]).
+    /// Default 60 s (Tomcat: `processExpiresFrequency` 6 × `backgroundProcessorDelay`
+    /// 10 s); zero turns the thread off (call `expire` yourself). On a running cluster the
+    /// thread restarts with the new interval.
+    pub fn set_expire_interval(&self, every: Duration) -> std::io::Result<()> {
+        *self.expire_every.lock() = every;
+        let running = self.expiry.lock().is_some();
+        if running {
+            self.stop_expiry();
+            self.start_expiry()?;
+        }
+        Ok(())
+    }
+
+    fn start_expiry(&self) -> std::io::Result<()> {
+        let every = *self.expire_every.lock();
+        let mut slot = self.expiry.lock();
+        if every.is_zero() || slot.is_some() {
+            return Ok(());
+        }
+        // Never sent on: dropping the sender is the stop signal.
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let inner = Arc::downgrade(&self.inner);
+        let handle = std::thread::Builder::new()
+            .name(format!("ha-expiry-{}", self.inner.channel.name()))
+            .spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(every)
+                {
+                    let Some(inner) = inner.upgrade() else {
+                        return;
+                    };
+                    let managers: Vec<_> = inner.managers.read().values().cloned().collect();
+                    let now = crate::now_ms();
+                    for m in managers {
+                        let gone = m.expire(now);
+                        if !gone.is_empty() {
+                            debug!(target: "ha::cluster", "{}: {} session(s) expired", m.context(), gone.len());
+                        }
+                    }
+                }
+            })?;
+        *slot = Some((stop, handle));
+        Ok(())
+    }
+
+    fn stop_expiry(&self) {
+        if let Some((stop, handle)) = self.expiry.lock().take() {
+            drop(stop);
+            let _ = handle.join();
+        }
     }
 
     /// The channel.
@@ -238,6 +308,12 @@ impl Cluster {
 
     pub(crate) fn inner(&self) -> Weak<ClusterInner> {
         Arc::downgrade(&self.inner)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_expiry();
     }
 }
 

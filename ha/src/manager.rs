@@ -460,15 +460,13 @@ impl DeltaManager {
 
     /// Expires idle sessions at `now_ms`; expiries of primaries are replicated.
     pub fn expire(&self, now_ms: i64) -> Vec<SessionId> {
-        let primaries: Vec<SessionId> = {
-            let store = self.store.lock();
-            store
-                .snapshot()
-                .into_iter()
-                .filter(|s| s.is_primary() && s.is_expired(now_ms))
-                .map(|s| s.id().clone())
-                .collect()
-        };
+        let primaries: Vec<SessionId> = self
+            .store
+            .lock()
+            .iter()
+            .filter(|s| s.is_primary() && s.is_expired(now_ms))
+            .map(|s| s.id().clone())
+            .collect();
         let gone = self.store.lock().expire(now_ms);
         self.counters
             .sessions_expired

@@ -117,6 +117,11 @@ impl SessionStore {
         self.sessions.is_empty()
     }
 
+    /// The sessions held, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Session> {
+        self.sessions.values()
+    }
+
     /// All sessions (for state transfer), cloned.
     pub fn snapshot(&self) -> Vec<Session> {
         self.sessions.values().cloned().collect()
