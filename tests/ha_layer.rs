@@ -143,3 +143,46 @@ async fn a_node_that_never_saw_the_session_fetches_it_instead_of_starting_over()
     ca.stop().unwrap();
     cb.stop().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logging_in_cycles_the_session_id_on_every_node() {
+    async fn login(session: Session) -> &'static str {
+        session.insert("user", &"ada").unwrap();
+        session.cycle_id();
+        "welcome"
+    }
+    async fn whoami(session: Session) -> String {
+        session.get::<String>("user").unwrap().unwrap_or_default()
+    }
+    let (pa, pb) = (free_port(), free_port());
+    let (ca, ma) = ha_node(pa, &[pb], None).unwrap();
+    let (cb, mb) = ha_node(pb, &[pa], None).unwrap();
+    assert!(ca.channel().wait_for_members(1, Duration::from_secs(5)));
+    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
+    ma.start(&ca);
+    mb.start(&cb);
+    let routes = |m: Arc<ha::DeltaManager>| {
+        Router::new()
+            .route("/counter", get(counter))
+            .route("/login", get(login))
+            .route("/whoami", get(whoami))
+            .layer(ReplicationLayer::new(m))
+    };
+    let (app_a, app_b) = (routes(Arc::clone(&ma)), routes(Arc::clone(&mb)));
+
+    let (_, _, set) = get_with(&app_a, "/counter", None).await;
+    let before = set.expect("cookie");
+    let (_, body, set) = get_with(&app_a, "/login", Some(&before)).await;
+    assert_eq!(body, "welcome");
+    let after = set.expect("a new cookie after login");
+    assert_ne!(after, before);
+    // The other node knows the session by its new id only, with what login stored.
+    let (_, body, _) = get_with(&app_b, "/whoami", Some(&after)).await;
+    assert_eq!(body, "ada");
+    let old = ha::SessionId::new(before.trim_start_matches("JSESSIONID="));
+    assert!(mb.session(&old).is_none() && ma.session(&old).is_none());
+    let (_, body, _) = get_with(&app_b, "/counter", Some(&after)).await;
+    assert_eq!(body, "2", "same session: the counter goes on");
+    ca.stop().unwrap();
+    cb.stop().unwrap();
+}

@@ -288,6 +288,20 @@ impl Session {
         }
     }
 
+    /// Gives the session a new id (here and on every member) and sends the client the new
+    /// cookie: call it when a user logs in, against session fixation. Does nothing without
+    /// a session.
+    pub fn cycle_id(&self) {
+        let mut h = self.inner.lock();
+        let Some(old) = h.id.clone() else {
+            return;
+        };
+        if let Some(new) = h.manager.cycle_id(&old) {
+            h.id = Some(new);
+            h.set_cookie = true;
+        }
+    }
+
     /// Invalidates the session here and everywhere.
     pub fn invalidate(&self) {
         let mut h = self.inner.lock();

@@ -248,11 +248,7 @@ impl DeltaManager {
     /// not be told is logged and counted ([`DeltaManager::stats`]); the session's first
     /// delta creates its copy there later.
     pub fn create_session(&self) -> SessionId {
-        let raw = format!("{:032x}", u128::from_be_bytes(tribes::UniqueId::random().0));
-        let id = match &self.cfg.route {
-            Some(r) => SessionId::new(format!("{raw}.{r}")),
-            None => SessionId::new(raw),
-        };
+        let id = self.new_id();
         let s = Session::new(id.clone(), crate::now_ms(), self.cfg.max_inactive_secs);
         {
             let mut store = self.store.lock();
@@ -268,6 +264,31 @@ impl DeltaManager {
         });
         let _ = self.send(&msg, None, self.options());
         id
+    }
+
+    /// A fresh random id (128 bits), with this node's route if one is configured.
+    fn new_id(&self) -> SessionId {
+        let raw = format!("{:032x}", u128::from_be_bytes(tribes::UniqueId::random().0));
+        match &self.cfg.route {
+            Some(r) => SessionId::new(format!("{raw}.{r}")),
+            None => SessionId::new(raw),
+        }
+    }
+
+    /// Gives the session a new random id, here and on every member (servlet
+    /// `changeSessionId`, against session fixation: call it when a user logs in). Returns
+    /// the new id for the cookie, or `None` when this node does not hold the session.
+    ///
+    /// ```
+    /// # use ha::{DeltaManager, ManagerConfig};
+    /// let m = DeltaManager::new("/", ManagerConfig::default());
+    /// let old = m.create_session();
+    /// let new = m.cycle_id(&old).unwrap();
+    /// assert!(m.session(&old).is_none() && m.session(&new).is_some());
+    /// ```
+    pub fn cycle_id(&self, old: &SessionId) -> Option<SessionId> {
+        let new = self.new_id();
+        self.change_session_id(old, new.clone()).then_some(new)
     }
 
     /// Runs `f` on the session (recording the access), if this node has it. Changes are
