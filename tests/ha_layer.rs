@@ -166,6 +166,13 @@ async fn logging_in_cycles_the_session_id_on_every_node() {
             .route("/counter", get(counter))
             .route("/login", get(login))
             .route("/whoami", get(whoami))
+            .route(
+                "/logout",
+                get(|session: Session| async move {
+                    session.invalidate();
+                    "bye"
+                }),
+            )
             .layer(ReplicationLayer::new(m))
     };
     let (app_a, app_b) = (routes(Arc::clone(&ma)), routes(Arc::clone(&mb)));
@@ -183,6 +190,30 @@ async fn logging_in_cycles_the_session_id_on_every_node() {
     assert!(mb.session(&old).is_none() && ma.session(&old).is_none());
     let (_, body, _) = get_with(&app_b, "/counter", Some(&after)).await;
     assert_eq!(body, "2", "same session: the counter goes on");
+
+    // Logging out on B ends the session on both nodes and expires the cookie.
+    let resp = app_b
+        .clone()
+        .oneshot(
+            Request::get("/logout")
+                .header(header::COOKIE, &after)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let set = resp
+        .headers()
+        .get(header::SET_COOKIE)
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(
+        set.starts_with("JSESSIONID=;") && set.contains("Max-Age=0"),
+        "{set}"
+    );
+    let id = ha::SessionId::new(after.trim_start_matches("JSESSIONID="));
+    assert!(ma.session(&id).is_none() && mb.session(&id).is_none());
     ca.stop().unwrap();
     cb.stop().unwrap();
 }

@@ -182,6 +182,7 @@ where
                 manager: Arc::clone(&cfg.manager),
                 id: current,
                 set_cookie: cookie_changed,
+                clear_cookie: false,
             })),
         };
         req.extensions_mut().insert(session.clone());
@@ -190,10 +191,17 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let mut resp = inner.call(req).await?;
-            let (id, set_cookie) = {
+            let (id, set_cookie, clear_cookie) = {
                 let h = session.inner.lock();
-                (h.id.clone(), h.set_cookie)
+                (h.id.clone(), h.set_cookie, h.clear_cookie)
             };
+            if id.is_none() && clear_cookie {
+                // An expired cookie: the client stops sending an id nobody holds.
+                let value = format!("{}=; Path=/; Max-Age=0; HttpOnly", cfg.cookie);
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    resp.headers_mut().append(header::SET_COOKIE, v);
+                }
+            }
             if let Some(id) = id {
                 if filtered {
                     cfg.stats.filtered.fetch_add(1, Ordering::Relaxed);
@@ -237,6 +245,9 @@ struct Handle {
     manager: Arc<DeltaManager>,
     id: Option<SessionId>,
     set_cookie: bool,
+    /// The session was invalidated: tell the client to drop its cookie (unless a new
+    /// session replaced it).
+    clear_cookie: bool,
 }
 
 /// The request's session, as an axum extractor. Created on the first `insert`.
@@ -302,11 +313,14 @@ impl Session {
         }
     }
 
-    /// Invalidates the session here and everywhere.
+    /// Invalidates the session here and everywhere, and tells the client to drop its
+    /// cookie (unless the handler starts a new session afterwards).
     pub fn invalidate(&self) {
         let mut h = self.inner.lock();
         if let Some(id) = h.id.take() {
             h.manager.invalidate(&id);
+            h.clear_cookie = true;
+            h.set_cookie = false;
         }
     }
 }
