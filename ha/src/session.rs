@@ -80,6 +80,10 @@ pub struct Session {
     primary: bool,
     #[serde(skip)]
     delta: DeltaLog,
+    /// A copy made from a first delta that overtook its CREATED: the interval is a
+    /// placeholder until CREATED brings the real one.
+    #[serde(skip)]
+    interval_pending: bool,
 }
 
 impl Session {
@@ -95,6 +99,7 @@ impl Session {
             version: 0,
             primary: true,
             delta: DeltaLog::default(),
+            interval_pending: false,
         }
     }
 
@@ -239,7 +244,10 @@ impl Session {
                 Action::RemoveAttribute { name } => {
                     self.attributes.remove(name);
                 }
-                Action::SetMaxInactive(s) => self.max_inactive_secs = *s,
+                Action::SetMaxInactive(s) => {
+                    self.max_inactive_secs = *s;
+                    self.interval_pending = false;
+                }
                 Action::SetNew(n) => self.is_new = *n,
             }
         }
@@ -248,6 +256,22 @@ impl Session {
     }
 
     /// Renames the session (id rotation or route rebinding).
+    /// A copy made from a first delta, before its CREATED arrived: never expires until the
+    /// CREATED (or a later change of the interval) says otherwise.
+    pub(crate) fn replica_awaiting_created(id: SessionId, created_ms: i64) -> Self {
+        Self {
+            interval_pending: true,
+            ..Self::replica(id, created_ms, -1)
+        }
+    }
+
+    /// A late CREATED: takes its interval if this copy is still waiting for one.
+    pub(crate) fn created_arrived(&mut self, max_inactive_secs: i64) {
+        if std::mem::take(&mut self.interval_pending) {
+            self.max_inactive_secs = max_inactive_secs;
+        }
+    }
+
     pub(crate) fn rename(&mut self, id: SessionId) {
         self.id = id;
     }

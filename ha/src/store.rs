@@ -143,6 +143,7 @@ impl SessionStore {
             } => {
                 self.sessions
                     .entry(id.base().to_owned())
+                    .and_modify(|s| s.created_arrived(*max_inactive_secs))
                     .or_insert_with(|| Session::replica(id.clone(), sent_ms, *max_inactive_secs));
                 Applied::Changed
             }
@@ -232,9 +233,10 @@ impl SessionStore {
             }
             // The first delta of a session can stand in for a CREATED that has not arrived
             // (they may travel on different connections).
-            Entry::Vacant(e) if delta.version == 1 => {
-                e.insert(Session::replica(delta.session_id.clone(), sent_ms, -1))
-            }
+            Entry::Vacant(e) if delta.version == 1 => e.insert(Session::replica_awaiting_created(
+                delta.session_id.clone(),
+                sent_ms,
+            )),
             Entry::Vacant(_) => {
                 debug!(target: "ha::store", "delta for unknown session {}", delta.session_id);
                 return Applied::Unknown;
@@ -373,7 +375,32 @@ mod tests {
             store.apply(&SessionEvent::Delta(d[0].clone()), 1),
             Applied::Changed
         );
-        assert!(!store.get(&SessionId::new("s")).unwrap().is_primary());
+        let id = SessionId::new("s");
+        assert!(!store.get(&id).unwrap().is_primary());
+        assert_eq!(
+            store.get(&id).unwrap().max_inactive_secs(),
+            -1,
+            "not known yet"
+        );
+        // The CREATED that was overtaken brings the interval; the delta's data stays.
+        let created = SessionEvent::Created {
+            id: id.clone(),
+            max_inactive_secs: 60,
+        };
+        assert_eq!(store.apply(&created, 0), Applied::Changed);
+        let copy = store.get(&id).unwrap();
+        assert_eq!(copy.max_inactive_secs(), 60);
+        assert_eq!(copy.get::<u32>("count").unwrap(), Some(1));
+        assert_eq!(copy.version(), 1);
+        // A repeated CREATED changes nothing any more.
+        store.apply(
+            &SessionEvent::Created {
+                id: id.clone(),
+                max_inactive_secs: 5,
+            },
+            0,
+        );
+        assert_eq!(store.get(&id).unwrap().max_inactive_secs(), 60);
     }
 
     #[test]
