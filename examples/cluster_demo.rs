@@ -559,7 +559,9 @@ struct Summary {
 }
 
 fn run_demo(sync: bool, sticky: bool, load: Load) -> Res<()> {
-    let r = run_load(NODES, sync, sticky, true, load, Clients::ViaBalancer)?;
+    let r = run_rounds(NODES, sync, sticky, true, load, Clients::ViaBalancer, 1)?
+        .0
+        .remove(0);
     println!("{}", r.line());
     // With synchronous replication every answer a client got is on the other nodes before
     // it got it, and the balancer retries a request whose node died before answering (the
@@ -649,19 +651,6 @@ impl Report {
             self.sent, self.failed, self.lost, self.backward, self.skipped, self.rate, self.p50, self.p99, self.secs
         )
     }
-}
-
-fn run_load(
-    count: NodeCount,
-    sync: bool,
-    sticky: bool,
-    kill: bool,
-    load: Load,
-    clients: Clients,
-) -> Res<Report> {
-    Ok(run_rounds(count, sync, sticky, kill, load, clients, 1)?
-        .0
-        .remove(0))
 }
 
 /// Starts the nodes and the balancer once, then drives `rounds` loads of fresh sessions

@@ -21,6 +21,20 @@ fn node_with_route(port: u16, peers: &[u16], route: Option<&str>) -> Node {
     Node { cluster, manager }
 }
 
+/// Two nodes that list each other, both members and both managers started.
+fn started_pair() -> (Node, Node) {
+    let (pa, pb) = (free_port(), free_port());
+    let (a, b) = (node(pa, &[pb]), node(pb, &[pa]));
+    for n in [&a, &b] {
+        assert!(n
+            .cluster
+            .channel()
+            .wait_for_members(1, Duration::from_secs(5)));
+        assert!(n.manager.start(&n.cluster));
+    }
+    (a, b)
+}
+
 fn counter(n: &Node, id: &SessionId) -> Option<u32> {
     n.manager.session(id)?.get::<u32>("counter").unwrap()
 }
@@ -393,20 +407,11 @@ fn cluster_messages_reach_the_listeners_that_accept_them() {
             msg.kind == self.0
         }
         fn message_received(&self, msg: &ClusterMessage, _sender: &tribes::Member) {
-            self.1.lock().push((msg.kind.clone(), msg.payload.clone()));
+            self.1.lock().push((msg.kind.clone(), msg.payload.to_vec()));
         }
     }
 
-    let (pa, pb) = (free_port(), free_port());
-    let a = node(pa, &[pb]);
-    let b = node(pb, &[pa]);
-    for n in [&a, &b] {
-        assert!(n
-            .cluster
-            .channel()
-            .wait_for_members(1, Duration::from_secs(5)));
-        assert!(n.manager.start(&n.cluster));
-    }
+    let (a, b) = started_pair();
     let evicts = Arc::new(Mutex::new(Vec::new()));
     b.cluster
         .add_listener(Only("cache-evict", Arc::clone(&evicts)));
@@ -487,15 +492,8 @@ fn fetching_asks_the_next_member_when_the_first_does_not_have_it() {
 
 #[test]
 fn idle_sessions_expire_by_themselves_on_every_node() {
-    let (pa, pb) = (free_port(), free_port());
-    let a = node(pa, &[pb]);
-    let b = node(pb, &[pa]);
+    let (a, b) = started_pair();
     for n in [&a, &b] {
-        assert!(n
-            .cluster
-            .channel()
-            .wait_for_members(1, Duration::from_secs(5)));
-        assert!(n.manager.start(&n.cluster));
         n.cluster
             .set_expire_interval(Duration::from_millis(50))
             .unwrap();

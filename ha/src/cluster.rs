@@ -9,6 +9,7 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::Bytes;
 use log::{debug, warn};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -30,53 +31,17 @@ const DEFAULT_EXPIRE_EVERY: Duration = Duration::from_secs(60);
 pub struct ClusterMessage {
     /// What the message is, e.g. `"cache-evict"`.
     pub kind: String,
-    /// Its content.
-    #[serde(with = "bin")]
-    pub payload: Vec<u8>,
+    /// Its content (MessagePack `bin` on the wire).
+    pub payload: Bytes,
 }
 
 impl ClusterMessage {
     /// A message of `kind` carrying `payload`.
-    pub fn new(kind: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+    pub fn new(kind: impl Into<String>, payload: impl Into<Bytes>) -> Self {
         Self {
             kind: kind.into(),
             payload: payload.into(),
         }
-    }
-}
-
-/// MessagePack `bin` for the payload (serde would write a `Vec<u8>` as an array of
-/// integers: up to twice the size).
-mod bin {
-    use serde::de::{Error, SeqAccess, Visitor};
-    use serde::{Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(bytes)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct Bytes;
-        impl<'de> Visitor<'de> for Bytes {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
-                while let Some(b) = seq.next_element()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_byte_buf(Bytes)
     }
 }
 

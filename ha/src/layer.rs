@@ -160,10 +160,9 @@ where
         let mut cookie_changed = false;
         if let Some(id) = requested {
             // An id this node has not seen (its replication is still in flight, or this node
-            // missed it): ask the members before the handler sees no session.
-            if !cfg.manager.knows(&id) {
-                cfg.manager.fetch(&id);
-            }
+            // missed it): ask the members before the handler sees no session. Returns at once
+            // for a session held here.
+            cfg.manager.fetch(&id);
             // Failover with a sticky balancer: take the session over under our route.
             match cfg.manager.rebind(&id) {
                 Some(new) => {

@@ -225,7 +225,7 @@ impl DeltaManager {
         for m in replay {
             store.apply(&m.event, m.timestamp_ms);
         }
-        c.active(store.len());
+        c.held(store.len());
         complete
     }
 
@@ -253,7 +253,7 @@ impl DeltaManager {
         {
             let mut store = self.store.lock();
             store.insert(s);
-            self.counters.active(store.len());
+            self.counters.held(store.len());
         }
         self.counters
             .sessions_created
@@ -481,14 +481,15 @@ impl DeltaManager {
 
     /// Expires idle sessions at `now_ms`; expiries of primaries are replicated.
     pub fn expire(&self, now_ms: i64) -> Vec<SessionId> {
-        let primaries: Vec<SessionId> = self
-            .store
-            .lock()
-            .iter()
-            .filter(|s| s.is_primary() && s.is_expired(now_ms))
-            .map(|s| s.id().clone())
-            .collect();
-        let gone = self.store.lock().expire(now_ms);
+        let (primaries, gone) = {
+            let mut store = self.store.lock();
+            let primaries: Vec<SessionId> = store
+                .iter()
+                .filter(|s| s.is_primary() && s.is_expired(now_ms))
+                .map(|s| s.id().clone())
+                .collect();
+            (primaries, store.expire(now_ms))
+        };
         self.counters
             .sessions_expired
             .fetch_add(gone.len() as u64, Ordering::Relaxed);
@@ -573,18 +574,20 @@ impl DeltaManager {
                 let applied = {
                     let mut store = self.store.lock();
                     let applied = store.apply(event, msg.timestamp_ms);
-                    self.counters.active(store.len());
+                    self.counters.held(store.len());
                     applied
                 };
-                let stale_copy = match (&applied, event) {
-                    (Applied::Behind, SessionEvent::Delta(d))
-                    | (Applied::Unknown, SessionEvent::Delta(d)) => Some(&d.session_id),
-                    (Applied::Behind, SessionEvent::Accessed { id, .. })
-                    | (Applied::Unknown, SessionEvent::Accessed { id, .. }) => Some(id),
+                // A change or access notice that finds this copy behind, or missing: the
+                // sender has the session.
+                let changed = match event {
+                    SessionEvent::Delta(d) => Some(&d.session_id),
+                    SessionEvent::Accessed { id, .. } => Some(id),
                     _ => None,
                 };
-                if let Some(id) = stale_copy {
-                    self.repair(id, sender, cluster);
+                if let Some(id) = changed {
+                    if matches!(applied, Applied::Behind | Applied::Unknown) {
+                        self.repair(id, sender, cluster);
+                    }
                 }
             }
         }

@@ -146,7 +146,8 @@ impl Counters {
         self.received[kind(event)].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn active(&self, now: usize) {
+    /// Records how many sessions are held now (for `max_active`).
+    pub(crate) fn held(&self, now: usize) {
         self.max_active.fetch_max(now as u64, Ordering::Relaxed);
     }
 

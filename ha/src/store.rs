@@ -1,7 +1,7 @@
 //! The sessions of one context on one node, and how replicated events change them. Pure:
 //! time is a parameter.
 
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashMap;
 
 use log::{debug, warn};
 
@@ -222,25 +222,18 @@ impl SessionStore {
     }
 
     fn apply_delta(&mut self, delta: &Delta, sent_ms: i64) -> Applied {
-        let session = match self.sessions.entry(delta.session_id.base().to_owned()) {
-            Entry::Occupied(e) => {
-                let s = e.into_mut();
-                if s.id() != &delta.session_id {
-                    debug!(target: "ha::store", "{} is {} elsewhere: renaming the copy", s.id(), delta.session_id);
-                    s.rename(delta.session_id.clone());
-                }
-                s
-            }
+        let id = &delta.session_id;
+        if self.resolve(id).is_none() {
             // The first delta of a session can stand in for a CREATED that has not arrived
             // (they may travel on different connections).
-            Entry::Vacant(e) if delta.version == 1 => e.insert(Session::replica_awaiting_created(
-                delta.session_id.clone(),
-                sent_ms,
-            )),
-            Entry::Vacant(_) => {
-                debug!(target: "ha::store", "delta for unknown session {}", delta.session_id);
+            if delta.version != 1 {
+                debug!(target: "ha::store", "delta for unknown session {id}");
                 return Applied::Unknown;
             }
+            self.insert(Session::replica_awaiting_created(id.clone(), sent_ms));
+        }
+        let Some(session) = self.sessions.get_mut(id.base()) else {
+            return Applied::Unknown;
         };
         if delta.version <= session.version() {
             debug!(target: "ha::store", "dropping stale delta v{} for {} (at v{})", delta.version, delta.session_id, session.version());
