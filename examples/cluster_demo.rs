@@ -8,6 +8,7 @@
 //! cargo run --release --example cluster_demo -- --async      # Tribes' default: async
 //! cargo run --release --example cluster_demo -- --sticky     # sticky balancer, route rebinding
 //! cargo run --release --example cluster_demo -- --bench      # local-only vs async vs sync
+//!                                           # (and "unshared": three nodes, no replication)
 //! cargo run --release --example cluster_demo -- --bench --sticky   # each session on one node
 //! cargo run --release --example cluster_demo -- --bench --mode async --rounds 20
 //!                                           # local-only and one mode, 20 rounds each
@@ -40,6 +41,27 @@ use tribes::{GroupChannel, Member, UniqueId};
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const NODES: usize = 3;
+/// How the nodes share sessions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replication {
+    /// Every change reaches the other nodes before the response is sent.
+    Sync,
+    /// Changes are sent after the response (Tribes' default).
+    Async,
+    /// No replication: each node keeps its sessions to itself (one node: local-only
+    /// sessions; three nodes: the benchmark's reference for what spreading the load costs).
+    Off,
+}
+
+impl Replication {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Async => "async",
+            Self::Off => "no",
+        }
+    }
+}
 /// Node count of the cluster configurations (the benchmark's local-only case uses one).
 type NodeCount = usize;
 /// The load: sessions × requests per session (`--short`: 40 × 10, for the test suite).
@@ -89,14 +111,18 @@ fn main() -> Res<()> {
         let sticky = args.iter().any(|a| a == "--sticky");
         return run_bench(only.as_deref(), rounds.max(1), sticky);
     }
-    let sync = !args.iter().any(|a| a == "--async");
+    let replication = if args.iter().any(|a| a == "--async") {
+        Replication::Async
+    } else {
+        Replication::Sync
+    };
     let sticky = args.iter().any(|a| a == "--sticky");
     let load = if args.iter().any(|a| a == "--short") {
         SHORT
     } else {
         FULL
     };
-    run_demo(sync, sticky, load)
+    run_demo(replication, sticky, load)
 }
 
 // ------------------------------------------------------------------- one app node
@@ -276,7 +302,7 @@ impl Drop for NodeProc {
     }
 }
 
-fn start_nodes(count: NodeCount, sync: bool, route: bool) -> Res<Vec<NodeProc>> {
+fn start_nodes(count: NodeCount, replication: Replication, route: bool) -> Res<Vec<NodeProc>> {
     let cluster_ports: Vec<u16> = (0..count).map(|_| free_port()).collect::<Res<_>>()?;
     let mut nodes = Vec::new();
     for i in 0..count {
@@ -284,7 +310,7 @@ fn start_nodes(count: NodeCount, sync: bool, route: bool) -> Res<Vec<NodeProc>> 
         let peers: Vec<String> = cluster_ports
             .iter()
             .enumerate()
-            .filter(|(j, _)| *j != i)
+            .filter(|(j, _)| *j != i && replication != Replication::Off)
             .map(|(_, p)| p.to_string())
             .collect();
         let mut cmd = Command::new(std::env::current_exe()?);
@@ -297,7 +323,7 @@ fn start_nodes(count: NodeCount, sync: bool, route: bool) -> Res<Vec<NodeProc>> 
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        if !sync {
+        if replication == Replication::Async {
             cmd.arg("--async");
         }
         if route {
@@ -558,10 +584,18 @@ struct Summary {
     latencies_us: parking_lot::Mutex<Vec<u64>>,
 }
 
-fn run_demo(sync: bool, sticky: bool, load: Load) -> Res<()> {
-    let r = run_rounds(NODES, sync, sticky, true, load, Clients::ViaBalancer, 1)?
-        .0
-        .remove(0);
+fn run_demo(replication: Replication, sticky: bool, load: Load) -> Res<()> {
+    let r = run_rounds(
+        NODES,
+        replication,
+        sticky,
+        true,
+        load,
+        Clients::ViaBalancer,
+        1,
+    )?
+    .0
+    .remove(0);
     println!("{}", r.line());
     // With synchronous replication every answer a client got is on the other nodes before
     // it got it, and the balancer retries a request whose node died before answering (the
@@ -569,7 +603,7 @@ fn run_demo(sync: bool, sticky: bool, load: Load) -> Res<()> {
     // failed request, a lost session or a counter that skips or goes backwards is a bug.
     // CI runs this demo.
     let broken = r.failed + r.lost + r.backward + r.skipped;
-    if sync && broken > 0 {
+    if replication == Replication::Sync && broken > 0 {
         return Err(format!(
             "{broken} failed requests, lost sessions or counter anomalies with synchronous replication"
         )
@@ -579,7 +613,10 @@ fn run_demo(sync: bool, sticky: bool, load: Load) -> Res<()> {
 }
 
 /// The replication benchmark: the same load against one node with local-only sessions and
-/// against three nodes (round robin) with async and with sync replication, in one run. Each
+/// against three nodes (round robin) with async and with sync replication, in one run, plus
+/// a reference case: three nodes without replication, which shows what spreading the load
+/// over three processes costs on this machine before any replication happens (its sessions
+/// do not survive a hop, so its counters are not checked). Each
 /// case repeats the load [`BENCH_ROUNDS`] times on the same nodes (fresh sessions each time;
 /// one load takes well under a second, too short to measure alone on a shared machine) and
 /// reports the median round; anomalies are summed over all rounds.
@@ -590,22 +627,26 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
         (Clients::RoundRobin, "round-robin")
     };
     let cases = [
-        ("local-only", 1, true),
-        ("async", NODES, false),
-        ("sync", NODES, true),
+        ("local-only", 1, Replication::Off),
+        ("unshared", NODES, Replication::Off),
+        ("async", NODES, Replication::Async),
+        ("sync", NODES, Replication::Sync),
     ];
     if let Some(mode) = only {
         if !cases.iter().any(|c| c.0 == mode) {
-            return Err(format!("--mode {mode}: expected local-only, async or sync").into());
+            return Err(
+                format!("--mode {mode}: expected local-only, unshared, async or sync").into(),
+            );
         }
     }
     let mut base = None;
-    for (label, count, sync) in cases {
+    for (label, count, replication) in cases {
         // The ratio needs local-only, so it always runs; `--mode` only skips the others.
         if only.is_some_and(|m| m != label && label != "local-only") {
             continue;
         }
-        let (mut rounds, stats) = run_rounds(count, sync, false, false, FULL, clients, rounds)?;
+        let (mut rounds, stats) =
+            run_rounds(count, replication, false, false, FULL, clients, rounds)?;
         let anomalies = |f: fn(&Report) -> u64| rounds.iter().map(f).sum::<u64>();
         let (failed, lost, backward, skipped) = (
             anomalies(|r| r.failed),
@@ -616,8 +657,13 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
         rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
         let r = &rounds[rounds.len() / 2];
         let base_rate = *base.get_or_insert(r.rate);
+        let checks = if count > 1 && replication == Replication::Off {
+            "reference: no replication, a request on another node starts a new session".to_string()
+        } else {
+            format!("failed={failed} lost={lost} backward={backward} skipped={skipped}")
+        };
         println!(
-            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us [{:.2}x local-only; failed={failed} lost={lost} backward={backward} skipped={skipped}; median of {} rounds of {} requests]",
+            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us [{:.2}x local-only; {checks}; median of {} rounds of {} requests]",
             r.rate,
             r.p50,
             r.p99,
@@ -658,14 +704,14 @@ impl Report {
 /// when there is more than one.
 fn run_rounds(
     count: NodeCount,
-    sync: bool,
+    replication: Replication,
     sticky: bool,
     kill: bool,
     load: Load,
     clients: Clients,
     rounds: usize,
 ) -> Res<(Vec<Report>, Option<String>)> {
-    let mut nodes = start_nodes(count, sync, sticky)?;
+    let mut nodes = start_nodes(count, replication, sticky)?;
     let stop = Arc::new(AtomicBool::new(false));
     let lb = start_balancer(
         nodes.iter().map(|n| n.http).collect(),
@@ -674,7 +720,7 @@ fn run_rounds(
     )?;
     println!(
         "cluster demo: {count} node(s) ({} replication), {} balancer at {lb}",
-        if sync { "sync" } else { "async" },
+        replication.label(),
         if sticky { "sticky" } else { "round-robin" }
     );
     let mut reports = Vec::new();
@@ -683,7 +729,7 @@ fn run_rounds(
         let victim = (kill && round == 0 && nodes.len() > 1).then_some(&mut nodes);
         reports.push(drive(lb, &addrs, load, clients, victim)?);
     }
-    let stats = (count > 1).then(|| {
+    let stats = (replication != Replication::Off).then(|| {
         let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
         cluster_stats(&addrs)
     });
