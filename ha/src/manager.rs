@@ -146,10 +146,11 @@ pub struct DeltaManager {
 impl DeltaManager {
     /// A manager for `context` (e.g. `/shop`).
     pub fn new(context: impl Into<String>, cfg: ManagerConfig) -> Arc<Self> {
+        let store = Mutex::new(SessionStore::new(cfg.max_inactive_secs));
         Arc::new(Self {
             context: context.into(),
             cfg,
-            store: Mutex::new(SessionStore::default()),
+            store,
             transfer: Mutex::new(None),
             transfer_done: Condvar::new(),
             cluster: Mutex::new(Weak::new()),

@@ -256,12 +256,16 @@ impl Session {
     }
 
     /// Renames the session (id rotation or route rebinding).
-    /// A copy made from a first delta, before its CREATED arrived: never expires until the
-    /// CREATED (or a later change of the interval) says otherwise.
-    pub(crate) fn replica_awaiting_created(id: SessionId, created_ms: i64) -> Self {
+    /// A copy made from a first delta, before its CREATED arrived: uses `placeholder_secs`
+    /// until the CREATED brings the session's own interval.
+    pub(crate) fn replica_awaiting_created(
+        id: SessionId,
+        created_ms: i64,
+        placeholder_secs: i64,
+    ) -> Self {
         Self {
             interval_pending: true,
-            ..Self::replica(id, created_ms, -1)
+            ..Self::replica(id, created_ms, placeholder_secs)
         }
     }
 

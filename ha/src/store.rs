@@ -52,16 +52,44 @@ pub struct StoreStats {
 /// assert_eq!(store.apply(&ev, 1_000), Applied::Changed);
 /// assert!(store.get(&SessionId::new("a")).is_some());
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SessionStore {
     /// Keyed by base id (the id without its route suffix): base ids are random 128-bit
     /// values, so a session is one entry whatever route it carries, and a copy held under
     /// an old route is found in one lookup, not a scan.
     sessions: HashMap<String, Session>,
     stats: StoreStats,
+    /// Interval of a copy made from a first delta whose CREATED has not arrived.
+    placeholder_secs: i64,
+}
+
+impl Default for SessionStore {
+    /// A store whose early copies expire after Tomcat's default interval (1800 s) until
+    /// their CREATED brings the real one.
+    fn default() -> Self {
+        Self::new(1800)
+    }
 }
 
 impl SessionStore {
+    /// An empty store. A copy made from a session's first delta before its CREATED arrived
+    /// expires as if its interval were `placeholder_secs` (the local manager's
+    /// `max_inactive_secs`, since members normally share it) until the CREATED brings the
+    /// session's own, so a CREATED that never comes does not leave a copy behind forever.
+    ///
+    /// ```
+    /// use ha::SessionStore;
+    /// let store = SessionStore::new(600);
+    /// assert!(store.is_empty());
+    /// ```
+    pub fn new(placeholder_secs: i64) -> Self {
+        Self {
+            sessions: HashMap::new(),
+            stats: StoreStats::default(),
+            placeholder_secs,
+        }
+    }
+
     /// The session, if present under exactly this id.
     pub fn get(&self, id: &SessionId) -> Option<&Session> {
         self.sessions.get(id.base()).filter(|s| s.id() == id)
@@ -230,7 +258,9 @@ impl SessionStore {
                 debug!(target: "ha::store", "delta for unknown session {id}");
                 return Applied::Unknown;
             }
-            self.insert(Session::replica_awaiting_created(id.clone(), sent_ms));
+            let copy =
+                Session::replica_awaiting_created(id.clone(), sent_ms, self.placeholder_secs);
+            self.insert(copy);
         }
         let Some(session) = self.sessions.get_mut(id.base()) else {
             return Applied::Unknown;
@@ -282,6 +312,18 @@ mod tests {
             deltas.push(s.take_delta().unwrap());
         }
         (s, deltas)
+    }
+
+    #[test]
+    fn a_copy_whose_created_never_comes_expires_with_the_placeholder_interval() {
+        let (_, d) = primary_with_deltas(1);
+        let mut store = SessionStore::new(10);
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        let id = SessionId::new("s");
+        // A copy lives twice the interval after its last access (1 ms here).
+        assert!(store.expire(20_001).is_empty());
+        assert_eq!(store.expire(20_002), vec![id.clone()]);
+        assert!(store.get(&id).is_none());
     }
 
     #[test]
@@ -372,8 +414,8 @@ mod tests {
         assert!(!store.get(&id).unwrap().is_primary());
         assert_eq!(
             store.get(&id).unwrap().max_inactive_secs(),
-            -1,
-            "not known yet"
+            1800,
+            "the store's placeholder until CREATED comes"
         );
         // The CREATED that was overtaken brings the interval; the delta's data stays.
         let created = SessionEvent::Created {
