@@ -218,13 +218,14 @@ pub fn ha_node(
         peers,
         ha::ManagerConfig {
             route: route.map(str::to_string),
+            sync: true,
             ..ha::ManagerConfig::default()
         },
     )
 }
 
-/// Like [`ha_node`] with a manager configuration of the caller's (synchronous replication
-/// and a 10 s state-transfer timeout are forced).
+/// Like [`ha_node`] with a manager configuration of the caller's (a 10 s state-transfer
+/// timeout is forced).
 pub fn ha_node_with(
     port: u16,
     peers: &[u16],
@@ -255,7 +256,6 @@ pub fn ha_node_with(
     let manager = ha::DeltaManager::new(
         "/app",
         ha::ManagerConfig {
-            sync: true,
             state_transfer_timeout: Duration::from_secs(10),
             ..cfg
         },

@@ -234,6 +234,7 @@ fn attribute_filter_and_expire_on_shutdown() {
     let cfg = ha::ManagerConfig {
         attribute_filter: Some(Arc::new(|name: &str| !name.starts_with("local."))),
         expire_sessions_on_shutdown: true,
+        sync: true,
         ..ha::ManagerConfig::default()
     };
     let (ca, ma) = tribes_suite::ha_node_with(pa, &[pb], cfg.clone()).unwrap();
@@ -337,6 +338,7 @@ fn fetching_can_be_switched_off() {
         &[pa],
         ha::ManagerConfig {
             max_concurrent_fetches: 0,
+            sync: true,
             ..ha::ManagerConfig::default()
         },
     )

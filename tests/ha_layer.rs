@@ -217,3 +217,64 @@ async fn logging_in_cycles_the_session_id_on_every_node() {
     ca.stop().unwrap();
     cb.stop().unwrap();
 }
+
+/// One GET with a cookie jar: sends every cookie held, keeps every cookie set.
+async fn get_jar(app: &Router, path: &str, jar: &mut Vec<(String, String)>) -> String {
+    let mut req = Request::get(path);
+    if !jar.is_empty() {
+        let line: Vec<String> = jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        req = req.header(header::COOKIE, line.join("; "));
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    for v in resp.headers().get_all(header::SET_COOKIE) {
+        let pair = v.to_str().unwrap().split(';').next().unwrap_or_default();
+        let (k, v) = pair.split_once('=').unwrap();
+        jar.retain(|(name, _)| name != k);
+        jar.push((k.to_string(), v.to_string()));
+    }
+    let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+    String::from_utf8_lossy(&body).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_replication_with_read_your_writes_never_goes_back() {
+    let (pa, pb) = (free_port(), free_port());
+    let cfg = ha::ManagerConfig {
+        sync: false,
+        ..ha::ManagerConfig::default()
+    };
+    let (ca, ma) = tribes_suite::ha_node_with(pa, &[pb], cfg.clone()).unwrap();
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
+    assert!(ca.channel().wait_for_members(1, Duration::from_secs(5)));
+    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
+    ma.start(&ca);
+    mb.start(&cb);
+    let app = |m: Arc<ha::DeltaManager>| {
+        Router::new()
+            .route("/counter", get(counter))
+            .layer(ReplicationLayer::new(m).read_your_writes(Duration::from_millis(200)))
+    };
+    let nodes = [app(Arc::clone(&ma)), app(Arc::clone(&mb))];
+    // Alternate nodes with no pause: each request is sent the moment the previous answer
+    // is in, before an asynchronous change usually reaches the other node.
+    for round in 0..4 {
+        let mut jar = Vec::new();
+        for n in 1..=100u64 {
+            let body = get_jar(&nodes[(n % 2) as usize], "/counter", &mut jar).await;
+            assert_eq!(body, n.to_string(), "session {round}, request {n}");
+        }
+        assert!(
+            jar.iter().any(|(k, _)| k == "JSESSIONID_V"),
+            "version cookie set: {jar:?}"
+        );
+    }
+    let waited = ma.stats().version_waits + mb.stats().version_waits;
+    println!("requests that waited for their own change: {waited} of 400");
+    ca.stop().unwrap();
+    cb.stop().unwrap();
+}

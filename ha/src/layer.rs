@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -49,6 +49,15 @@ struct Config {
     cookie: String,
     filter: Option<Regex>,
     stats: LayerStats,
+    /// Read-your-writes: how long a request waits for a change its client already saw.
+    read_your_writes: Option<Duration>,
+}
+
+impl Config {
+    /// The cookie that carries the session version the client last saw.
+    fn version_cookie(&self) -> String {
+        format!("{}_V", self.cookie)
+    }
 }
 
 /// Puts a [`Session`] into every request and replicates its changes at the end.
@@ -82,6 +91,7 @@ impl ReplicationLayer {
                 cookie: "JSESSIONID".into(),
                 filter: None,
                 stats: LayerStats::default(),
+                read_your_writes: None,
             }),
         }
     }
@@ -98,6 +108,26 @@ impl ReplicationLayer {
         Ok(self.with(|c| c.filter = Some(re)))
     }
 
+    /// Read-your-writes for asynchronous replication behind a non-sticky balancer (off by
+    /// default, as in Tribes). Each response that changed the session also sets a second
+    /// cookie, `<cookie name>_V`, to `<session id base>-<version>`; a request whose node
+    /// holds an older copy of that session, because the change is still on its way, waits
+    /// up to `wait` for it and then asks the members
+    /// ([`DeltaManager::catch_up`](crate::DeltaManager::catch_up)). A client thus never sees
+    /// its own session go back, without waiting for every member on every request as
+    /// synchronous replication does. A few milliseconds is plenty on a LAN: the wait ends as
+    /// soon as the change is applied.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use ha::{DeltaManager, ManagerConfig, layer::ReplicationLayer};
+    /// let manager = DeltaManager::new("/", ManagerConfig { sync: false, ..ManagerConfig::default() });
+    /// let layer = ReplicationLayer::new(manager).read_your_writes(Duration::from_millis(20));
+    /// ```
+    pub fn read_your_writes(self, wait: Duration) -> Self {
+        self.with(|c| c.read_your_writes = Some(wait))
+    }
+
     /// Counters.
     pub fn stats(&self) -> &LayerStats {
         &self.cfg.stats
@@ -109,6 +139,7 @@ impl ReplicationLayer {
             cookie: self.cfg.cookie.clone(),
             filter: self.cfg.filter.clone(),
             stats: LayerStats::default(),
+            read_your_writes: self.cfg.read_your_writes,
         };
         f(&mut cfg);
         Self { cfg: Arc::new(cfg) }
@@ -156,8 +187,23 @@ where
             .as_ref()
             .is_some_and(|re| re.is_match(req.uri().path()));
         let requested = cookie(&req, &cfg.cookie).map(SessionId::new);
+        // The version of the session this client last saw, if it is this session's.
+        let seen = cfg.read_your_writes.and_then(|wait| {
+            let value = cookie(&req, &cfg.version_cookie())?;
+            let (base, version) = value.rsplit_once('-')?;
+            let id = requested.as_ref().filter(|id| id.base() == base)?;
+            Some((id.clone(), version.parse::<u64>().ok()?, wait))
+        });
+        let seen_version = seen.as_ref().map(|(_, v, _)| *v);
         let mut current = None;
         let mut cookie_changed = false;
+        if let Some((id, version, wait)) = seen {
+            // Our copy may be older than what this client already saw (its last change is
+            // still on its way here): wait for it, or fetch it.
+            if !cfg.manager.catch_up(&id, version, wait) {
+                warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{version}, which its client saw");
+            }
+        }
         if let Some(id) = requested {
             // An id this node has not seen (its replication is still in flight, or this node
             // missed it): ask the members before the handler sees no session. Returns at once
@@ -221,6 +267,20 @@ where
                     let value = format!("{}={id}; Path=/; HttpOnly", cfg.cookie);
                     if let Ok(v) = HeaderValue::from_str(&value) {
                         resp.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                }
+                if cfg.read_your_writes.is_some() {
+                    let version = cfg.manager.version(&id);
+                    if version.is_some_and(|v| set_cookie || seen_version != Some(v)) {
+                        let value = format!(
+                            "{}={}-{}; Path=/; HttpOnly",
+                            cfg.version_cookie(),
+                            id.base(),
+                            version.unwrap_or_default()
+                        );
+                        if let Ok(v) = HeaderValue::from_str(&value) {
+                            resp.headers_mut().append(header::SET_COOKIE, v);
+                        }
                     }
                 }
             }

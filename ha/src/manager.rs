@@ -141,6 +141,10 @@ pub struct DeltaManager {
     cluster: Mutex<Weak<ClusterInner>>,
     counters: Counters,
     fetching: AtomicUsize,
+    /// Signalled after a replicated change is applied while a request waits in
+    /// [`DeltaManager::catch_up`] (`version_waiters` > 0), so the common case pays nothing.
+    version_applied: Condvar,
+    version_waiters: AtomicUsize,
 }
 
 impl DeltaManager {
@@ -156,6 +160,8 @@ impl DeltaManager {
             cluster: Mutex::new(Weak::new()),
             counters: Counters::default(),
             fetching: AtomicUsize::new(0),
+            version_applied: Condvar::new(),
+            version_waiters: AtomicUsize::new(0),
         })
     }
 
@@ -329,13 +335,84 @@ impl DeltaManager {
         if self.knows(id) {
             return true;
         }
+        let found = self.ask_members(id, |m| m.knows(id));
+        if found {
+            self.counters
+                .sessions_fetched
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(target: "ha::manager", "{}: fetched unknown session {id} from the cluster", self.context);
+        } else {
+            self.counters.fetch_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// The version of this node's copy of `id` (any route), if it holds one.
+    pub fn version(&self, id: &SessionId) -> Option<u64> {
+        self.store
+            .lock()
+            .get_by_base(id.base())
+            .map(Session::version)
+    }
+
+    /// Read-your-writes for asynchronous replication: the request's client has already seen
+    /// `version` of session `id` (the layer keeps it in a cookie). If this node's copy is
+    /// older (or missing) because that change is still on its way, wait up to `wait` for it
+    /// to arrive, then ask the members for their copy. Returns whether the copy here is at
+    /// `version` or newer. Returns at once when it already is, which is the case for every
+    /// request with synchronous replication.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use ha::{DeltaManager, ManagerConfig};
+    /// let m = DeltaManager::new("/", ManagerConfig::default());
+    /// let id = m.create_session();
+    /// assert!(m.catch_up(&id, 0, Duration::from_millis(5)));
+    /// // Nobody will ever bring version 5: waits 5 ms, asks the (absent) members, gives up.
+    /// assert!(!m.catch_up(&id, 5, Duration::from_millis(5)));
+    /// ```
+    pub fn catch_up(&self, id: &SessionId, version: u64, wait: Duration) -> bool {
+        let current = |store: &SessionStore| {
+            store
+                .get_by_base(id.base())
+                .is_some_and(|s| s.version() >= version)
+        };
+        {
+            let mut store = self.store.lock();
+            if current(&store) {
+                return true;
+            }
+            self.counters.version_waits.fetch_add(1, Ordering::Relaxed);
+            let deadline = Instant::now() + wait;
+            self.version_waiters.fetch_add(1, Ordering::AcqRel);
+            let mut timed_out = false;
+            while !current(&store) && !timed_out {
+                timed_out = self
+                    .version_applied
+                    .wait_until(&mut store, deadline)
+                    .timed_out();
+            }
+            self.version_waiters.fetch_sub(1, Ordering::AcqRel);
+            if current(&store) {
+                return true;
+            }
+        }
+        self.counters
+            .version_fetches
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(target: "ha::manager", "{}: v{version} of {id} did not arrive in {wait:?}; asking the members", self.context);
+        self.ask_members(id, |m| current(&m.store.lock()))
+    }
+
+    /// Asks the members one after another (at most three) for their copy of `id` until
+    /// `done` holds; returns whether it does.
+    fn ask_members(&self, id: &SessionId, done: impl Fn(&Self) -> bool) -> bool {
         let cap = self.cfg.max_concurrent_fetches;
         if cap == 0 {
             return false;
         }
         if self.fetching.fetch_add(1, Ordering::AcqRel) >= cap {
             self.fetching.fetch_sub(1, Ordering::AcqRel);
-            self.counters.fetch_misses.fetch_add(1, Ordering::Relaxed);
             debug!(target: "ha::manager", "{}: {cap} session fetches in flight; not asking for {id}", self.context);
             return false;
         }
@@ -358,22 +435,14 @@ impl DeltaManager {
         for k in 0..members.len().min(MAX_MEMBERS_ASKED) {
             let m = &members[(start + k) % members.len()];
             asked = self.send(&ask, Some(m), sync);
-            found = self.knows(id);
+            found = done(self);
             if found {
                 break;
             }
         }
         self.fetching.fetch_sub(1, Ordering::AcqRel);
-        if found {
-            self.counters
-                .sessions_fetched
-                .fetch_add(1, Ordering::Relaxed);
-            debug!(target: "ha::manager", "{}: fetched unknown session {id} from the cluster", self.context);
-        } else {
-            self.counters.fetch_misses.fetch_add(1, Ordering::Relaxed);
-            if asked.is_ok() {
-                debug!(target: "ha::manager", "{}: no member holds session {id}", self.context);
-            }
+        if !found && asked.is_ok() {
+            debug!(target: "ha::manager", "{}: no member had what this node needs of session {id}", self.context);
         }
         found
     }
@@ -578,6 +647,9 @@ impl DeltaManager {
                     self.counters.held(store.len());
                     applied
                 };
+                if applied == Applied::Changed && self.version_waiters.load(Ordering::Acquire) > 0 {
+                    self.version_applied.notify_all();
+                }
                 // A change or access notice that finds this copy behind, or missing: the
                 // sender has the session.
                 let changed = match event {

@@ -98,6 +98,11 @@ pub struct ManagerStats {
     /// Copies found behind a sender's (a delta that skipped versions, an access notice for
     /// a newer version, a change to a session this node lacked) and asked for again.
     pub copies_repaired: u64,
+    /// Requests that found this node's copy behind the version their client had already
+    /// seen, and waited for it ([`crate::DeltaManager::catch_up`]).
+    pub version_waits: u64,
+    /// Of those, the ones whose copy was still behind after the wait and the members asked.
+    pub version_fetches: u64,
     /// Applied, stale, out-of-order and unknown-session counts of the session store.
     pub store: StoreStats,
 }
@@ -135,6 +140,8 @@ pub(crate) struct Counters {
     pub(crate) sessions_fetched: AtomicU64,
     pub(crate) fetch_misses: AtomicU64,
     pub(crate) copies_repaired: AtomicU64,
+    pub(crate) version_waits: AtomicU64,
+    pub(crate) version_fetches: AtomicU64,
 }
 
 impl Counters {
@@ -180,6 +187,8 @@ impl Counters {
             sessions_fetched: load(&self.sessions_fetched),
             fetch_misses: load(&self.fetch_misses),
             copies_repaired: load(&self.copies_repaired),
+            version_waits: load(&self.version_waits),
+            version_fetches: load(&self.version_fetches),
             store,
         }
     }
