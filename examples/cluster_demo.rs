@@ -6,6 +6,8 @@
 //! ```text
 //! cargo run --release --example cluster_demo                 # sync replication (default)
 //! cargo run --release --example cluster_demo -- --async      # Tribes' default: async
+//! cargo run --release --example cluster_demo -- --read-your-writes   # async, and a node
+//!                                  # waits for the change its client already saw
 //! cargo run --release --example cluster_demo -- --sticky     # sticky balancer, route rebinding
 //! cargo run --release --example cluster_demo -- --bench      # local-only vs async vs sync
 //!                                           # (and "unshared": three nodes, no replication)
@@ -13,7 +15,7 @@
 //! cargo run --release --example cluster_demo -- --bench --mode async --rounds 20
 //!                                           # local-only and one mode, 20 rounds each
 //! cargo run --release --example cluster_demo -- node --id 0 --http 127.0.0.1:8080 \
-//!     --port 4000 --peers 4001,4002 [--async] [--route]     # one node by hand
+//!     --port 4000 --peers 4001,4002 [--async [--read-your-writes]] [--route]  # one node
 //! ```
 //!
 //! Each node serves `GET /counter`: it increments the integer in the session and answers with
@@ -48,6 +50,9 @@ enum Replication {
     Sync,
     /// Changes are sent after the response (Tribes' default).
     Async,
+    /// Async, and a request whose node has not yet received the change its client already
+    /// saw waits for it (read-your-writes; a version cookie).
+    AsyncReadYourWrites,
     /// No replication: each node keeps its sessions to itself (one node: local-only
     /// sessions; three nodes: the benchmark's reference for what spreading the load costs).
     Off,
@@ -58,6 +63,7 @@ impl Replication {
         match self {
             Self::Sync => "sync",
             Self::Async => "async",
+            Self::AsyncReadYourWrites => "async read-your-writes",
             Self::Off => "no",
         }
     }
@@ -82,6 +88,9 @@ const SHORT: Load = Load {
 const CONCURRENCY: usize = 8;
 /// Loads per benchmark case (`--bench`; `--rounds N` changes it).
 const BENCH_ROUNDS: usize = 7;
+/// With `--read-your-writes`: how long a request waits for its session's change in flight
+/// before the node asks the other members.
+const READ_YOUR_WRITES_WAIT: Duration = Duration::from_millis(20);
 /// A node process never outlives this, even if the demo's parent died.
 const NODE_LIFETIME: Duration = Duration::from_secs(300);
 /// The whole load never runs longer than this.
@@ -97,7 +106,7 @@ fn main() -> Res<()> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--async" | "--sticky" | "--bench" | "--short" => {}
+            "--async" | "--read-your-writes" | "--sticky" | "--bench" | "--short" => {}
             "--mode" => only = Some(it.next().ok_or("--mode needs a value")?.clone()),
             "--rounds" => rounds = it.next().ok_or("--rounds needs a value")?.parse()?,
             bad => {
@@ -111,7 +120,9 @@ fn main() -> Res<()> {
         let sticky = args.iter().any(|a| a == "--sticky");
         return run_bench(only.as_deref(), rounds.max(1), sticky);
     }
-    let replication = if args.iter().any(|a| a == "--async") {
+    let replication = if args.iter().any(|a| a == "--read-your-writes") {
+        Replication::AsyncReadYourWrites
+    } else if args.iter().any(|a| a == "--async") {
         Replication::Async
     } else {
         Replication::Sync
@@ -159,6 +170,7 @@ fn node_main(args: &[String]) -> Res<()> {
     let mut peers = Vec::new();
     let mut sync = true;
     let mut route = false;
+    let mut read_your_writes = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -174,6 +186,7 @@ fn node_main(args: &[String]) -> Res<()> {
                     .collect::<Result<Vec<u16>, _>>()?
             }
             "--async" => sync = false,
+            "--read-your-writes" => read_your_writes = true,
             "--route" => route = true,
             other => return Err(format!("unknown node argument {other}").into()),
         }
@@ -215,10 +228,14 @@ fn node_main(args: &[String]) -> Res<()> {
     cluster.start()?;
     manager.start(&cluster);
     let stats_of = Arc::clone(&manager);
+    let mut layer = ReplicationLayer::new(manager).filter(r"/static/.*")?;
+    if read_your_writes {
+        layer = layer.read_your_writes(READ_YOUR_WRITES_WAIT);
+    }
     let app = Router::new()
         .route("/counter", get(counter))
         .route("/stats", get(move || async move { stats_line(&stats_of) }))
-        .layer(ReplicationLayer::new(manager).filter(r"/static/.*")?);
+        .layer(layer);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -237,7 +254,7 @@ fn node_main(args: &[String]) -> Res<()> {
 fn stats_line(manager: &DeltaManager) -> String {
     let st = manager.stats();
     format!(
-        "sessions={} deltas_sent={} deltas_received={} stale_dropped={} gaps={} repaired={} fetched={} fetch_misses={} send_errors={}",
+        "sessions={} deltas_sent={} deltas_received={} stale_dropped={} gaps={} repaired={} fetched={} fetch_misses={} version_waits={} version_fetches={} send_errors={}",
         st.active,
         st.sent.delta,
         st.received.delta,
@@ -246,6 +263,8 @@ fn stats_line(manager: &DeltaManager) -> String {
         st.copies_repaired,
         st.sessions_fetched,
         st.fetch_misses,
+        st.version_waits,
+        st.version_fetches,
         st.send_errors,
     )
 }
@@ -323,8 +342,14 @@ fn start_nodes(count: NodeCount, replication: Replication, route: bool) -> Res<V
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        if replication == Replication::Async {
-            cmd.arg("--async");
+        match replication {
+            Replication::Async => {
+                cmd.arg("--async");
+            }
+            Replication::AsyncReadYourWrites => {
+                cmd.args(["--async", "--read-your-writes"]);
+            }
+            Replication::Sync | Replication::Off => {}
         }
         if route {
             cmd.arg("--route");
@@ -432,13 +457,21 @@ fn route_of(head: &[u8]) -> Option<String> {
     id.split_once('.').map(|(_, r)| r.to_string())
 }
 
-/// One `GET /counter?seq=K` through the balancer; returns (status, counter, Set-Cookie
-/// session).
-fn request(
-    lb: SocketAddr,
-    cookie: Option<&str>,
-    seq: usize,
-) -> Res<(u16, Option<u64>, Option<String>)> {
+/// An answer to `GET /counter`: status, counter, the cookies set (`name=value` each).
+type Answer = (u16, Option<u64>, Vec<String>);
+
+/// The value of a `Set-Cookie` line (after the colon) without its attributes.
+fn cookie_pair(value: &str) -> String {
+    value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// One `GET /counter?seq=K` through the balancer.
+fn request(lb: SocketAddr, cookie: Option<&str>, seq: usize) -> Res<Answer> {
     let mut s = TcpStream::connect(lb)?;
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
     let cookie_line = cookie
@@ -458,9 +491,10 @@ fn request(
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
     let set = head
         .lines()
-        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.split(';').next().unwrap_or_default().trim().to_string());
+        .filter(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .filter_map(|l| l.split_once(':'))
+        .map(|(_, v)| cookie_pair(v))
+        .collect();
     Ok((status, body.trim().parse().ok(), set))
 }
 
@@ -504,11 +538,7 @@ impl DirectClient {
         }
     }
 
-    fn request(
-        &mut self,
-        cookie: Option<&str>,
-        seq: usize,
-    ) -> Res<(u16, Option<u64>, Option<String>)> {
+    fn request(&mut self, cookie: Option<&str>, seq: usize) -> Res<Answer> {
         let i = self.next % self.nodes.len();
         if !self.pinned {
             self.next += 1;
@@ -520,12 +550,7 @@ impl DirectClient {
         r
     }
 
-    fn try_request(
-        &mut self,
-        i: usize,
-        cookie: Option<&str>,
-        seq: usize,
-    ) -> Res<(u16, Option<u64>, Option<String>)> {
+    fn try_request(&mut self, i: usize, cookie: Option<&str>, seq: usize) -> Res<Answer> {
         if self.conns[i].is_none() {
             let s = TcpStream::connect(self.nodes[i])?;
             s.set_nodelay(true)?;
@@ -542,7 +567,7 @@ impl DirectClient {
         )?;
         let mut status = 0u16;
         let mut len = 0usize;
-        let mut set = None;
+        let mut set = Vec::new();
         let mut line = String::new();
         loop {
             line.clear();
@@ -559,9 +584,7 @@ impl DirectClient {
             } else if let Some(v) = lower.strip_prefix("content-length:") {
                 len = v.trim().parse().unwrap_or(0);
             } else if lower.starts_with("set-cookie:") {
-                set = l
-                    .split_once(':')
-                    .map(|(_, v)| v.split(';').next().unwrap_or_default().trim().to_string());
+                set.extend(l.split_once(':').map(|(_, v)| cookie_pair(v)));
             }
         }
         let mut body = vec![0u8; len];
@@ -630,13 +653,15 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
         ("local-only", 1, Replication::Off),
         ("unshared", NODES, Replication::Off),
         ("async", NODES, Replication::Async),
+        ("async-ryw", NODES, Replication::AsyncReadYourWrites),
         ("sync", NODES, Replication::Sync),
     ];
     if let Some(mode) = only {
         if !cases.iter().any(|c| c.0 == mode) {
-            return Err(
-                format!("--mode {mode}: expected local-only, unshared, async or sync").into(),
-            );
+            return Err(format!(
+                "--mode {mode}: expected local-only, unshared, async, async-ryw or sync"
+            )
+            .into());
         }
     }
     let mut base = None;
@@ -768,12 +793,15 @@ fn drive(
                 if let Some(c) = client.as_mut() {
                     c.start_session(i);
                 }
-                let mut cookie: Option<String> = None;
+                // The client's cookie jar: the session cookie, and with read-your-writes the
+                // session version it last saw.
+                let mut jar: Vec<String> = Vec::new();
                 let mut last = 0u64;
                 for seq in 1..=load.requests {
                     let t0 = Instant::now();
                     summary.sent.fetch_add(1, Ordering::Relaxed);
                     done.fetch_add(1, Ordering::Relaxed);
+                    let cookie = (!jar.is_empty()).then(|| jar.join("; "));
                     let result = match client.as_mut() {
                         Some(c) => c.request(cookie.as_deref(), seq),
                         None => request(lb, cookie.as_deref(), seq),
@@ -784,8 +812,10 @@ fn drive(
                                 .latencies_us
                                 .lock()
                                 .push(t0.elapsed().as_micros() as u64);
-                            if let Some(c) = set {
-                                cookie = Some(c);
+                            for pair in set {
+                                let name = pair.split('=').next().unwrap_or_default().to_string();
+                                jar.retain(|c| c.split('=').next() != Some(name.as_str()));
+                                jar.push(pair);
                             }
                             if n == 1 && last > 0 {
                                 summary.lost.fetch_add(1, Ordering::Relaxed);

@@ -234,13 +234,13 @@ impl SessionStore {
         result
     }
 
-    /// Keeps a full copy from another node unless the one held is newer; returns whether it
-    /// was kept.
+    /// Keeps a full copy from another node unless the one held is newer, or as new and being
+    /// changed by a request here (the copy would drop that request's changes, which its
+    /// client is about to see); returns whether it was kept.
     fn insert_copy(&mut self, incoming: &Session) -> bool {
-        let newer = self
-            .sessions
-            .get(incoming.id().base())
-            .is_none_or(|s| incoming.version() >= s.version());
+        let newer = self.sessions.get(incoming.id().base()).is_none_or(|s| {
+            incoming.version() > s.version() || (incoming.version() == s.version() && !s.is_dirty())
+        });
         if newer {
             let mut copy = incoming.clone();
             copy.set_primary(false);
@@ -312,6 +312,31 @@ mod tests {
             deltas.push(s.take_delta().unwrap());
         }
         (s, deltas)
+    }
+
+    #[test]
+    fn a_full_copy_of_the_same_version_does_not_drop_a_request_s_changes() {
+        let (primary, d) = primary_with_deltas(2);
+        let mut store = SessionStore::default();
+        let id = SessionId::new("s");
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        store.apply(&SessionEvent::Delta(d[1].clone()), 2);
+        // A request on this node is changing the session (v2) ...
+        store.get_mut(&id).unwrap().insert("count", &3u32).unwrap();
+        // ... when a repair's copy of v2 arrives: the request's change stays.
+        let data = SessionEvent::SessionData {
+            session: Box::new(primary.clone()),
+        };
+        assert_eq!(store.apply(&data, 3), Applied::Stale);
+        let held = store.get_mut(&id).unwrap();
+        assert_eq!(held.get::<u32>("count").unwrap(), Some(3));
+        assert_eq!(held.take_delta().unwrap().version, 3);
+        // Without a change in progress, the same version is taken (it is identical).
+        assert_eq!(store.apply(&data, 4), Applied::Stale, "v3 is held now");
+        let mut fresh = SessionStore::default();
+        fresh.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        fresh.apply(&SessionEvent::Delta(d[1].clone()), 2);
+        assert_eq!(fresh.apply(&data, 3), Applied::Changed);
     }
 
     #[test]
