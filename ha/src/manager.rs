@@ -49,6 +49,8 @@ pub struct ManagerConfig {
     /// cookies cannot tie up more), 0 = never ask. Default 32. Not in Tribes, where
     /// such a request starts a new session: with asynchronous replication behind a
     /// round-robin balancer that is most requests that follow a session's first one.
+    /// Also bounds the requests that wait for a change in flight
+    /// ([`DeltaManager::catch_up`]; 0 = they do not wait either).
     pub max_concurrent_fetches: usize,
 }
 
@@ -360,7 +362,10 @@ impl DeltaManager {
     /// older (or missing) because that change is still on its way, wait up to `wait` for it
     /// to arrive, then ask the members for their copy. Returns whether the copy here is at
     /// `version` or newer. Returns at once when it already is, which is the case for every
-    /// request with synchronous replication.
+    /// request with synchronous replication. At most
+    /// [`ManagerConfig::max_concurrent_fetches`] requests wait at a time (forged cookies
+    /// cannot park every worker); the others go straight to asking the members, which has
+    /// the same bound.
     ///
     /// ```
     /// use std::time::Duration;
@@ -370,6 +375,13 @@ impl DeltaManager {
     /// assert!(m.catch_up(&id, 0, Duration::from_millis(5)));
     /// // Nobody will ever bring version 5: waits 5 ms, asks the (absent) members, gives up.
     /// assert!(!m.catch_up(&id, 5, Duration::from_millis(5)));
+    ///
+    /// // With asking switched off, nobody waits either.
+    /// let off = DeltaManager::new("/", ManagerConfig { max_concurrent_fetches: 0, ..Default::default() });
+    /// let id = off.create_session();
+    /// let asked_at = std::time::Instant::now();
+    /// assert!(!off.catch_up(&id, 5, Duration::from_secs(30)));
+    /// assert!(asked_at.elapsed() < Duration::from_secs(10));
     /// ```
     pub fn catch_up(&self, id: &SessionId, version: u64, wait: Duration) -> bool {
         let current = |store: &SessionStore| {
@@ -384,8 +396,8 @@ impl DeltaManager {
             }
             self.counters.version_waits.fetch_add(1, Ordering::Relaxed);
             let deadline = Instant::now() + wait;
-            self.version_waiters.fetch_add(1, Ordering::AcqRel);
-            let mut timed_out = false;
+            let waiting = self.version_waiters.fetch_add(1, Ordering::AcqRel);
+            let mut timed_out = waiting >= self.cfg.max_concurrent_fetches;
             while !current(&store) && !timed_out {
                 timed_out = self
                     .version_applied
