@@ -267,6 +267,35 @@ pub fn ha_node_with(
     Ok((cluster, manager))
 }
 
+/// Two session-replication nodes on fresh loopback ports that list each other, node `i`
+/// with `cfgs[i]` (see [`ha_node_with`]); returns once both see the other as a member and
+/// both managers have started.
+#[allow(clippy::type_complexity)]
+pub fn started_ha_pair(
+    cfgs: [ha::ManagerConfig; 2],
+) -> Result<[(ha::Cluster, Arc<ha::DeltaManager>); 2], ChannelError> {
+    let ports = [free_port(), free_port()];
+    let [a, b] = cfgs;
+    let nodes = [
+        ha_node_with(ports[0], &[ports[1]], a)?,
+        ha_node_with(ports[1], &[ports[0]], b)?,
+    ];
+    for (cluster, _) in &nodes {
+        if !cluster
+            .channel()
+            .wait_for_members(1, Duration::from_secs(5))
+        {
+            return Err(ChannelError::Io(std::io::Error::other(
+                "the other node did not appear as a member within 5 s",
+            )));
+        }
+    }
+    for (cluster, manager) in &nodes {
+        manager.start(cluster);
+    }
+    Ok(nodes)
+}
+
 /// A port that was free on 127.0.0.1 a moment ago. Taken below Linux's ephemeral range
 /// (32768–60999) so that the outgoing connections of other tests, which get ephemeral ports,
 /// cannot take it between this call and the bind; successive calls in one process never

@@ -230,19 +230,13 @@ fn route_rebinding_moves_the_session_to_the_surviving_node() {
 
 #[test]
 fn attribute_filter_and_expire_on_shutdown() {
-    let (pa, pb) = (free_port(), free_port());
     let cfg = ha::ManagerConfig {
         attribute_filter: Some(Arc::new(|name: &str| !name.starts_with("local."))),
         expire_sessions_on_shutdown: true,
         sync: true,
         ..ha::ManagerConfig::default()
     };
-    let (ca, ma) = tribes_suite::ha_node_with(pa, &[pb], cfg.clone()).unwrap();
-    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
-    assert!(ca.channel().wait_for_members(1, Duration::from_secs(5)));
-    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
-    ma.start(&ca);
-    mb.start(&cb);
+    let [(_ca, ma), (_cb, mb)] = tribes_suite::started_ha_pair([cfg.clone(), cfg]).unwrap();
     let id = ma.create_session();
     ma.with_session(&id, |s| {
         s.insert("shared", &1u8).unwrap();

@@ -11,7 +11,7 @@ use axum::Router;
 use ha::layer::{ReplicationLayer, Session};
 use http::{header, Request, StatusCode};
 use tower::ServiceExt;
-use tribes_suite::{free_port, ha_node};
+use tribes_suite::{free_port, ha_node, started_ha_pair};
 
 async fn counter(session: Session) -> String {
     let n = session.get::<u64>("counter").unwrap().unwrap_or(0) + 1;
@@ -59,13 +59,12 @@ async fn get_with(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counter_survives_round_robin_and_a_lost_node() {
-    let (pa, pb) = (free_port(), free_port());
-    let (ca, ma) = ha_node(pa, &[pb], Some("a")).unwrap();
-    let (cb, mb) = ha_node(pb, &[pa], Some("b")).unwrap();
-    assert!(ca.channel().wait_for_members(1, Duration::from_secs(5)));
-    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
-    ma.start(&ca);
-    mb.start(&cb);
+    let routed = |r: &str| ha::ManagerConfig {
+        route: Some(r.into()),
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    let [(ca, ma), (_cb, mb)] = started_ha_pair([routed("a"), routed("b")]).unwrap();
     let (app_a, layer_a) = app(ma);
     let (app_b, _) = app(mb);
 
@@ -154,13 +153,11 @@ async fn logging_in_cycles_the_session_id_on_every_node() {
     async fn whoami(session: Session) -> String {
         session.get::<String>("user").unwrap().unwrap_or_default()
     }
-    let (pa, pb) = (free_port(), free_port());
-    let (ca, ma) = ha_node(pa, &[pb], None).unwrap();
-    let (cb, mb) = ha_node(pb, &[pa], None).unwrap();
-    assert!(ca.channel().wait_for_members(1, Duration::from_secs(5)));
-    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
-    ma.start(&ca);
-    mb.start(&cb);
+    let sync = ha::ManagerConfig {
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    let [(ca, ma), (cb, mb)] = started_ha_pair([sync.clone(), sync]).unwrap();
     let routes = |m: Arc<ha::DeltaManager>| {
         Router::new()
             .route("/counter", get(counter))
@@ -243,17 +240,11 @@ async fn get_jar(app: &Router, path: &str, jar: &mut Vec<(String, String)>) -> S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_replication_with_read_your_writes_never_goes_back() {
-    let (pa, pb) = (free_port(), free_port());
     let cfg = ha::ManagerConfig {
         sync: false,
         ..ha::ManagerConfig::default()
     };
-    let (ca, ma) = tribes_suite::ha_node_with(pa, &[pb], cfg.clone()).unwrap();
-    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
-    assert!(ca.channel().wait_for_members(1, Duration::from_secs(5)));
-    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
-    ma.start(&ca);
-    mb.start(&cb);
+    let [(ca, ma), (cb, mb)] = started_ha_pair([cfg.clone(), cfg]).unwrap();
     let app = |m: Arc<ha::DeltaManager>| {
         Router::new()
             .route("/counter", get(counter))

@@ -51,13 +51,8 @@ struct Config {
     stats: LayerStats,
     /// Read-your-writes: how long a request waits for a change its client already saw.
     read_your_writes: Option<Duration>,
-}
-
-impl Config {
-    /// The cookie that carries the session version the client last saw.
-    fn version_cookie(&self) -> String {
-        format!("{}_V", self.cookie)
-    }
+    /// The cookie that carries the session version the client last saw: `<cookie>_V`.
+    version_cookie: String,
 }
 
 /// Puts a [`Session`] into every request and replicates its changes at the end.
@@ -92,6 +87,7 @@ impl ReplicationLayer {
                 filter: None,
                 stats: LayerStats::default(),
                 read_your_writes: None,
+                version_cookie: "JSESSIONID_V".into(),
             }),
         }
     }
@@ -140,8 +136,10 @@ impl ReplicationLayer {
             filter: self.cfg.filter.clone(),
             stats: LayerStats::default(),
             read_your_writes: self.cfg.read_your_writes,
+            version_cookie: String::new(),
         };
         f(&mut cfg);
+        cfg.version_cookie = format!("{}_V", cfg.cookie);
         Self { cfg: Arc::new(cfg) }
     }
 }
@@ -187,24 +185,25 @@ where
             .as_ref()
             .is_some_and(|re| re.is_match(req.uri().path()));
         let requested = cookie(&req, &cfg.cookie).map(SessionId::new);
-        // The version of the session this client last saw, if it is this session's.
-        let seen = cfg.read_your_writes.and_then(|wait| {
-            let value = cookie(&req, &cfg.version_cookie())?;
-            let (base, version) = value.rsplit_once('-')?;
-            let id = requested.as_ref().filter(|id| id.base() == base)?;
-            Some((id.clone(), version.parse::<u64>().ok()?, wait))
-        });
-        let seen_version = seen.as_ref().map(|(_, v, _)| *v);
+        // With read-your-writes: the version of this session its client last saw.
+        let seen_version = requested
+            .as_ref()
+            .filter(|_| cfg.read_your_writes.is_some())
+            .and_then(|id| {
+                let value = cookie(&req, &cfg.version_cookie)?;
+                let (base, version) = value.rsplit_once('-')?;
+                (base == id.base()).then(|| version.parse::<u64>().ok())?
+            });
         let mut current = None;
         let mut cookie_changed = false;
-        if let Some((id, version, wait)) = seen {
-            // Our copy may be older than what this client already saw (its last change is
-            // still on its way here): wait for it, or fetch it.
-            if !cfg.manager.catch_up(&id, version, wait) {
-                warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{version}, which its client saw");
-            }
-        }
         if let Some(id) = requested {
+            if let (Some(version), Some(wait)) = (seen_version, cfg.read_your_writes) {
+                // Our copy may be older than what this client already saw (its last change
+                // is still on its way here): wait for it, or fetch it.
+                if !cfg.manager.catch_up(&id, version, wait) {
+                    warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{version}, which its client saw");
+                }
+            }
             // An id this node has not seen (its replication is still in flight, or this node
             // missed it): ask the members before the handler sees no session. Returns at once
             // for a session held here.
@@ -269,18 +268,18 @@ where
                         resp.headers_mut().append(header::SET_COOKIE, v);
                     }
                 }
-                if cfg.read_your_writes.is_some() {
-                    let version = cfg.manager.version(&id);
-                    if version.is_some_and(|v| set_cookie || seen_version != Some(v)) {
-                        let value = format!(
-                            "{}={}-{}; Path=/; HttpOnly",
-                            cfg.version_cookie(),
-                            id.base(),
-                            version.unwrap_or_default()
-                        );
-                        if let Ok(v) = HeaderValue::from_str(&value) {
-                            resp.headers_mut().append(header::SET_COOKIE, v);
-                        }
+                let changed_version = cfg
+                    .read_your_writes
+                    .and_then(|_| cfg.manager.version(&id))
+                    .filter(|v| set_cookie || seen_version != Some(*v));
+                if let Some(version) = changed_version {
+                    let value = format!(
+                        "{}={}-{version}; Path=/; HttpOnly",
+                        cfg.version_cookie,
+                        id.base()
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        resp.headers_mut().append(header::SET_COOKIE, v);
                     }
                 }
             }

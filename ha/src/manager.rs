@@ -394,15 +394,16 @@ impl DeltaManager {
             if current(&store) {
                 return true;
             }
-            self.counters.version_waits.fetch_add(1, Ordering::Relaxed);
-            let deadline = Instant::now() + wait;
-            let waiting = self.version_waiters.fetch_add(1, Ordering::AcqRel);
-            let mut timed_out = waiting >= self.cfg.max_concurrent_fetches;
-            while !current(&store) && !timed_out {
-                timed_out = self
-                    .version_applied
-                    .wait_until(&mut store, deadline)
-                    .timed_out();
+            if self.version_waiters.fetch_add(1, Ordering::AcqRel) < self.cfg.max_concurrent_fetches
+            {
+                self.counters.version_waits.fetch_add(1, Ordering::Relaxed);
+                let deadline = Instant::now() + wait;
+                while !current(&store)
+                    && !self
+                        .version_applied
+                        .wait_until(&mut store, deadline)
+                        .timed_out()
+                {}
             }
             self.version_waiters.fetch_sub(1, Ordering::AcqRel);
             if current(&store) {

@@ -255,7 +255,6 @@ impl Session {
         self.last_access_ms = self.last_access_ms.max(delta.last_access_ms);
     }
 
-    /// Renames the session (id rotation or route rebinding).
     /// A copy made from a first delta, before its CREATED arrived: uses `placeholder_secs`
     /// until the CREATED brings the session's own interval.
     pub(crate) fn replica_awaiting_created(
@@ -276,6 +275,7 @@ impl Session {
         }
     }
 
+    /// Renames the session (id rotation or route rebinding).
     pub(crate) fn rename(&mut self, id: SessionId) {
         self.id = id;
     }
