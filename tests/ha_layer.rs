@@ -269,3 +269,75 @@ async fn async_replication_with_read_your_writes_never_goes_back() {
     ca.stop().unwrap();
     cb.stop().unwrap();
 }
+
+/// Synchronous replication waits for every member's ACK. That wait must not stop the
+/// runtime: another request is served while the first one waits (before, the handler's
+/// session creation and the end-of-request delta blocked the runtime thread, so the second
+/// request could only start after the first had finished).
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_waiting_for_acks_does_not_hold_up_other_requests() {
+    other_requests_go_on_while_one_waits_for_acks().await;
+}
+
+/// The same with one worker of a multi-threaded runtime (`block_in_place` there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_request_waiting_for_acks_does_not_hold_up_the_worker() {
+    other_requests_go_on_while_one_waits_for_acks().await;
+}
+
+async fn other_requests_go_on_while_one_waits_for_acks() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sync = || ha::ManagerConfig {
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    let [(_ca, ma), (cb, mb)] = started_ha_pair([sync(), sync()]).unwrap();
+    // B holds up every message it gets from now on, so A's ACKs take that long.
+    let slow = Arc::new(AtomicBool::new(true));
+    let entered = Arc::new(AtomicBool::new(false));
+    let (s, e) = (Arc::clone(&slow), Arc::clone(&entered));
+    cb.channel()
+        .add_channel_listener(move |_m: &tribes::ChannelMessage| {
+            if s.load(Ordering::SeqCst) {
+                e.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Ok(())
+        });
+    let (app_a, _) = app(ma);
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+
+    let (a, o) = (app_a.clone(), Arc::clone(&order));
+    let replicated = tokio::spawn(async move {
+        let r = get_with(&a, "/counter", None).await;
+        o.lock().push("counter");
+        r
+    });
+    // Until A's first message reaches B, the counter request is running or waiting.
+    while !entered.load(Ordering::SeqCst) {
+        tokio::task::yield_now().await;
+    }
+    // Spawned as well: on a multi-threaded runtime the test body itself does not run on a
+    // worker.
+    let (a, o) = (app_a.clone(), Arc::clone(&order));
+    let (status, body, _) = tokio::spawn(async move {
+        let r = get_with(&a, "/static/logo.png", None).await;
+        o.lock().push("static");
+        r
+    })
+    .await
+    .unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "static"));
+
+    let (status, body, cookie) = replicated.await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "1"));
+    assert_eq!(
+        *order.lock(),
+        ["static", "counter"],
+        "the static request waited for the counter's replication"
+    );
+    // And the wait was real: B had the session when A answered.
+    slow.store(false, Ordering::SeqCst);
+    let id = ha::SessionId::new(cookie.unwrap().trim_start_matches("JSESSIONID="));
+    assert!(mb.contains(&id), "B lacks {id}");
+}

@@ -6,8 +6,12 @@
 //! after every member applied the change, so a client that lands on another node next sees
 //! its own writes. A cookie naming a session this node has not seen makes it ask the
 //! cluster first ([`crate::DeltaManager::fetch`]), so a request that overtook the session's
-//! replication does not start a new session. Both block the task briefly (a loopback
-//! round trip); run the server on a multi-threaded runtime.
+//! replication does not start a new session. Creations, renames and invalidations a
+//! handler makes are replicated at the end of the request with its delta, so handlers never
+//! wait on the network. The waits the layer itself does (ACKs, fetches) never hold up the
+//! runtime's other tasks: on a multi-threaded runtime the worker hands them to another
+//! thread while it waits (`block_in_place`); on a current-thread runtime the wait runs on
+//! the blocking pool.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,9 +28,11 @@ use regex::Regex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tower::{Layer, Service};
+use tribes::SendError;
 
 use crate::error::SessionError;
 use crate::manager::DeltaManager;
+use crate::message::SessionEvent;
 use crate::session::SessionId;
 
 /// Counters of a [`ReplicationLayer`] (Tomcat `ReplicationValve` statistics).
@@ -194,50 +200,37 @@ where
                 let (base, version) = value.rsplit_once('-')?;
                 (base == id.base()).then(|| version.parse::<u64>().ok())?
             });
-        let mut current = None;
-        let mut cookie_changed = false;
-        if let Some(id) = requested {
-            if let (Some(version), Some(wait)) = (seen_version, cfg.read_your_writes) {
-                // Our copy may be older than what this client already saw (its last change
-                // is still on its way here): wait for it, or fetch it.
-                if !cfg.manager.catch_up(&id, version, wait) {
-                    warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{version}, which its client saw");
-                }
-            }
-            // An id this node has not seen (its replication is still in flight, or this node
-            // missed it): ask the members before the handler sees no session. Returns at once
-            // for a session held here.
-            cfg.manager.fetch(&id);
-            // Failover with a sticky balancer: take the session over under our route.
-            match cfg.manager.rebind(&id) {
-                Some(new) => {
-                    current = Some(new);
-                    cookie_changed = true;
-                }
-                None => {
-                    if cfg.manager.contains(&id) {
-                        current = Some(id);
-                    }
-                }
-            }
-        }
-        let session = Session {
-            inner: Arc::new(Mutex::new(Handle {
-                manager: Arc::clone(&cfg.manager),
-                id: current,
-                set_cookie: cookie_changed,
-                clear_cookie: false,
-            })),
-        };
-        req.extensions_mut().insert(session.clone());
         // Tower's rule: call the service that was polled ready, keep a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
+            let (current, cookie_changed) = match requested {
+                Some(id) if cfg.may_wait_for(&id, seen_version) => {
+                    let c = Arc::clone(&cfg);
+                    off_runtime(move || c.find_session(id, seen_version)).await
+                }
+                Some(id) => cfg.find_session(id, seen_version),
+                None => (None, false),
+            };
+            let session = Session {
+                inner: Arc::new(Mutex::new(Handle {
+                    manager: Arc::clone(&cfg.manager),
+                    id: current,
+                    set_cookie: cookie_changed,
+                    clear_cookie: false,
+                    unannounced: Vec::new(),
+                })),
+            };
+            req.extensions_mut().insert(session.clone());
             let mut resp = inner.call(req).await?;
-            let (id, set_cookie, clear_cookie) = {
-                let h = session.inner.lock();
-                (h.id.clone(), h.set_cookie, h.clear_cookie)
+            let (id, set_cookie, clear_cookie, unannounced) = {
+                let mut h = session.inner.lock();
+                (
+                    h.id.clone(),
+                    h.set_cookie,
+                    h.clear_cookie,
+                    std::mem::take(&mut h.unannounced),
+                )
             };
             if id.is_none() && clear_cookie {
                 // An expired cookie: the client stops sending an id nobody holds.
@@ -246,22 +239,33 @@ where
                     resp.headers_mut().append(header::SET_COOKIE, v);
                 }
             }
-            if let Some(id) = id {
-                if filtered {
-                    cfg.stats.filtered.fetch_add(1, Ordering::Relaxed);
+            // The filter skips the delta, not the creations, renames and invalidations the
+            // handler made (those were replicated at once before the layer deferred them).
+            let delta_of = id.clone().filter(|_| !filtered);
+            if filtered && id.is_some() {
+                cfg.stats.filtered.fetch_add(1, Ordering::Relaxed);
+            }
+            if delta_of.is_some() || !unannounced.is_empty() {
+                let start = Instant::now();
+                let c = Arc::clone(&cfg);
+                let replicate = move || c.replicate(unannounced, delta_of.as_ref());
+                let sent = if cfg.manager.sends_wait() {
+                    off_runtime(replicate).await
                 } else {
-                    let start = Instant::now();
-                    match cfg.manager.request_completed(&id) {
-                        Ok(()) => cfg.stats.sends.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            warn!(target: "ha::layer", "replication of {id} failed: {e}");
-                            cfg.stats.errors.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    cfg.stats
-                        .send_micros
-                        .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-                }
+                    replicate()
+                };
+                match sent {
+                    Ok(()) => cfg.stats.sends.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        warn!(target: "ha::layer", "replication of {id:?} failed: {e}");
+                        cfg.stats.errors.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                cfg.stats
+                    .send_micros
+                    .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            if let Some(id) = id {
                 if set_cookie {
                     let value = format!("{}={id}; Path=/; HttpOnly", cfg.cookie);
                     if let Ok(v) = HeaderValue::from_str(&value) {
@@ -288,6 +292,79 @@ where
     }
 }
 
+impl Config {
+    /// Whether [`Config::find_session`] may wait on the network for `id`: this node does
+    /// not hold it under that id (fetch, or route rebinding), or holds an older version
+    /// than its client saw (read-your-writes).
+    fn may_wait_for(&self, id: &SessionId, seen_version: Option<u64>) -> bool {
+        let behind = self.read_your_writes.is_some()
+            && seen_version.is_some_and(|seen| self.manager.version(id) < Some(seen));
+        let rebinds = self
+            .manager
+            .config()
+            .route
+            .as_deref()
+            .is_some_and(|local| id.route() != Some(local));
+        behind || rebinds || !self.manager.contains(id)
+    }
+
+    /// The session a request names: brought up to the version its client saw, fetched from
+    /// the members if this node has not seen it, and taken over under this node's route.
+    /// Returns the id to use and whether the client needs a new cookie.
+    fn find_session(&self, id: SessionId, seen_version: Option<u64>) -> (Option<SessionId>, bool) {
+        if let (Some(version), Some(wait)) = (seen_version, self.read_your_writes) {
+            // Our copy may be older than what this client already saw (its last change is
+            // still on its way here): wait for it, or fetch it.
+            if !self.manager.catch_up(&id, version, wait) {
+                warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{version}, which its client saw");
+            }
+        }
+        // An id this node has not seen (its replication is still in flight, or this node
+        // missed it): ask the members before the handler sees no session. Returns at once
+        // for a session held here.
+        self.manager.fetch(&id);
+        // Failover with a sticky balancer: take the session over under our route.
+        match self.manager.rebind(&id) {
+            Some(new) => (Some(new), true),
+            None if self.manager.contains(&id) => (Some(id), false),
+            None => (None, false),
+        }
+    }
+
+    /// End of a request: tells the members what the handler created, renamed or
+    /// invalidated, then sends the session's delta.
+    fn replicate(
+        &self,
+        unannounced: Vec<SessionEvent>,
+        delta_of: Option<&SessionId>,
+    ) -> Result<(), SendError> {
+        let announced = self.manager.announce(unannounced);
+        let delta = delta_of.map_or(Ok(()), |id| self.manager.request_completed(id));
+        announced.and(delta)
+    }
+}
+
+/// Runs `wait` (a send that waits for ACKs, a fetch) without holding up the runtime's other
+/// tasks: on a multi-threaded runtime the worker hands its other tasks to another thread
+/// while this one waits (`block_in_place`, no thread hop for this request); on a
+/// current-thread runtime the wait runs on the blocking pool; outside a runtime it runs
+/// here.
+async fn off_runtime<T: Send + 'static>(wait: impl FnOnce() -> T + Send + 'static) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        Ok(_) => match tokio::task::spawn_blocking(wait).await {
+            Ok(v) => v,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Cancelled: the runtime is shutting down and drops this task too.
+                Err(_) => std::future::pending().await,
+            },
+        },
+        Err(_) => wait(),
+    }
+}
+
 fn cookie<B>(req: &Request<B>, name: &str) -> Option<String> {
     req.headers()
         .get_all(header::COOKIE)
@@ -306,6 +383,9 @@ struct Handle {
     /// The session was invalidated: tell the client to drop its cookie (unless a new
     /// session replaced it).
     clear_cookie: bool,
+    /// Creations, renames and invalidations made by the handler, replicated at the end of
+    /// the request with its delta (so a handler never waits on the network).
+    unannounced: Vec<SessionEvent>,
 }
 
 /// The request's session, as an axum extractor. Created on the first `insert`.
@@ -335,7 +415,8 @@ impl Session {
     pub fn insert<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<(), SessionError> {
         let mut h = self.inner.lock();
         if h.id.as_ref().is_none_or(|id| !h.manager.contains(id)) {
-            let id = h.manager.create_session();
+            let (id, created) = h.manager.create_session_unannounced();
+            h.unannounced.push(created);
             h.id = Some(id);
             h.set_cookie = true;
         }
@@ -365,7 +446,8 @@ impl Session {
         let Some(old) = h.id.clone() else {
             return;
         };
-        if let Some(new) = h.manager.cycle_id(&old) {
+        if let Some((new, renamed)) = h.manager.cycle_id_unannounced(&old) {
+            h.unannounced.push(renamed);
             h.id = Some(new);
             h.set_cookie = true;
         }
@@ -376,7 +458,9 @@ impl Session {
     pub fn invalidate(&self) {
         let mut h = self.inner.lock();
         if let Some(id) = h.id.take() {
-            h.manager.invalidate(&id);
+            if let Some(expired) = h.manager.invalidate_unannounced(&id) {
+                h.unannounced.push(expired);
+            }
             h.clear_cookie = true;
             h.set_cookie = false;
         }

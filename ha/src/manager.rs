@@ -257,6 +257,13 @@ impl DeltaManager {
     /// not be told is logged and counted ([`DeltaManager::stats`]); the session's first
     /// delta creates its copy there later.
     pub fn create_session(&self) -> SessionId {
+        let (id, created) = self.create_session_unannounced();
+        let _ = self.send(&self.message(created), None, self.options());
+        id
+    }
+
+    /// Creates a session here only; returns its id and the event that tells the members.
+    pub(crate) fn create_session_unannounced(&self) -> (SessionId, SessionEvent) {
         let id = self.new_id();
         let s = Session::new(id.clone(), crate::now_ms(), self.cfg.max_inactive_secs);
         {
@@ -267,12 +274,38 @@ impl DeltaManager {
         self.counters
             .sessions_created
             .fetch_add(1, Ordering::Relaxed);
-        let msg = self.message(SessionEvent::Created {
+        let created = SessionEvent::Created {
             id: id.clone(),
             max_inactive_secs: self.cfg.max_inactive_secs,
-        });
-        let _ = self.send(&msg, None, self.options());
-        id
+        };
+        (id, created)
+    }
+
+    /// Sends events a request produced with [`Self::create_session_unannounced`] and the
+    /// other `*_unannounced` calls, in order. Failures are logged and counted; the first is
+    /// returned after the rest were tried.
+    #[cfg(feature = "axum")]
+    pub(crate) fn announce(&self, events: Vec<SessionEvent>) -> Result<(), SendError> {
+        let mut result = Ok(());
+        for e in events {
+            let sent = self.send(&self.message(e), None, self.options());
+            if result.is_ok() {
+                result = sent;
+            }
+        }
+        result
+    }
+
+    /// Whether sending waits for members (synchronous replication, and someone to wait
+    /// for).
+    #[cfg(feature = "axum")]
+    pub(crate) fn sends_wait(&self) -> bool {
+        self.cfg.sync
+            && self
+                .cluster
+                .lock()
+                .upgrade()
+                .is_some_and(|c| !c.channel.members().is_empty())
     }
 
     /// A fresh random id (128 bits), with this node's route if one is configured.
@@ -296,8 +329,19 @@ impl DeltaManager {
     /// assert!(m.session(&old).is_none() && m.session(&new).is_some());
     /// ```
     pub fn cycle_id(&self, old: &SessionId) -> Option<SessionId> {
+        let (new, event) = self.cycle_id_unannounced(old)?;
+        let _ = self.send(&self.message(event), None, self.options());
+        Some(new)
+    }
+
+    /// [`Self::cycle_id`] here only; returns the new id and the event that tells the members.
+    pub(crate) fn cycle_id_unannounced(
+        &self,
+        old: &SessionId,
+    ) -> Option<(SessionId, SessionEvent)> {
         let new = self.new_id();
-        self.change_session_id(old, new.clone()).then_some(new)
+        let event = self.change_session_id_unannounced(old, new.clone())?;
+        Some((new, event))
     }
 
     /// Runs `f` on the session (recording the access), if this node has it. Changes are
@@ -509,31 +553,43 @@ impl DeltaManager {
     /// Invalidates a session here and everywhere (replication failures are logged and
     /// counted).
     pub fn invalidate(&self, id: &SessionId) {
-        if self.store.lock().remove(id).is_none() {
-            return;
+        if let Some(expired) = self.invalidate_unannounced(id) {
+            let _ = self.send(&self.message(expired), None, self.options());
         }
+    }
+
+    /// [`Self::invalidate`] here only; returns the event that tells the members.
+    pub(crate) fn invalidate_unannounced(&self, id: &SessionId) -> Option<SessionEvent> {
+        self.store.lock().remove(id)?;
         self.counters
             .sessions_expired
             .fetch_add(1, Ordering::Relaxed);
-        let _ = self.send(
-            &self.message(SessionEvent::Expired { id: id.clone() }),
-            None,
-            self.options(),
-        );
+        Some(SessionEvent::Expired { id: id.clone() })
     }
 
     /// Renames a session (route rebinding, id rotation) and replicates the change; returns
     /// whether the session existed. Replication failures are logged and counted.
     pub fn change_session_id(&self, old: &SessionId, new: SessionId) -> bool {
+        match self.change_session_id_unannounced(old, new) {
+            Some(event) => {
+                let _ = self.send(&self.message(event), None, self.options());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`Self::change_session_id`] here only; returns the event that tells the members.
+    fn change_session_id_unannounced(
+        &self,
+        old: &SessionId,
+        new: SessionId,
+    ) -> Option<SessionEvent> {
         let event = SessionEvent::ChangeSessionId {
             old: old.clone(),
             new,
         };
-        if self.store.lock().apply(&event, crate::now_ms()) != Applied::Changed {
-            return false;
-        }
-        let _ = self.send(&self.message(event), None, self.options());
-        true
+        (self.store.lock().apply(&event, crate::now_ms()) == Applied::Changed).then_some(event)
     }
 
     /// Route rebinding (Tomcat `JvmRouteBinderValve`): a request for `requested` reached
