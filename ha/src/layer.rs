@@ -115,7 +115,9 @@ impl ReplicationLayer {
     /// cookie, `<cookie name>_V`, to `<session id base>-<version>`; a request whose node
     /// holds an older copy of that session, because the change is still on its way, waits
     /// up to `wait` for it and then asks the members
-    /// ([`DeltaManager::catch_up`](crate::DeltaManager::catch_up)). A client thus never sees
+    /// ([`DeltaManager::version_reached`](crate::DeltaManager::version_reached), then
+    /// [`DeltaManager::fetch_version`](crate::DeltaManager::fetch_version)); the wait holds
+    /// no thread, and needs a runtime with timers (`#[tokio::main]` has them). A client thus never sees
     /// its own session go back, without waiting for every member on every request as
     /// synchronous replication does. A few milliseconds is plenty on a LAN: the wait ends as
     /// soon as the change is applied.
@@ -205,11 +207,29 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let (current, cookie_changed) = match requested {
-                Some(id) if cfg.may_wait_for(&id, seen_version) => {
-                    let c = Arc::clone(&cfg);
-                    off_runtime(move || c.find_session(id, seen_version)).await
+                Some(id) => {
+                    // Read-your-writes: this node's copy may be older than what the client
+                    // already saw (its last change is still on its way here). Wait for it
+                    // without holding a thread; ask the members if it does not come.
+                    let mut fetch_version = None;
+                    if let (Some(seen), Some(wait)) = (seen_version, cfg.read_your_writes) {
+                        if cfg.manager.version(&id) < Some(seen) {
+                            let arrived =
+                                tokio::time::timeout(wait, cfg.manager.version_reached(&id, seen))
+                                    .await
+                                    .unwrap_or(false);
+                            if !arrived {
+                                fetch_version = Some(seen);
+                            }
+                        }
+                    }
+                    if fetch_version.is_some() || cfg.may_wait_for(&id) {
+                        let c = Arc::clone(&cfg);
+                        off_runtime(move || c.find_session(id, fetch_version)).await
+                    } else {
+                        cfg.find_session(id, None)
+                    }
                 }
-                Some(id) => cfg.find_session(id, seen_version),
                 None => (None, false),
             };
             let session = Session {
@@ -294,28 +314,24 @@ where
 
 impl Config {
     /// Whether [`Config::find_session`] may wait on the network for `id`: this node does
-    /// not hold it under that id (fetch, or route rebinding), or holds an older version
-    /// than its client saw (read-your-writes).
-    fn may_wait_for(&self, id: &SessionId, seen_version: Option<u64>) -> bool {
-        let behind = self.read_your_writes.is_some()
-            && seen_version.is_some_and(|seen| self.manager.version(id) < Some(seen));
+    /// not hold it under that id (fetch, or route rebinding).
+    fn may_wait_for(&self, id: &SessionId) -> bool {
         let rebinds = self
             .manager
             .config()
             .route
             .as_deref()
             .is_some_and(|local| id.route() != Some(local));
-        behind || rebinds || !self.manager.contains(id)
+        rebinds || !self.manager.contains(id)
     }
 
-    /// The session a request names: brought up to the version its client saw, fetched from
-    /// the members if this node has not seen it, and taken over under this node's route.
-    /// Returns the id to use and whether the client needs a new cookie.
-    fn find_session(&self, id: SessionId, seen_version: Option<u64>) -> (Option<SessionId>, bool) {
-        if let (Some(version), Some(wait)) = (seen_version, self.read_your_writes) {
-            // Our copy may be older than what this client already saw (its last change is
-            // still on its way here): wait for it, or fetch it.
-            if !self.manager.catch_up(&id, version, wait) {
+    /// The session a request names: brought up to `fetch_version` from the members if
+    /// given (read-your-writes, after waiting did not bring it), fetched from them if this
+    /// node has not seen it, and taken over under this node's route. Returns the id to use
+    /// and whether the client needs a new cookie.
+    fn find_session(&self, id: SessionId, fetch_version: Option<u64>) -> (Option<SessionId>, bool) {
+        if let Some(version) = fetch_version {
+            if !self.manager.fetch_version(&id, version) {
                 warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{version}, which its client saw");
             }
         }

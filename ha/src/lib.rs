@@ -39,7 +39,7 @@ pub mod transfer;
 pub use cluster::{Cluster, ClusterListener, ClusterMessage};
 pub use delta::{Action, Delta, DeltaLog};
 pub use error::SessionError;
-pub use manager::{AttributeFilter, DeltaManager, ManagerConfig};
+pub use manager::{AttributeFilter, DeltaManager, ManagerConfig, VersionReached};
 pub use message::{SessionEvent, SessionMessage};
 pub use session::{Session, SessionId};
 pub use stats::{EventCounts, ManagerStats};

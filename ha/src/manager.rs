@@ -1,7 +1,10 @@
 //! `DeltaManager`: all-to-all delta replication of one context's sessions over a [`Cluster`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -147,6 +150,9 @@ pub struct DeltaManager {
     /// [`DeltaManager::catch_up`] (`version_waiters` > 0), so the common case pays nothing.
     version_applied: Condvar,
     version_waiters: AtomicUsize,
+    /// The tasks of [`DeltaManager::version_reached`] futures, woken with `version_applied`.
+    /// At most one per waiting future, and those are bounded like `catch_up`'s waits.
+    version_wakers: Mutex<Vec<Waker>>,
 }
 
 impl DeltaManager {
@@ -164,6 +170,7 @@ impl DeltaManager {
             fetching: AtomicUsize::new(0),
             version_applied: Condvar::new(),
             version_waiters: AtomicUsize::new(0),
+            version_wakers: Mutex::new(Vec::new()),
         })
     }
 
@@ -428,37 +435,69 @@ impl DeltaManager {
     /// assert!(asked_at.elapsed() < Duration::from_secs(10));
     /// ```
     pub fn catch_up(&self, id: &SessionId, version: u64, wait: Duration) -> bool {
-        let current = |store: &SessionStore| {
-            store
-                .get_by_base(id.base())
-                .is_some_and(|s| s.version() >= version)
-        };
         {
             let mut store = self.store.lock();
-            if current(&store) {
+            if holds_version(&store, id, version) {
                 return true;
             }
             if self.version_waiters.fetch_add(1, Ordering::AcqRel) < self.cfg.max_concurrent_fetches
             {
                 self.counters.version_waits.fetch_add(1, Ordering::Relaxed);
                 let deadline = Instant::now() + wait;
-                while !current(&store)
+                while !holds_version(&store, id, version)
                     && !self
                         .version_applied
                         .wait_until(&mut store, deadline)
                         .timed_out()
                 {}
             }
-            self.version_waiters.fetch_sub(1, Ordering::AcqRel);
-            if current(&store) {
+            if self.version_waiters.fetch_sub(1, Ordering::AcqRel) == 1 {
+                // See `VersionReached::drop`.
+                self.version_wakers.lock().clear();
+            }
+            if holds_version(&store, id, version) {
                 return true;
             }
         }
+        debug!(target: "ha::manager", "{}: v{version} of {id} did not arrive in {wait:?}; asking the members", self.context);
+        self.fetch_version(id, version)
+    }
+
+    /// [`DeltaManager::catch_up`]'s wait as a future, for async callers: resolves to true
+    /// once this node's copy of `id` is at `version` or newer, woken by the receiver thread
+    /// that applies the change (no thread of the caller waits). Resolves to false at once
+    /// when [`ManagerConfig::max_concurrent_fetches`] requests already wait. Put a timeout
+    /// around it, then [`DeltaManager::fetch_version`].
+    ///
+    /// ```
+    /// # use ha::{DeltaManager, ManagerConfig};
+    /// # use std::task::{Context, Poll, Waker};
+    /// use std::future::Future;
+    /// let m = DeltaManager::new("/", ManagerConfig::default());
+    /// let id = m.create_session();
+    /// let mut now = std::pin::pin!(m.version_reached(&id, 0));
+    /// let mut later = std::pin::pin!(m.version_reached(&id, 1));
+    /// let mut cx = Context::from_waker(Waker::noop());
+    /// assert_eq!(now.as_mut().poll(&mut cx), Poll::Ready(true));
+    /// assert_eq!(later.as_mut().poll(&mut cx), Poll::Pending);
+    /// ```
+    pub fn version_reached<'a>(&'a self, id: &'a SessionId, version: u64) -> VersionReached<'a> {
+        VersionReached {
+            manager: self,
+            id,
+            version,
+            waiting: false,
+        }
+    }
+
+    /// Asks the members for a copy of `id` at `version` or newer (the end of
+    /// [`DeltaManager::catch_up`] when waiting did not bring it). Returns whether this node
+    /// holds one now. Counted as a version fetch.
+    pub fn fetch_version(&self, id: &SessionId, version: u64) -> bool {
         self.counters
             .version_fetches
             .fetch_add(1, Ordering::Relaxed);
-        debug!(target: "ha::manager", "{}: v{version} of {id} did not arrive in {wait:?}; asking the members", self.context);
-        self.ask_members(id, |m| current(&m.store.lock()))
+        self.ask_members(id, |m| holds_version(&m.store.lock(), id, version))
     }
 
     /// Asks the members one after another (at most three) for their copy of `id` until
@@ -718,6 +757,9 @@ impl DeltaManager {
                 };
                 if applied == Applied::Changed && self.version_waiters.load(Ordering::Acquire) > 0 {
                     self.version_applied.notify_all();
+                    for w in std::mem::take(&mut *self.version_wakers.lock()) {
+                        w.wake();
+                    }
                 }
                 // A change or access notice that finds this copy behind, or missing: the
                 // sender has the session.
@@ -826,5 +868,140 @@ impl DeltaManager {
                 Err(e)
             }
         }
+    }
+}
+
+/// Whether `store` holds `id` (any route) at `version` or newer.
+fn holds_version(store: &SessionStore, id: &SessionId, version: u64) -> bool {
+    store
+        .get_by_base(id.base())
+        .is_some_and(|s| s.version() >= version)
+}
+
+/// The future of [`DeltaManager::version_reached`].
+pub struct VersionReached<'a> {
+    manager: &'a DeltaManager,
+    id: &'a SessionId,
+    version: u64,
+    /// Counted in `version_waiters` (undone on drop).
+    waiting: bool,
+}
+
+impl Future for VersionReached<'_> {
+    type Output = bool;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let m = self.manager;
+        // The waker is registered under the store lock: a change applied after this check
+        // takes the lock after us, and then wakes what is registered.
+        let store = m.store.lock();
+        if holds_version(&store, self.id, self.version) {
+            return Poll::Ready(true);
+        }
+        if !self.waiting {
+            if m.version_waiters.fetch_add(1, Ordering::AcqRel) >= m.cfg.max_concurrent_fetches {
+                m.version_waiters.fetch_sub(1, Ordering::AcqRel);
+                return Poll::Ready(false);
+            }
+            self.waiting = true;
+            m.counters.version_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut wakers = m.version_wakers.lock();
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        drop(store);
+        Poll::Pending
+    }
+}
+
+impl Drop for VersionReached<'_> {
+    fn drop(&mut self) {
+        if self.waiting {
+            // Under the store lock, like registering: the last waiter gone takes the wakers
+            // left by futures that ended without a change waking them (timeouts), so the
+            // list never outgrows the waiters.
+            let _store = self.manager.store.lock();
+            if self.manager.version_waiters.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.manager.version_wakers.lock().clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::task::Wake;
+
+    use super::*;
+
+    struct Flag(AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_version_wait_is_woken_by_the_change_that_brings_the_version() {
+        // Built, never started: no sockets; the manager only needs it to receive.
+        let channel = tribes::GroupChannel::builder().build().unwrap();
+        let cluster = Cluster::new(channel);
+        let node = DeltaManager::new("/", ManagerConfig::default());
+        cluster.register(&node).unwrap();
+        let inner = cluster.inner().upgrade().unwrap();
+        let sender = Member::new(([127, 0, 0, 1], 4000).into());
+
+        // The primary, elsewhere: v1 and v2 of a session.
+        let id = SessionId::new("s");
+        let mut primary = Session::new(id.clone(), 0, 60);
+        let mut deltas = Vec::new();
+        for n in 1..=2u32 {
+            primary.insert("n", &n).unwrap();
+            deltas.push(primary.take_delta().unwrap());
+        }
+        let deliver = |d: &crate::delta::Delta| {
+            let msg = node.message(SessionEvent::Delta(d.clone()));
+            node.handle(msg, &sender, &inner).unwrap();
+        };
+
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(Arc::clone(&flag));
+        let mut cx = Context::from_waker(&waker);
+        let mut wait = std::pin::pin!(node.version_reached(&id, 2));
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Pending);
+        assert_eq!(node.stats().version_waits, 1);
+
+        deliver(&deltas[0]);
+        assert!(flag.0.swap(false, Ordering::SeqCst), "woken by v1");
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Pending, "v1 is not v2");
+
+        deliver(&deltas[1]);
+        assert!(flag.0.load(Ordering::SeqCst), "woken by v2");
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(true));
+        assert_eq!(
+            node.stats().version_waits,
+            1,
+            "one wait, polled three times"
+        );
+    }
+
+    #[test]
+    fn version_waits_beyond_the_bound_give_up_at_once() {
+        let node = DeltaManager::new(
+            "/",
+            ManagerConfig {
+                max_concurrent_fetches: 1,
+                ..ManagerConfig::default()
+            },
+        );
+        let id = SessionId::new("nowhere");
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut first = std::pin::pin!(node.version_reached(&id, 1));
+        assert_eq!(first.as_mut().poll(&mut cx), Poll::Pending);
+        let mut second = std::pin::pin!(node.version_reached(&id, 1));
+        assert_eq!(second.as_mut().poll(&mut cx), Poll::Ready(false));
     }
 }
