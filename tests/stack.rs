@@ -250,3 +250,65 @@ fn large_payloads_written_from_their_own_buffer_arrive_intact() {
     expected.sort();
     assert!(got == expected, "payloads differ");
 }
+
+/// Counts how sends ended, as told to their handler.
+#[derive(Default)]
+struct Outcomes {
+    completed: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+impl tribes::interceptors::ErrorHandler for Outcomes {
+    fn handle_completion(&self, _id: tribes::UniqueId) {
+        self.completed.fetch_add(1, Ordering::SeqCst);
+    }
+    fn handle_error(&self, _error: SendError, _id: tribes::UniqueId) {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_send_handler_hears_once_how_each_send_ended_async_or_not() {
+    let g = static_group(2, &GroupOptions::fast_failing()).unwrap();
+    let got = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&got);
+    g[1].add_channel_listener(move |_m: &ChannelMessage| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    });
+    let to = [g[1].local_member()];
+    let async_ack =
+        SendOptions::ASYNCHRONOUS | SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+    let sync_ack = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+    let outcomes = Arc::new(Outcomes::default());
+    for opts in [async_ack, sync_ack, async_ack, sync_ack] {
+        g[0].send_with_handler(&to, vec![1u8], opts, outcomes.clone())
+            .unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(5), || {
+        outcomes.completed.load(Ordering::SeqCst) == 4
+    }));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        outcomes.completed.load(Ordering::SeqCst),
+        4,
+        "told once each"
+    );
+    assert_eq!(outcomes.failed.load(Ordering::SeqCst), 0);
+    assert_eq!(got.load(Ordering::SeqCst), 4);
+
+    // A member that is gone: the synchronous send fails and its handler hears it once.
+    let gone = [tribes::Member::new(
+        ([127, 0, 0, 1], tribes_suite::free_port()).into(),
+    )];
+    let failures = Arc::new(Outcomes::default());
+    assert!(g[0]
+        .send_with_handler(&gone, vec![2u8], sync_ack, failures.clone())
+        .is_err());
+    g[0].send_with_handler(&gone, vec![3u8], async_ack, failures.clone())
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        failures.failed.load(Ordering::SeqCst) == 2
+    }));
+    assert_eq!(failures.completed.load(Ordering::SeqCst), 0);
+}

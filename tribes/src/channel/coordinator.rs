@@ -183,8 +183,19 @@ impl Bottom for Coordinator {
         }
         let frame = Frame::message(&out.message);
         debug_assert_eq!(frame.len(), len + FRAME_OVERHEAD);
-        self.sender
-            .send(&frame, &out.destinations, opts.wants_ack())
+        let result = self
+            .sender
+            .send(&frame, &out.destinations, opts.wants_ack());
+        // A handler on a message sent here, on the caller's thread (no dispatch interceptor
+        // took it), hears the outcome too: it is told once, whichever way the message went.
+        if let Some(h) = &out.handler {
+            let id = out.message.unique_id;
+            match &result {
+                Ok(()) => h.handle_completion(id),
+                Err(e) => h.handle_error(e.clone(), id),
+            }
+        }
+        result
     }
 
     fn heartbeat(&self) {

@@ -251,7 +251,12 @@ impl DispatchWorker {
         let failures = self.handle.batch(&mut |b| {
             for (i, job) in jobs.iter().enumerate().skip(next) {
                 b.tag(i);
-                if let Err(e) = self.handle.send(job.clone()) {
+                // This thread tells the handler how the batch went; below, nobody else may.
+                let down = Outgoing {
+                    handler: None,
+                    ..job.clone()
+                };
+                if let Err(e) = self.handle.send(down) {
                     immediate.push((i, e));
                 }
                 next = i + 1;
