@@ -298,7 +298,7 @@ fn a_send_handler_hears_once_how_each_send_ended_async_or_not() {
     assert_eq!(got.load(Ordering::SeqCst), 4);
 
     // A member that is gone: the synchronous send fails and its handler hears it once.
-    let gone = [tribes::Member::new(
+    let gone = [Member::new(
         ([127, 0, 0, 1], tribes_suite::free_port()).into(),
     )];
     let failures = Arc::new(Outcomes::default());
