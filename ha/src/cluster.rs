@@ -309,6 +309,27 @@ impl ClusterInner {
         self.send_bytes(bytes, to, options)
     }
 
+    /// Sends to every member with a handler told how the send ended; with no members it is
+    /// a no-op that returns false (and the handler hears nothing).
+    #[cfg(feature = "axum")]
+    pub(crate) fn send_with_handler(
+        &self,
+        msg: &SessionMessage,
+        options: SendOptions,
+        handler: Arc<dyn tribes::interceptors::ErrorHandler>,
+    ) -> Result<bool, SendError> {
+        let bytes = msg
+            .encode()
+            .map_err(|e| SendError::Serialize(e.to_string()))?;
+        let members = self.channel.members();
+        if members.is_empty() {
+            return Ok(false);
+        }
+        self.channel
+            .send_with_handler(&members, bytes, options, handler)
+            .map(|_| true)
+    }
+
     fn send_bytes(
         &self,
         bytes: Vec<u8>,

@@ -8,10 +8,12 @@
 //! cluster first ([`crate::DeltaManager::fetch`]), so a request that overtook the session's
 //! replication does not start a new session. Creations, renames and invalidations a
 //! handler makes are replicated at the end of the request with its delta, so handlers never
-//! wait on the network. The waits the layer itself does (ACKs, fetches) never hold up the
-//! runtime's other tasks: on a multi-threaded runtime the worker hands them to another
-//! thread while it waits (`block_in_place`); on a current-thread runtime the wait runs on
-//! the blocking pool.
+//! wait on the network. The waits the layer itself does never hold up the runtime's other
+//! tasks: synchronous replication's ACKs are awaited on the channel's dispatch threads (the
+//! request's task sleeps until they report), a read-your-writes wait is a future woken by
+//! the receiver, and the rare blocking steps (fetching an unknown session, route
+//! rebinding) run through `block_in_place` on a multi-threaded runtime or on the blocking
+//! pool of a current-thread one.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -267,12 +269,14 @@ where
             }
             if delta_of.is_some() || !unannounced.is_empty() {
                 let start = Instant::now();
-                let c = Arc::clone(&cfg);
-                let replicate = move || c.replicate(unannounced, delta_of.as_ref());
+                // Synchronous replication waits for the members' ACKs on the dispatch
+                // threads; this task sleeps until they report (no runtime thread waits).
                 let sent = if cfg.manager.sends_wait() {
-                    off_runtime(replicate).await
+                    cfg.manager
+                        .replicate_acked(unannounced, delta_of.as_ref())
+                        .await
                 } else {
-                    replicate()
+                    cfg.replicate(unannounced, delta_of.as_ref())
                 };
                 match sent {
                     Ok(()) => cfg.stats.sends.fetch_add(1, Ordering::Relaxed),
@@ -360,7 +364,7 @@ impl Config {
     }
 }
 
-/// Runs `wait` (a send that waits for ACKs, a fetch) without holding up the runtime's other
+/// Runs `wait` (fetching a session, a rebind's synchronous send) without holding up the other
 /// tasks: on a multi-threaded runtime the worker hands its other tasks to another thread
 /// while this one waits (`block_in_place`, no thread hop for this request); on a
 /// current-thread runtime the wait runs on the blocking pool; outside a runtime it runs

@@ -556,37 +556,72 @@ impl DeltaManager {
     /// End of a request: sends the session's delta (or an access notice if this node just
     /// took the session over) and marks this copy primary.
     pub fn request_completed(&self, id: &SessionId) -> Result<(), SendError> {
-        let event = {
-            let mut store = self.store.lock();
-            let Some(s) = store.get_mut(id) else {
-                return Ok(());
-            };
-            let was_primary = s.is_primary();
-            s.set_primary(true);
-            let delta = s.take_delta().map(|mut d| {
-                if let Some(keep) = &self.cfg.attribute_filter {
-                    d.actions.retain(|a| match a {
-                        crate::delta::Action::SetAttribute { name, .. }
-                        | crate::delta::Action::RemoveAttribute { name } => keep(name),
-                        _ => true,
-                    });
-                }
-                d
-            });
-            match delta {
-                Some(d) => Some(SessionEvent::Delta(d)),
-                None if !was_primary => Some(SessionEvent::Accessed {
-                    id: id.clone(),
-                    at_ms: s.last_access_ms(),
-                    version: s.version(),
-                }),
-                None => None,
-            }
-        };
-        match event {
+        match self.completion_event(id) {
             Some(e) => self.send(&self.message(e), None, self.options()),
             None => Ok(()),
         }
+    }
+
+    /// What [`DeltaManager::request_completed`] sends: the delta, an access notice, or
+    /// nothing. Marks the copy primary.
+    fn completion_event(&self, id: &SessionId) -> Option<SessionEvent> {
+        let mut store = self.store.lock();
+        let s = store.get_mut(id)?;
+        let was_primary = s.is_primary();
+        s.set_primary(true);
+        let delta = s.take_delta().map(|mut d| {
+            if let Some(keep) = &self.cfg.attribute_filter {
+                d.actions.retain(|a| match a {
+                    crate::delta::Action::SetAttribute { name, .. }
+                    | crate::delta::Action::RemoveAttribute { name } => keep(name),
+                    _ => true,
+                });
+            }
+            d
+        });
+        match delta {
+            Some(d) => Some(SessionEvent::Delta(d)),
+            None if !was_primary => Some(SessionEvent::Accessed {
+                id: id.clone(),
+                at_ms: s.last_access_ms(),
+                version: s.version(),
+            }),
+            None => None,
+        }
+    }
+
+    /// The end of a request with synchronous replication, for async callers: sends what the
+    /// handler created, renamed or invalidated, then the session's delta (as
+    /// [`DeltaManager::announce`] and [`DeltaManager::request_completed`]), through the
+    /// dispatch threads, which wait for the members' ACKs. The returned future resolves when
+    /// every member acknowledged every message (or one failed), without a thread of the
+    /// caller waiting. Without a dispatch interceptor on the channel the sends happen here,
+    /// on this thread, and the future is ready at once.
+    #[cfg(feature = "axum")]
+    pub(crate) fn replicate_acked(
+        self: &Arc<Self>,
+        unannounced: Vec<SessionEvent>,
+        delta_of: Option<&SessionId>,
+    ) -> Acked {
+        let mut acked = Acked::default();
+        let Some(cluster) = self.cluster.lock().upgrade() else {
+            return acked;
+        };
+        let completion = delta_of.and_then(|id| self.completion_event(id));
+        let options =
+            SendOptions::ASYNCHRONOUS | SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+        for event in unannounced.into_iter().chain(completion) {
+            let msg = self.message(event);
+            let slot = acked.slot(Arc::downgrade(self));
+            match cluster.send_with_handler(&msg, options, slot.clone()) {
+                Ok(true) => self.counters.sent(&msg.event),
+                Ok(false) => slot.finish(Ok(())),
+                // Refused before it was queued (its handler hears nothing), or sent here and
+                // already reported through the handler: `finish` keeps the first outcome.
+                Err(e) => slot.finish(Err(e)),
+            }
+        }
+        acked
     }
 
     /// Invalidates a session here and everywhere (replication failures are logged and
@@ -868,6 +903,88 @@ impl DeltaManager {
                 Err(e)
             }
         }
+    }
+}
+
+/// Completion of [`DeltaManager::replicate_acked`]: resolves once every message's handler
+/// heard how its send ended, to the first failure if any.
+#[cfg(feature = "axum")]
+#[derive(Default)]
+pub(crate) struct Acked {
+    slots: Vec<Arc<AckSlot>>,
+    waker: Arc<Mutex<Option<Waker>>>,
+}
+
+#[cfg(feature = "axum")]
+impl Acked {
+    /// A new message's slot, waited for by this future.
+    fn slot(&mut self, manager: Weak<DeltaManager>) -> Arc<AckSlot> {
+        let slot = Arc::new(AckSlot {
+            outcome: Mutex::new(None),
+            waker: Arc::clone(&self.waker),
+            manager,
+        });
+        self.slots.push(Arc::clone(&slot));
+        slot
+    }
+}
+
+/// One message's outcome; the dispatch thread (or the sending thread) fills it in.
+#[cfg(feature = "axum")]
+struct AckSlot {
+    outcome: Mutex<Option<Result<(), SendError>>>,
+    waker: Arc<Mutex<Option<Waker>>>,
+    manager: Weak<DeltaManager>,
+}
+
+#[cfg(feature = "axum")]
+impl AckSlot {
+    /// Records the outcome unless one is recorded already; wakes the waiting request.
+    fn finish(&self, outcome: Result<(), SendError>) {
+        {
+            let mut slot = self.outcome.lock();
+            if slot.is_some() {
+                return;
+            }
+            if let (Err(e), Some(m)) = (&outcome, self.manager.upgrade()) {
+                warn!(target: "ha::manager", "{}: replication failed: {e}", m.context);
+                m.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            *slot = Some(outcome);
+        }
+        if let Some(w) = self.waker.lock().take() {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+impl tribes::interceptors::ErrorHandler for AckSlot {
+    fn handle_completion(&self, _id: tribes::UniqueId) {
+        self.finish(Ok(()));
+    }
+
+    fn handle_error(&self, error: SendError, _id: tribes::UniqueId) {
+        self.finish(Err(error));
+    }
+}
+
+#[cfg(feature = "axum")]
+impl Future for Acked {
+    type Output = Result<(), SendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Registered before looking, so an outcome recorded in between still wakes us.
+        *self.waker.lock() = Some(cx.waker().clone());
+        let mut result = Ok(());
+        for slot in &self.slots {
+            match &*slot.outcome.lock() {
+                None => return Poll::Pending,
+                Some(Err(e)) if result.is_ok() => result = Err(e.clone()),
+                Some(_) => {}
+            }
+        }
+        Poll::Ready(result)
     }
 }
 
