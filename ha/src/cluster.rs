@@ -309,19 +309,23 @@ impl ClusterInner {
         self.send_bytes(bytes, to, options)
     }
 
-    /// Sends to every member with a handler told how the send ended; with no members it is
-    /// a no-op that returns false (and the handler hears nothing).
+    /// Sends to `to`, or to every member when `None`, with a handler told how the send
+    /// ended; with no members it is a no-op that returns false (the handler hears nothing).
     #[cfg(feature = "axum")]
     pub(crate) fn send_with_handler(
         &self,
         msg: &SessionMessage,
+        to: Option<&Member>,
         options: SendOptions,
         handler: Arc<dyn tribes::interceptors::ErrorHandler>,
     ) -> Result<bool, SendError> {
         let bytes = msg
             .encode()
             .map_err(|e| SendError::Serialize(e.to_string()))?;
-        let members = self.channel.members();
+        let members = match to {
+            Some(m) => vec![m.clone()],
+            None => self.channel.members(),
+        };
         if members.is_empty() {
             return Ok(false);
         }

@@ -11,9 +11,9 @@
 //! wait on the network. The waits the layer itself does never hold up the runtime's other
 //! tasks: synchronous replication's ACKs are awaited on the channel's dispatch threads (the
 //! request's task sleeps until they report), a read-your-writes wait is a future woken by
-//! the receiver, and the rare blocking steps (fetching an unknown session, route
-//! rebinding) run through `block_in_place` on a multi-threaded runtime or on the blocking
-//! pool of a current-thread one.
+//! the receiver, fetching an unknown session asks through the dispatch threads too, and the
+//! one rare blocking step (route rebinding after a failover) runs through `block_in_place`
+//! on a multi-threaded runtime or on the blocking pool of a current-thread one.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -209,29 +209,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let (current, cookie_changed) = match requested {
-                Some(id) => {
-                    // Read-your-writes: this node's copy may be older than what the client
-                    // already saw (its last change is still on its way here). Wait for it
-                    // without holding a thread; ask the members if it does not come.
-                    let mut fetch_version = None;
-                    if let (Some(seen), Some(wait)) = (seen_version, cfg.read_your_writes) {
-                        if cfg.manager.version(&id) < Some(seen) {
-                            let arrived =
-                                tokio::time::timeout(wait, cfg.manager.version_reached(&id, seen))
-                                    .await
-                                    .unwrap_or(false);
-                            if !arrived {
-                                fetch_version = Some(seen);
-                            }
-                        }
-                    }
-                    if fetch_version.is_some() || cfg.may_wait_for(&id) {
-                        let c = Arc::clone(&cfg);
-                        off_runtime(move || c.find_session(id, fetch_version)).await
-                    } else {
-                        cfg.find_session(id, None)
-                    }
-                }
+                Some(id) => cfg.find_session(id, seen_version).await,
                 None => (None, false),
             };
             let session = Session {
@@ -317,33 +295,46 @@ where
 }
 
 impl Config {
-    /// Whether [`Config::find_session`] may wait on the network for `id`: this node does
-    /// not hold it under that id (fetch, or route rebinding).
-    fn may_wait_for(&self, id: &SessionId) -> bool {
-        let rebinds = self
-            .manager
-            .config()
-            .route
-            .as_deref()
-            .is_some_and(|local| id.route() != Some(local));
-        rebinds || !self.manager.contains(id)
-    }
-
-    /// The session a request names: brought up to `fetch_version` from the members if
-    /// given (read-your-writes, after waiting did not bring it), fetched from them if this
-    /// node has not seen it, and taken over under this node's route. Returns the id to use
-    /// and whether the client needs a new cookie.
-    fn find_session(&self, id: SessionId, fetch_version: Option<u64>) -> (Option<SessionId>, bool) {
-        if let Some(version) = fetch_version {
-            if !self.manager.fetch_version(&id, version) {
-                warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{version}, which its client saw");
+    /// The session a request names, found without holding a runtime thread: brought up to
+    /// the version its client saw (read-your-writes: wait for the change in flight, then ask
+    /// the members), fetched from the members if this node has not seen it, and taken over
+    /// under this node's route. Returns the id to use and whether the client needs a new
+    /// cookie.
+    async fn find_session(
+        self: &Arc<Self>,
+        id: SessionId,
+        seen_version: Option<u64>,
+    ) -> (Option<SessionId>, bool) {
+        let manager = &self.manager;
+        if let (Some(seen), Some(wait)) = (seen_version, self.read_your_writes) {
+            if manager.version(&id) < Some(seen) {
+                let arrived = tokio::time::timeout(wait, manager.version_reached(&id, seen))
+                    .await
+                    .unwrap_or(false);
+                if !arrived && !manager.fetch_version_acked(&id, seen).await {
+                    warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{seen}, which its client saw");
+                }
             }
         }
         // An id this node has not seen (its replication is still in flight, or this node
-        // missed it): ask the members before the handler sees no session. Returns at once
-        // for a session held here.
-        self.manager.fetch(&id);
-        // Failover with a sticky balancer: take the session over under our route.
+        // missed it): ask the members before the handler sees no session.
+        manager.fetch_acked(&id).await;
+        // With a route, a session held under another name than the request's is renamed.
+        let rebinds = manager
+            .config()
+            .route
+            .as_deref()
+            .is_some_and(|local| id.route() != Some(local) || !manager.contains(&id));
+        if rebinds {
+            // Failover with a sticky balancer: take the session over under our route (a
+            // rename replicated right away; rare, so it may wait off the runtime).
+            let c = Arc::clone(self);
+            return off_runtime(move || c.rebind_or_keep(id)).await;
+        }
+        self.rebind_or_keep(id)
+    }
+
+    fn rebind_or_keep(&self, id: SessionId) -> (Option<SessionId>, bool) {
         match self.manager.rebind(&id) {
             Some(new) => (Some(new), true),
             None if self.manager.contains(&id) => (Some(id), false),
@@ -364,7 +355,7 @@ impl Config {
     }
 }
 
-/// Runs `wait` (fetching a session, a rebind's synchronous send) without holding up the other
+/// Runs `wait` (a rebind's synchronous send) without holding up the other
 /// tasks: on a multi-threaded runtime the worker hands its other tasks to another thread
 /// while this one waits (`block_in_place`, no thread hop for this request); on a
 /// current-thread runtime the wait runs on the blocking pool; outside a runtime it runs

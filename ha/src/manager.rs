@@ -389,6 +389,22 @@ impl DeltaManager {
             return true;
         }
         let found = self.ask_members(id, |m| m.knows(id));
+        self.fetched(id, found)
+    }
+
+    /// [`DeltaManager::fetch`] for async callers: the questions go out through the
+    /// dispatch threads, which wait for the answers; no thread of the caller waits.
+    #[cfg(feature = "axum")]
+    pub(crate) async fn fetch_acked(self: &Arc<Self>, id: &SessionId) -> bool {
+        if self.knows(id) {
+            return true;
+        }
+        let found = self.ask_members_acked(id, |m| m.knows(id)).await;
+        self.fetched(id, found)
+    }
+
+    /// Counts a fetch's outcome.
+    fn fetched(&self, id: &SessionId, found: bool) -> bool {
         if found {
             self.counters
                 .sessions_fetched
@@ -500,47 +516,110 @@ impl DeltaManager {
         self.ask_members(id, |m| holds_version(&m.store.lock(), id, version))
     }
 
+    /// [`DeltaManager::fetch_version`] for async callers (see [`DeltaManager::fetch_acked`]).
+    #[cfg(feature = "axum")]
+    pub(crate) async fn fetch_version_acked(
+        self: &Arc<Self>,
+        id: &SessionId,
+        version: u64,
+    ) -> bool {
+        self.counters
+            .version_fetches
+            .fetch_add(1, Ordering::Relaxed);
+        self.ask_members_acked(id, |m| holds_version(&m.store.lock(), id, version))
+            .await
+    }
+
     /// Asks the members one after another (at most three) for their copy of `id` until
     /// `done` holds; returns whether it does.
     fn ask_members(&self, id: &SessionId, done: impl Fn(&Self) -> bool) -> bool {
+        let Some(_permit) = self.fetch_permit(id) else {
+            return false;
+        };
+        let (ask, members) = self.askees(id);
+        let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+        let mut asked = Ok(());
+        for m in &members {
+            asked = self.send(&ask, Some(m), sync);
+            if done(self) {
+                return true;
+            }
+        }
+        if asked.is_ok() {
+            debug!(target: "ha::manager", "{}: no member had what this node needs of session {id}", self.context);
+        }
+        false
+    }
+
+    /// [`DeltaManager::ask_members`] for async callers: each question goes out through the
+    /// dispatch threads, which wait for its ACK (the answer comes before it).
+    #[cfg(feature = "axum")]
+    async fn ask_members_acked(
+        self: &Arc<Self>,
+        id: &SessionId,
+        done: impl Fn(&Self) -> bool,
+    ) -> bool {
+        let Some(_permit) = self.fetch_permit(id) else {
+            return false;
+        };
+        let Some(cluster) = self.cluster.lock().upgrade() else {
+            return false;
+        };
+        let (ask, members) = self.askees(id);
+        let options =
+            SendOptions::ASYNCHRONOUS | SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+        let mut asked = Ok(());
+        for m in &members {
+            let mut acked = Acked::default();
+            self.send_acked(&cluster, &ask, Some(m), options, &mut acked);
+            asked = acked.await;
+            if done(self) {
+                return true;
+            }
+        }
+        if asked.is_ok() {
+            debug!(target: "ha::manager", "{}: no member had what this node needs of session {id}", self.context);
+        }
+        false
+    }
+
+    /// A place among the [`ManagerConfig::max_concurrent_fetches`] askers, or `None` when
+    /// they are all taken.
+    fn fetch_permit(&self, id: &SessionId) -> Option<FetchPermit<'_>> {
         let cap = self.cfg.max_concurrent_fetches;
         if cap == 0 {
-            return false;
+            return None;
         }
         if self.fetching.fetch_add(1, Ordering::AcqRel) >= cap {
             self.fetching.fetch_sub(1, Ordering::AcqRel);
             debug!(target: "ha::manager", "{}: {cap} session fetches in flight; not asking for {id}", self.context);
-            return false;
+            return None;
         }
+        Some(FetchPermit(&self.fetching))
+    }
+
+    /// The question for `id` and whom to ask, in order. One member at a time: with
+    /// all-to-all replication the first one asked has it, so one answer comes back instead
+    /// of one from every member. Starting points differ per session, so the asking is
+    /// spread over the members.
+    fn askees(&self, id: &SessionId) -> (SessionMessage, Vec<Member>) {
         let members = self
             .cluster
             .lock()
             .upgrade()
             .map(|c| c.channel.members())
             .unwrap_or_default();
-        // One member at a time: with all-to-all replication the first one asked has it, so
-        // one answer comes back instead of one from every member. Starting points differ
-        // per session, so the asking is spread over the members.
-        let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
         let ask = self.message(SessionEvent::GetSession { id: id.clone() });
+        if members.is_empty() {
+            return (ask, members);
+        }
         let start = id.base().bytes().fold(0usize, |h, b| {
             h.wrapping_mul(31).wrapping_add(usize::from(b))
         });
-        let mut asked = Ok(());
-        let mut found = false;
-        for k in 0..members.len().min(MAX_MEMBERS_ASKED) {
-            let m = &members[(start + k) % members.len()];
-            asked = self.send(&ask, Some(m), sync);
-            found = done(self);
-            if found {
-                break;
-            }
-        }
-        self.fetching.fetch_sub(1, Ordering::AcqRel);
-        if !found && asked.is_ok() {
-            debug!(target: "ha::manager", "{}: no member had what this node needs of session {id}", self.context);
-        }
-        found
+        let askees = (0..members.len().min(MAX_MEMBERS_ASKED))
+            .map(|k| members[(start + k) % members.len()].clone())
+            .collect();
+        (ask, askees)
     }
 
     /// Number of sessions held (primaries and copies).
@@ -611,17 +690,29 @@ impl DeltaManager {
         let options =
             SendOptions::ASYNCHRONOUS | SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
         for event in unannounced.into_iter().chain(completion) {
-            let msg = self.message(event);
-            let slot = acked.slot(Arc::downgrade(self));
-            match cluster.send_with_handler(&msg, options, slot.clone()) {
-                Ok(true) => self.counters.sent(&msg.event),
-                Ok(false) => slot.finish(Ok(())),
-                // Refused before it was queued (its handler hears nothing), or sent here and
-                // already reported through the handler: `finish` keeps the first outcome.
-                Err(e) => slot.finish(Err(e)),
-            }
+            self.send_acked(&cluster, &self.message(event), None, options, &mut acked);
         }
         acked
+    }
+
+    /// Sends `msg` with a handler that reports to `acked`.
+    #[cfg(feature = "axum")]
+    fn send_acked(
+        self: &Arc<Self>,
+        cluster: &ClusterInner,
+        msg: &SessionMessage,
+        to: Option<&Member>,
+        options: SendOptions,
+        acked: &mut Acked,
+    ) {
+        let slot = acked.slot(Arc::downgrade(self));
+        match cluster.send_with_handler(msg, to, options, slot.clone()) {
+            Ok(true) => self.counters.sent(&msg.event),
+            Ok(false) => slot.finish(Ok(())),
+            // Refused before it was queued (its handler hears nothing), or sent here and
+            // already reported through the handler: `finish` keeps the first outcome.
+            Err(e) => slot.finish(Err(e)),
+        }
     }
 
     /// Invalidates a session here and everywhere (replication failures are logged and
@@ -985,6 +1076,16 @@ impl Future for Acked {
             }
         }
         Poll::Ready(result)
+    }
+}
+
+/// See [`DeltaManager::fetch_permit`]; gives the place back when dropped (also when an
+/// async fetch is abandoned half-way).
+struct FetchPermit<'a>(&'a AtomicUsize);
+
+impl Drop for FetchPermit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
