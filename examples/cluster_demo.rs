@@ -608,17 +608,8 @@ struct Summary {
 }
 
 fn run_demo(replication: Replication, sticky: bool, load: Load) -> Res<()> {
-    let r = run_rounds(
-        NODES,
-        replication,
-        sticky,
-        true,
-        load,
-        Clients::ViaBalancer,
-        1,
-    )?
-    .0
-    .remove(0);
+    let r =
+        Deployment::start(NODES, replication, sticky)?.drive(load, Clients::ViaBalancer, true)?;
     println!("{}", r.line());
     // With synchronous replication every answer a client got is on the other nodes before
     // it got it, and the balancer retries a request whose node died before answering (the
@@ -639,10 +630,11 @@ fn run_demo(replication: Replication, sticky: bool, load: Load) -> Res<()> {
 /// against three nodes (round robin) with async and with sync replication, in one run, plus
 /// a reference case: three nodes without replication, which shows what spreading the load
 /// over three processes costs on this machine before any replication happens (its sessions
-/// do not survive a hop, so its counters are not checked). Each
-/// case repeats the load [`BENCH_ROUNDS`] times on the same nodes (fresh sessions each time;
-/// one load takes well under a second, too short to measure alone on a shared machine) and
-/// reports the median round; anomalies are summed over all rounds.
+/// do not survive a hop, so its counters are not checked). Every case's nodes start first;
+/// then the cases take turns, one load each, [`BENCH_ROUNDS`] times (fresh sessions each
+/// time; one load takes well under a second, too short to measure alone on a shared
+/// machine). Each line reports the median round and the median of its rounds' ratios to the
+/// local-only round of the same turn; anomalies are summed over all rounds.
 fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
     let (clients, balance) = if sticky {
         (Clients::Pinned, "sticky")
@@ -664,14 +656,28 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
             .into());
         }
     }
-    let mut base = None;
-    for (label, count, replication) in cases {
-        // The ratio needs local-only, so it always runs; `--mode` only skips the others.
-        if only.is_some_and(|m| m != label && label != "local-only") {
-            continue;
+    // The ratio needs local-only, so it always runs; `--mode` only skips the others.
+    let cases: Vec<_> = cases
+        .into_iter()
+        .filter(|(label, _, _)| only.is_none_or(|m| m == *label || *label == "local-only"))
+        .collect();
+    // Every case's nodes run from the start, and the rounds take turns (local-only, then
+    // each mode, round after round), so a slow spell of this shared machine hits every case
+    // alike instead of whichever ran during it.
+    let mut deployments = Vec::with_capacity(cases.len());
+    for (_, count, replication) in &cases {
+        deployments.push(Deployment::start(*count, *replication, false)?);
+    }
+    let mut reports: Vec<Vec<Report>> = cases.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds.max(1) {
+        for (d, r) in deployments.iter_mut().zip(&mut reports) {
+            r.push(d.drive(FULL, clients, false)?);
         }
-        let (mut rounds, stats) =
-            run_rounds(count, replication, false, false, FULL, clients, rounds)?;
+    }
+    let base: Vec<f64> = reports[0].iter().map(|r| r.rate).collect();
+    for (((label, count, replication), d), mut rounds) in
+        cases.into_iter().zip(&deployments).zip(reports)
+    {
         let anomalies = |f: fn(&Report) -> u64| rounds.iter().map(f).sum::<u64>();
         let (failed, lost, backward, skipped) = (
             anomalies(|r| r.failed),
@@ -679,24 +685,26 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
             anomalies(|r| r.backward),
             anomalies(|r| r.skipped),
         );
+        // The ratio is the median of each round's ratio to the local-only round just before.
+        let mut ratios: Vec<f64> = rounds.iter().zip(&base).map(|(r, b)| r.rate / b).collect();
+        ratios.sort_by(f64::total_cmp);
+        let ratio = ratios[ratios.len() / 2];
         rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
         let r = &rounds[rounds.len() / 2];
-        let base_rate = *base.get_or_insert(r.rate);
         let checks = if count > 1 && replication == Replication::Off {
             "reference: no replication, a request on another node starts a new session".to_string()
         } else {
             format!("failed={failed} lost={lost} backward={backward} skipped={skipped}")
         };
         println!(
-            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us [{:.2}x local-only; {checks}; median of {} rounds of {} requests]",
+            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us [{ratio:.2}x local-only; {checks}; median of {} interleaved rounds of {} requests]",
             r.rate,
             r.p50,
             r.p99,
-            r.rate / base_rate,
             rounds.len(),
             r.sent,
         );
-        if let Some(stats) = stats {
+        if let Some(stats) = d.stats() {
             println!("replication-stats mode={label} (all nodes, all rounds) {stats}");
         }
     }
@@ -724,43 +732,56 @@ impl Report {
     }
 }
 
-/// Starts the nodes and the balancer once, then drives `rounds` loads of fresh sessions
-/// (the kill, if any, happens in the first round). Also returns the nodes' summed `/stats`
-/// when there is more than one.
-fn run_rounds(
-    count: NodeCount,
+/// Nodes and their balancer, running until dropped.
+struct Deployment {
+    nodes: Vec<NodeProc>,
+    lb: SocketAddr,
+    stop: Arc<AtomicBool>,
     replication: Replication,
-    sticky: bool,
-    kill: bool,
-    load: Load,
-    clients: Clients,
-    rounds: usize,
-) -> Res<(Vec<Report>, Option<String>)> {
-    let mut nodes = start_nodes(count, replication, sticky)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let lb = start_balancer(
-        nodes.iter().map(|n| n.http).collect(),
-        sticky,
-        Arc::clone(&stop),
-    )?;
-    println!(
-        "cluster demo: {count} node(s) ({} replication), {} balancer at {lb}",
-        replication.label(),
-        if sticky { "sticky" } else { "round-robin" }
-    );
-    let mut reports = Vec::new();
-    for round in 0..rounds.max(1) {
-        let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
-        let victim = (kill && round == 0 && nodes.len() > 1).then_some(&mut nodes);
-        reports.push(drive(lb, &addrs, load, clients, victim)?);
+}
+
+impl Deployment {
+    fn start(count: NodeCount, replication: Replication, sticky: bool) -> Res<Self> {
+        let nodes = start_nodes(count, replication, sticky)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let lb = start_balancer(
+            nodes.iter().map(|n| n.http).collect(),
+            sticky,
+            Arc::clone(&stop),
+        )?;
+        println!(
+            "cluster demo: {count} node(s) ({} replication), {} balancer at {lb}",
+            replication.label(),
+            if sticky { "sticky" } else { "round-robin" }
+        );
+        Ok(Self {
+            nodes,
+            lb,
+            stop,
+            replication,
+        })
     }
-    let stats = (replication != Replication::Off).then(|| {
-        let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
-        cluster_stats(&addrs)
-    });
-    stop.store(true, Ordering::SeqCst);
-    drop(nodes);
-    Ok((reports, stats))
+
+    /// One load of fresh sessions; with `kill`, node 1 is killed half-way.
+    fn drive(&mut self, load: Load, clients: Clients, kill: bool) -> Res<Report> {
+        let addrs: Vec<SocketAddr> = self.nodes.iter().map(|n| n.http).collect();
+        let victim = (kill && self.nodes.len() > 1).then_some(&mut self.nodes);
+        drive(self.lb, &addrs, load, clients, victim)
+    }
+
+    /// The nodes' summed `/stats` when they replicate.
+    fn stats(&self) -> Option<String> {
+        (self.replication != Replication::Off).then(|| {
+            let addrs: Vec<SocketAddr> = self.nodes.iter().map(|n| n.http).collect();
+            cluster_stats(&addrs)
+        })
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 /// One load of `load.sessions` fresh sessions; with `victim`, node 1 is killed half-way.
