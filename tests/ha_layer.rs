@@ -23,13 +23,14 @@ fn app(manager: Arc<ha::DeltaManager>) -> (Router, ReplicationLayer) {
     let layer = ReplicationLayer::new(manager)
         .filter(r"/static/.*")
         .unwrap();
-    (
-        Router::new()
-            .route("/counter", get(counter))
-            .route("/static/{file}", get(|| async { "static" }))
-            .layer(layer.clone()),
-        layer,
-    )
+    (router(layer.clone()), layer)
+}
+
+fn router(layer: ReplicationLayer) -> Router {
+    Router::new()
+        .route("/counter", get(counter))
+        .route("/static/{file}", get(|| async { "static" }))
+        .layer(layer)
 }
 
 /// One GET; returns (status, body, Set-Cookie value without attributes).
@@ -340,4 +341,54 @@ async fn other_requests_go_on_while_one_waits_for_acks() {
     slow.store(false, Ordering::SeqCst);
     let id = ha::SessionId::new(cookie.unwrap().trim_start_matches("JSESSIONID="));
     assert!(mb.contains(&id), "B lacks {id}");
+}
+
+/// With asynchronous replication a session's second request may reach another node before
+/// the session's first change does. That node waits a moment for it (the fetch grace)
+/// instead of answering from a copy without it, or asking the members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_overtakes_its_session_s_first_change_waits_for_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let not_sync = || ha::ManagerConfig {
+        sync: false,
+        ..ha::ManagerConfig::default()
+    };
+    for grace in [Duration::from_millis(500), Duration::ZERO] {
+        let [(_ca, ma), (cb, mb)] = started_ha_pair([not_sync(), not_sync()]).unwrap();
+        // B applies A's first message (the creation), then holds up the next one (the
+        // first change) for 150 ms.
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = Arc::clone(&seen);
+        cb.channel()
+            .add_channel_listener(move |_m: &tribes::ChannelMessage| {
+                if s.fetch_add(1, Ordering::SeqCst) == 0 {
+                    std::thread::sleep(Duration::from_millis(150));
+                }
+                Ok(())
+            });
+        let (app_a, _) = app(ma);
+        let app_b = router(ReplicationLayer::new(Arc::clone(&mb)).fetch_grace(grace));
+
+        let (_, body, cookie) = get_with(&app_a, "/counter", None).await;
+        assert_eq!(body, "1");
+        let cookie = cookie.unwrap();
+        let id = ha::SessionId::new(cookie.trim_start_matches("JSESSIONID="));
+        assert!(
+            tribes_suite::wait_until(Duration::from_secs(2), || mb.version(&id) == Some(0)),
+            "B never got the creation alone"
+        );
+        let (_, body, _) = get_with(&app_b, "/counter", Some(&cookie)).await;
+        let st = mb.stats();
+        if grace.is_zero() {
+            // Without the grace, the copy is taken as it is: the count starts over.
+            assert_eq!(body, "1");
+        } else {
+            assert_eq!(body, "2", "B waited for the first change");
+            assert_eq!(
+                (st.sessions_fetched, st.version_fetches),
+                (0, 0),
+                "nobody was asked"
+            );
+        }
+    }
 }

@@ -52,6 +52,9 @@ pub struct LayerStats {
     pub send_micros: AtomicU64,
 }
 
+/// Default of [`ReplicationLayer::fetch_grace`].
+const DEFAULT_FETCH_GRACE: Duration = Duration::from_millis(2);
+
 struct Config {
     manager: Arc<DeltaManager>,
     cookie: String,
@@ -59,6 +62,9 @@ struct Config {
     stats: LayerStats,
     /// Read-your-writes: how long a request waits for a change its client already saw.
     read_your_writes: Option<Duration>,
+    /// How long a request for a session this node has not seen waits for its replication
+    /// before asking the members (asynchronous managers only).
+    fetch_grace: Duration,
     /// The cookie that carries the session version the client last saw: `<cookie>_V`.
     version_cookie: String,
 }
@@ -95,6 +101,7 @@ impl ReplicationLayer {
                 filter: None,
                 stats: LayerStats::default(),
                 read_your_writes: None,
+                fetch_grace: DEFAULT_FETCH_GRACE,
                 version_cookie: "JSESSIONID_V".into(),
             }),
         }
@@ -134,6 +141,28 @@ impl ReplicationLayer {
         self.with(|c| c.read_your_writes = Some(wait))
     }
 
+    /// How long a request naming a session this node has not seen (or only seen created,
+    /// without its first change) waits for that session's replication to arrive before it
+    /// asks the members for it. Default 2 ms; only with asynchronous replication (with
+    /// synchronous replication a session reached every member before its client got the
+    /// cookie, so the members are asked at once).
+    ///
+    /// Behind a round-robin balancer a session's second request often overtakes its
+    /// creation, which is then a fraction of a millisecond away: waiting for it (no thread
+    /// waits) costs less than a question and an answer to another member, which is what
+    /// happens when the grace ends. Zero asks at once, and then a copy that has the
+    /// creation but not yet the first change is taken as it is.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use ha::{DeltaManager, ManagerConfig, layer::ReplicationLayer};
+    /// let manager = DeltaManager::new("/", ManagerConfig { sync: false, ..ManagerConfig::default() });
+    /// let layer = ReplicationLayer::new(manager).fetch_grace(Duration::from_millis(5));
+    /// ```
+    pub fn fetch_grace(self, grace: Duration) -> Self {
+        self.with(|c| c.fetch_grace = grace)
+    }
+
     /// Counters.
     pub fn stats(&self) -> &LayerStats {
         &self.cfg.stats
@@ -146,6 +175,7 @@ impl ReplicationLayer {
             filter: self.cfg.filter.clone(),
             stats: LayerStats::default(),
             read_your_writes: self.cfg.read_your_writes,
+            fetch_grace: self.cfg.fetch_grace,
             version_cookie: String::new(),
         };
         f(&mut cfg);
@@ -316,8 +346,22 @@ impl Config {
                 }
             }
         }
-        // An id this node has not seen (its replication is still in flight, or this node
-        // missed it): ask the members before the handler sees no session.
+        // An id this node has not seen, or only its creation (the first change travels
+        // just behind it): with asynchronous replication that change is usually a moment
+        // away, so give it that moment before asking the members. A copy without the
+        // session's first change would look like a new session to the handler.
+        if !manager.config().sync
+            && !self.fetch_grace.is_zero()
+            && manager.version(&id).is_none_or(|v| v == 0)
+        {
+            let arrived = tokio::time::timeout(self.fetch_grace, manager.version_reached(&id, 1))
+                .await
+                .unwrap_or(false);
+            if !arrived && manager.knows(&id) {
+                manager.fetch_version_acked(&id, 1).await;
+            }
+        }
+        // Not seen at all: ask the members before the handler sees no session.
         manager.fetch_acked(&id).await;
         // With a route, a session held under another name than the request's is renamed.
         let rebinds = manager
