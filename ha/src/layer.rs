@@ -8,12 +8,11 @@
 //! cluster first ([`crate::DeltaManager::fetch`]), so a request that overtook the session's
 //! replication does not start a new session. Creations, renames and invalidations a
 //! handler makes are replicated at the end of the request with its delta, so handlers never
-//! wait on the network. The waits the layer itself does never hold up the runtime's other
-//! tasks: synchronous replication's ACKs are awaited on the channel's dispatch threads (the
-//! request's task sleeps until they report), a read-your-writes wait is a future woken by
-//! the receiver, fetching an unknown session asks through the dispatch threads too, and the
-//! one rare blocking step (route rebinding after a failover) runs through `block_in_place`
-//! on a multi-threaded runtime or on the blocking pool of a current-thread one.
+//! wait on the network. The layer's own waits never hold a runtime thread: synchronous
+//! replication's ACKs and the questions for an unknown session are awaited on the
+//! channel's dispatch threads (the request's task sleeps until they report), and waits for
+//! a change in flight are futures woken by the receiver. A route rebinding's rename goes
+//! out with the request's delta.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -238,9 +237,9 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let (current, cookie_changed) = match requested {
+            let (current, cookie_changed, renamed) = match requested {
                 Some(id) => cfg.find_session(id, seen_version).await,
-                None => (None, false),
+                None => (None, false, None),
             };
             let session = Session {
                 inner: Arc::new(Mutex::new(Handle {
@@ -248,7 +247,7 @@ where
                     id: current,
                     set_cookie: cookie_changed,
                     clear_cookie: false,
-                    unannounced: Vec::new(),
+                    unannounced: renamed.into_iter().collect(),
                 })),
             };
             req.extensions_mut().insert(session.clone());
@@ -328,13 +327,13 @@ impl Config {
     /// The session a request names, found without holding a runtime thread: brought up to
     /// the version its client saw (read-your-writes: wait for the change in flight, then ask
     /// the members), fetched from the members if this node has not seen it, and taken over
-    /// under this node's route. Returns the id to use and whether the client needs a new
-    /// cookie.
+    /// under this node's route. Returns the id to use, whether the client needs a new
+    /// cookie, and the rename to replicate at the end of the request (route rebinding).
     async fn find_session(
         self: &Arc<Self>,
         id: SessionId,
         seen_version: Option<u64>,
-    ) -> (Option<SessionId>, bool) {
+    ) -> (Option<SessionId>, bool, Option<SessionEvent>) {
         let manager = &self.manager;
         if let (Some(seen), Some(wait)) = (seen_version, self.read_your_writes) {
             if manager.version(&id) < Some(seen) {
@@ -363,26 +362,12 @@ impl Config {
         }
         // Not seen at all: ask the members before the handler sees no session.
         manager.fetch_acked(&id).await;
-        // With a route, a session held under another name than the request's is renamed.
-        let rebinds = manager
-            .config()
-            .route
-            .as_deref()
-            .is_some_and(|local| id.route() != Some(local) || !manager.contains(&id));
-        if rebinds {
-            // Failover with a sticky balancer: take the session over under our route (a
-            // rename replicated right away; rare, so it may wait off the runtime).
-            let c = Arc::clone(self);
-            return off_runtime(move || c.rebind_or_keep(id)).await;
-        }
-        self.rebind_or_keep(id)
-    }
-
-    fn rebind_or_keep(&self, id: SessionId) -> (Option<SessionId>, bool) {
-        match self.manager.rebind(&id) {
-            Some(new) => (Some(new), true),
-            None if self.manager.contains(&id) => (Some(id), false),
-            None => (None, false),
+        // Failover with a sticky balancer: take the session over under our route (the
+        // rename is replicated with the request's delta).
+        match manager.rebind_unannounced(&id) {
+            Some((new, renamed)) => (Some(new), true, renamed),
+            None if manager.contains(&id) => (Some(id), false, None),
+            None => (None, false, None),
         }
     }
 
@@ -396,27 +381,6 @@ impl Config {
         let announced = self.manager.announce(unannounced);
         let delta = delta_of.map_or(Ok(()), |id| self.manager.request_completed(id));
         announced.and(delta)
-    }
-}
-
-/// Runs `wait` (a rebind's synchronous send) without holding up the other
-/// tasks: on a multi-threaded runtime the worker hands its other tasks to another thread
-/// while this one waits (`block_in_place`, no thread hop for this request); on a
-/// current-thread runtime the wait runs on the blocking pool; outside a runtime it runs
-/// here.
-async fn off_runtime<T: Send + 'static>(wait: impl FnOnce() -> T + Send + 'static) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
-        Ok(_) => match tokio::task::spawn_blocking(wait).await {
-            Ok(v) => v,
-            Err(e) => match e.try_into_panic() {
-                Ok(panic) => std::panic::resume_unwind(panic),
-                // Cancelled: the runtime is shutting down and drops this task too.
-                Err(_) => std::future::pending().await,
-            },
-        },
-        Err(_) => wait(),
     }
 }
 

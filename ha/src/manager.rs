@@ -763,6 +763,19 @@ impl DeltaManager {
     /// returns the id the client must use from now on (for the cookie). Returns `None` when
     /// nothing is to be done (no route configured, same route, or unknown session).
     pub fn rebind(&self, requested: &SessionId) -> Option<SessionId> {
+        let (rebound, renamed) = self.rebind_unannounced(requested)?;
+        if let Some(event) = renamed {
+            let _ = self.send(&self.message(event), None, self.options());
+        }
+        Some(rebound)
+    }
+
+    /// [`DeltaManager::rebind`] here only; returns the id for the client and, when the
+    /// session was renamed here, the event that tells the members.
+    pub(crate) fn rebind_unannounced(
+        &self,
+        requested: &SessionId,
+    ) -> Option<(SessionId, Option<SessionEvent>)> {
         let local = self.cfg.route.as_ref()?;
         if requested.route() == Some(local.as_str()) && self.store.lock().get(requested).is_some() {
             return None;
@@ -773,14 +786,11 @@ impl DeltaManager {
         let held = self.store.lock().find_by_base(requested.base())?;
         if held == rebound {
             // Renamed already (another request got here first): just re-point the client.
-            return (held != *requested).then_some(rebound);
+            return (held != *requested).then_some((rebound, None));
         }
-        if self.change_session_id(&held, rebound.clone()) {
-            info!(target: "ha::manager", "{}: session {requested} rebound to {rebound}", self.context);
-            Some(rebound)
-        } else {
-            None
-        }
+        let renamed = self.change_session_id_unannounced(&held, rebound.clone())?;
+        info!(target: "ha::manager", "{}: session {requested} rebound to {rebound}", self.context);
+        Some((rebound, Some(renamed)))
     }
 
     /// Expires idle sessions at `now_ms`; expiries of primaries are replicated.
