@@ -280,7 +280,7 @@ async fn a_request_waiting_for_acks_does_not_hold_up_other_requests() {
     other_requests_go_on_while_one_waits_for_acks().await;
 }
 
-/// The same with one worker of a multi-threaded runtime (`block_in_place` there).
+/// The same with one worker of a multi-threaded runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_request_waiting_for_acks_does_not_hold_up_the_worker() {
     other_requests_go_on_while_one_waits_for_acks().await;
@@ -390,5 +390,72 @@ async fn a_request_that_overtakes_its_session_s_first_change_waits_for_it() {
                 "nobody was asked"
             );
         }
+    }
+}
+
+/// A handler that invalidates the session and then takes its time.
+async fn slow_logout(session: Session) -> &'static str {
+    session.invalidate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    "bye"
+}
+
+fn logout_app(manager: Arc<ha::DeltaManager>) -> Router {
+    Router::new()
+        .route("/counter", get(counter))
+        .route("/logout", get(slow_logout))
+        .layer(ReplicationLayer::new(manager))
+}
+
+/// An invalidation reaches the members when the handler makes it, not when the request
+/// ends: a client that gives up on the logout (the request is dropped) is logged out on
+/// every node, and a request that comes in meanwhile with the old cookie does not fetch
+/// the session back from a member that has not heard yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_holds_everywhere_even_if_its_request_is_dropped() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for sync in [true, false] {
+        let cfg = || ha::ManagerConfig {
+            sync,
+            ..ha::ManagerConfig::default()
+        };
+        let [(_ca, ma), (cb, mb)] = started_ha_pair([cfg(), cfg()]).unwrap();
+        let app_a = logout_app(Arc::clone(&ma));
+        let (_, body, cookie) = get_with(&app_a, "/counter", None).await;
+        assert_eq!(body, "1");
+        let cookie = cookie.unwrap();
+        let id = ha::SessionId::new(cookie.trim_start_matches("JSESSIONID="));
+        assert!(tribes_suite::wait_until(Duration::from_secs(2), || mb.contains(&id)));
+
+        // B is slow to hear from now on: the EXPIRED takes 200 ms to apply there.
+        let slow = Arc::new(AtomicBool::new(true));
+        let s = Arc::clone(&slow);
+        cb.channel()
+            .add_channel_listener(move |_m: &tribes::ChannelMessage| {
+                if s.swap(false, Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Ok(())
+            });
+        // The client gives up on the logout after 50 ms (the handler is still sleeping).
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            get_with(&app_a, "/logout", Some(&cookie)),
+        )
+        .await;
+        assert!(
+            gave_up.is_err(),
+            "the logout request was meant to be dropped"
+        );
+        assert!(!ma.contains(&id));
+        // Meanwhile another request with the old cookie: B still has the session, but A
+        // does not ask for it back.
+        let (_, body, _) = get_with(&app_a, "/counter", Some(&cookie)).await;
+        assert_eq!(body, "1", "sync={sync}: the logged-out session came back");
+        assert!(
+            tribes_suite::wait_until(Duration::from_secs(2), || !mb.contains(&id)),
+            "sync={sync}: B still holds the logged-out session"
+        );
+        assert!(!ma.contains(&id));
     }
 }

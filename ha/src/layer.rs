@@ -29,11 +29,9 @@ use regex::Regex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tower::{Layer, Service};
-use tribes::SendError;
 
 use crate::error::SessionError;
-use crate::manager::DeltaManager;
-use crate::message::SessionEvent;
+use crate::manager::{Acked, DeltaManager};
 use crate::session::SessionId;
 
 /// Counters of a [`ReplicationLayer`] (Tomcat `ReplicationValve` statistics).
@@ -50,6 +48,11 @@ pub struct LayerStats {
     /// Time spent replicating, microseconds.
     pub send_micros: AtomicU64,
 }
+
+/// How long the end of a request waits for its messages' ACKs at most. The sends report
+/// well before (the sender's timeout is 3 s); this only ends the wait for a message an
+/// interceptor dropped on its way down, whose handler never hears.
+const ACK_WAIT_LIMIT: Duration = Duration::from_secs(10);
 
 /// Default of [`ReplicationLayer::fetch_grace`].
 const DEFAULT_FETCH_GRACE: Duration = Duration::from_millis(2);
@@ -92,6 +95,12 @@ pub struct ReplicationLayer {
 
 impl ReplicationLayer {
     /// A layer over `manager`, cookie `JSESSIONID`, no filter.
+    ///
+    /// The layer's waits are futures bounded by tokio timers: run it on a runtime with
+    /// timers (`#[tokio::main]` and `Builder::enable_all` have them). They hold no thread
+    /// when the cluster's channel has a `MessageDispatchInterceptor` (as
+    /// [`Cluster::with_defaults`](crate::Cluster::with_defaults) builds it); without one,
+    /// sends that wait for ACKs wait on the request's thread.
     pub fn new(manager: Arc<DeltaManager>) -> Self {
         Self {
             cfg: Arc::new(Config {
@@ -237,9 +246,12 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let (current, cookie_changed, renamed) = match requested {
-                Some(id) => cfg.find_session(id, seen_version).await,
-                None => (None, false, None),
+            // What this request replicates; its sends go out at once, and the request
+            // waits for their ACKs (synchronous replication) at its end.
+            let mut acked = Acked::default();
+            let (current, cookie_changed) = match requested {
+                Some(id) => cfg.find_session(id, seen_version, &mut acked).await,
+                None => (None, false),
             };
             let session = Session {
                 inner: Arc::new(Mutex::new(Handle {
@@ -247,18 +259,18 @@ where
                     id: current,
                     set_cookie: cookie_changed,
                     clear_cookie: false,
-                    unannounced: renamed.into_iter().collect(),
+                    acked,
                 })),
             };
             req.extensions_mut().insert(session.clone());
             let mut resp = inner.call(req).await?;
-            let (id, set_cookie, clear_cookie, unannounced) = {
+            let (id, set_cookie, clear_cookie, mut acked) = {
                 let mut h = session.inner.lock();
                 (
                     h.id.clone(),
                     h.set_cookie,
                     h.clear_cookie,
-                    std::mem::take(&mut h.unannounced),
+                    std::mem::take(&mut h.acked),
                 )
             };
             if id.is_none() && clear_cookie {
@@ -269,26 +281,28 @@ where
                 }
             }
             // The filter skips the delta, not the creations, renames and invalidations the
-            // handler made (those were replicated at once before the layer deferred them).
+            // handler made (those went out when it made them).
             let delta_of = id.clone().filter(|_| !filtered);
             if filtered && id.is_some() {
                 cfg.stats.filtered.fetch_add(1, Ordering::Relaxed);
             }
-            if delta_of.is_some() || !unannounced.is_empty() {
+            if let Some(id) = &delta_of {
+                cfg.manager.complete_request(id, &mut acked);
+            }
+            if delta_of.is_some() || acked.sent() > 0 {
                 let start = Instant::now();
-                // Synchronous replication waits for the members' ACKs on the dispatch
-                // threads; this task sleeps until they report (no runtime thread waits).
-                let sent = if cfg.manager.sends_wait() {
-                    cfg.manager
-                        .replicate_acked(unannounced, delta_of.as_ref())
-                        .await
-                } else {
-                    cfg.replicate(unannounced, delta_of.as_ref())
-                };
-                match sent {
-                    Ok(()) => cfg.stats.sends.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
+                // With synchronous replication the dispatch threads wait for the members'
+                // ACKs; this task sleeps until they report (no runtime thread waits). The
+                // limit only matters if a message is dropped on its way down the stack
+                // (its handler then never hears).
+                match tokio::time::timeout(ACK_WAIT_LIMIT, acked).await {
+                    Ok(Ok(())) => cfg.stats.sends.fetch_add(1, Ordering::Relaxed),
+                    Ok(Err(e)) => {
                         warn!(target: "ha::layer", "replication of {id:?} failed: {e}");
+                        cfg.stats.errors.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(_) => {
+                        warn!(target: "ha::layer", "replication of {id:?}: no outcome after {ACK_WAIT_LIMIT:?} (a message dropped on its way down?); answering anyway");
                         cfg.stats.errors.fetch_add(1, Ordering::Relaxed)
                     }
                 };
@@ -327,31 +341,38 @@ impl Config {
     /// The session a request names, found without holding a runtime thread: brought up to
     /// the version its client saw (read-your-writes: wait for the change in flight, then ask
     /// the members), fetched from the members if this node has not seen it, and taken over
-    /// under this node's route. Returns the id to use, whether the client needs a new
-    /// cookie, and the rename to replicate at the end of the request (route rebinding).
+    /// under this node's route (the rename goes out at once, `acked` hears how). Returns
+    /// the id to use and whether the client needs a new cookie.
     async fn find_session(
         self: &Arc<Self>,
         id: SessionId,
         seen_version: Option<u64>,
-    ) -> (Option<SessionId>, bool, Option<SessionEvent>) {
+        acked: &mut Acked,
+    ) -> (Option<SessionId>, bool) {
         let manager = &self.manager;
+        let mut asked = false;
         if let (Some(seen), Some(wait)) = (seen_version, self.read_your_writes) {
             if manager.version(&id) < Some(seen) {
                 let arrived = tokio::time::timeout(wait, manager.version_reached(&id, seen))
                     .await
                     .unwrap_or(false);
-                if !arrived && !manager.fetch_version_acked(&id, seen).await {
-                    warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{seen}, which its client saw");
+                if !arrived {
+                    asked = true;
+                    if !manager.fetch_version_acked(&id, seen).await {
+                        warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{seen}, which its client saw");
+                    }
                 }
             }
+        }
+        if asked {
+            // The members were asked already; asking again would not bring more.
+            return self.take_over(id, acked);
         }
         // An id this node has not seen, or only its creation (the first change travels
         // just behind it): with asynchronous replication that change is usually a moment
         // away, so give it that moment before asking the members. A copy without the
         // session's first change would look like a new session to the handler.
-        if !manager.config().sync
-            && !self.fetch_grace.is_zero()
-            && manager.version(&id).is_none_or(|v| v == 0)
+        if !manager.config().sync && !self.fetch_grace.is_zero() && manager.awaits_first_change(&id)
         {
             let arrived = tokio::time::timeout(self.fetch_grace, manager.version_reached(&id, 1))
                 .await
@@ -362,25 +383,24 @@ impl Config {
         }
         // Not seen at all: ask the members before the handler sees no session.
         manager.fetch_acked(&id).await;
-        // Failover with a sticky balancer: take the session over under our route (the
-        // rename is replicated with the request's delta).
-        match manager.rebind_unannounced(&id) {
-            Some((new, renamed)) => (Some(new), true, renamed),
-            None if manager.contains(&id) => (Some(id), false, None),
-            None => (None, false, None),
-        }
+        self.take_over(id, acked)
     }
 
-    /// End of a request: tells the members what the handler created, renamed or
-    /// invalidated, then sends the session's delta.
-    fn replicate(
-        &self,
-        unannounced: Vec<SessionEvent>,
-        delta_of: Option<&SessionId>,
-    ) -> Result<(), SendError> {
-        let announced = self.manager.announce(unannounced);
-        let delta = delta_of.map_or(Ok(()), |id| self.manager.request_completed(id));
-        announced.and(delta)
+    /// The id to use for a session found (or not) here: under this node's route after a
+    /// failover with a sticky balancer (the rename goes out at once), and whether the
+    /// client needs a new cookie.
+    fn take_over(&self, id: SessionId, acked: &mut Acked) -> (Option<SessionId>, bool) {
+        let manager = &self.manager;
+        match manager.rebind_unannounced(&id) {
+            Some((new, renamed)) => {
+                if let Some(event) = renamed {
+                    manager.announce(event, acked);
+                }
+                (Some(new), true)
+            }
+            None if manager.contains(&id) => (Some(id), false),
+            None => (None, false),
+        }
     }
 }
 
@@ -402,9 +422,10 @@ struct Handle {
     /// The session was invalidated: tell the client to drop its cookie (unless a new
     /// session replaced it).
     clear_cookie: bool,
-    /// Creations, renames and invalidations made by the handler, replicated at the end of
-    /// the request with its delta (so a handler never waits on the network).
-    unannounced: Vec<SessionEvent>,
+    /// The request's replication: the creations, renames and invalidations the handler
+    /// makes go out at once (a handler never waits on the network); the request waits
+    /// for their ACKs at its end.
+    acked: Acked,
 }
 
 /// The request's session, as an axum extractor. Created on the first `insert`.
@@ -435,7 +456,8 @@ impl Session {
         let mut h = self.inner.lock();
         if h.id.as_ref().is_none_or(|id| !h.manager.contains(id)) {
             let (id, created) = h.manager.create_session_unannounced();
-            h.unannounced.push(created);
+            let manager = Arc::clone(&h.manager);
+            manager.announce(created, &mut h.acked);
             h.id = Some(id);
             h.set_cookie = true;
         }
@@ -466,7 +488,8 @@ impl Session {
             return;
         };
         if let Some((new, renamed)) = h.manager.cycle_id_unannounced(&old) {
-            h.unannounced.push(renamed);
+            let manager = Arc::clone(&h.manager);
+            manager.announce(renamed, &mut h.acked);
             h.id = Some(new);
             h.set_cookie = true;
         }
@@ -478,7 +501,8 @@ impl Session {
         let mut h = self.inner.lock();
         if let Some(id) = h.id.take() {
             if let Some(expired) = h.manager.invalidate_unannounced(&id) {
-                h.unannounced.push(expired);
+                let manager = Arc::clone(&h.manager);
+                manager.announce(expired, &mut h.acked);
             }
             h.clear_cookie = true;
             h.set_cookie = false;

@@ -1,8 +1,9 @@
 //! `DeltaManager`: all-to-all delta replication of one context's sessions over a [`Cluster`].
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -145,14 +146,17 @@ pub struct DeltaManager {
     transfer_done: Condvar,
     cluster: Mutex<Weak<ClusterInner>>,
     counters: Counters,
-    fetching: AtomicUsize,
+    fetching: Arc<AtomicUsize>,
     /// Signalled after a replicated change is applied while a request waits in
     /// [`DeltaManager::catch_up`] (`version_waiters` > 0), so the common case pays nothing.
     version_applied: Condvar,
     version_waiters: AtomicUsize,
-    /// The tasks of [`DeltaManager::version_reached`] futures, woken with `version_applied`.
-    /// At most one per waiting future, and those are bounded like `catch_up`'s waits.
-    version_wakers: Mutex<Vec<Waker>>,
+    /// The tasks of waiting [`DeltaManager::version_reached`] futures, woken (and taken)
+    /// with `version_applied`; a future removes its own entry when dropped. At most one per
+    /// waiting future, and those are bounded like `catch_up`'s waits.
+    version_wakers: Mutex<HashMap<u64, Waker>>,
+    /// Keys of waiting [`VersionReached`] futures in `version_wakers`.
+    next_waker_key: AtomicU64,
 }
 
 impl DeltaManager {
@@ -167,10 +171,11 @@ impl DeltaManager {
             transfer_done: Condvar::new(),
             cluster: Mutex::new(Weak::new()),
             counters: Counters::default(),
-            fetching: AtomicUsize::new(0),
+            fetching: Arc::new(AtomicUsize::new(0)),
             version_applied: Condvar::new(),
             version_waiters: AtomicUsize::new(0),
-            version_wakers: Mutex::new(Vec::new()),
+            version_wakers: Mutex::new(HashMap::new()),
+            next_waker_key: AtomicU64::new(0),
         })
     }
 
@@ -288,19 +293,21 @@ impl DeltaManager {
         (id, created)
     }
 
-    /// Sends events a request produced with [`Self::create_session_unannounced`] and the
-    /// other `*_unannounced` calls, in order. Failures are logged and counted; the first is
-    /// returned after the rest were tried.
+    /// Sends an event a request produced with [`Self::create_session_unannounced`] and the
+    /// other `*_unannounced` calls, at once and without waiting: with synchronous
+    /// replication through the dispatch threads, which wait for the members' ACKs and tell
+    /// `acked` (awaited at the end of the request); otherwise as an asynchronous send whose
+    /// outcome `acked` records at once.
     #[cfg(feature = "axum")]
-    pub(crate) fn announce(&self, events: Vec<SessionEvent>) -> Result<(), SendError> {
-        let mut result = Ok(());
-        for e in events {
-            let sent = self.send(&self.message(e), None, self.options());
-            if result.is_ok() {
-                result = sent;
+    pub(crate) fn announce(self: &Arc<Self>, event: SessionEvent, acked: &mut Acked) {
+        let msg = self.message(event);
+        if self.sends_wait() {
+            if let Some(cluster) = self.cluster.lock().upgrade() {
+                self.send_acked(&cluster, &msg, None, acked, None);
             }
+        } else {
+            acked.done(self.send(&msg, None, self.options()));
         }
-        result
     }
 
     /// Whether sending waits for members (synchronous replication, and someone to wait
@@ -379,7 +386,9 @@ impl DeltaManager {
     /// not hold (a request carried its id); returns whether a copy arrived. A member that
     /// holds it sends it back before it acknowledges the question, so on return it is in the
     /// store (as a non-primary copy, under the holder's id: [`DeltaManager::rebind`] renames
-    /// it). Bounded by [`ManagerConfig::max_concurrent_fetches`] and the send timeout.
+    /// it). Bounded by [`ManagerConfig::max_concurrent_fetches`] and the send timeout. A
+    /// session invalidated, expired or renamed away here in the last 30 s is not asked for
+    /// (a member that has not heard yet must not bring it back).
     ///
     /// With asynchronous replication behind a round-robin balancer, a session's second
     /// request often arrives before its creation did; this keeps that request on the same
@@ -387,6 +396,9 @@ impl DeltaManager {
     pub fn fetch(&self, id: &SessionId) -> bool {
         if self.knows(id) {
             return true;
+        }
+        if self.store.lock().is_buried(id) {
+            return false;
         }
         let found = self.ask_members(id, |m| m.knows(id));
         self.fetched(id, found)
@@ -398,6 +410,9 @@ impl DeltaManager {
     pub(crate) async fn fetch_acked(self: &Arc<Self>, id: &SessionId) -> bool {
         if self.knows(id) {
             return true;
+        }
+        if self.store.lock().is_buried(id) {
+            return false;
         }
         let found = self.ask_members_acked(id, |m| m.knows(id)).await;
         self.fetched(id, found)
@@ -414,6 +429,16 @@ impl DeltaManager {
             self.counters.fetch_misses.fetch_add(1, Ordering::Relaxed);
         }
         found
+    }
+
+    /// Whether this node is still to see the first change of session `id`: it does not
+    /// hold it, or holds only a copy made from its creation (version 0, not primary here).
+    #[cfg(feature = "axum")]
+    pub(crate) fn awaits_first_change(&self, id: &SessionId) -> bool {
+        self.store
+            .lock()
+            .get_by_base(id.base())
+            .is_none_or(|s| s.version() == 0 && !s.is_primary())
     }
 
     /// The version of this node's copy of `id` (any route), if it holds one.
@@ -467,10 +492,7 @@ impl DeltaManager {
                         .timed_out()
                 {}
             }
-            if self.version_waiters.fetch_sub(1, Ordering::AcqRel) == 1 {
-                // See `VersionReached::drop`.
-                self.version_wakers.lock().clear();
-            }
+            self.version_waiters.fetch_sub(1, Ordering::AcqRel);
             if holds_version(&store, id, version) {
                 return true;
             }
@@ -502,7 +524,7 @@ impl DeltaManager {
             manager: self,
             id,
             version,
-            waiting: false,
+            waiting: None,
         }
     }
 
@@ -559,19 +581,23 @@ impl DeltaManager {
         id: &SessionId,
         done: impl Fn(&Self) -> bool,
     ) -> bool {
-        let Some(_permit) = self.fetch_permit(id) else {
+        let Some(permit) = self.fetch_permit(id).map(Arc::new) else {
             return false;
         };
         let Some(cluster) = self.cluster.lock().upgrade() else {
             return false;
         };
         let (ask, members) = self.askees(id);
-        let options =
-            SendOptions::ASYNCHRONOUS | SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
         let mut asked = Ok(());
         for m in &members {
             let mut acked = Acked::default();
-            self.send_acked(&cluster, &ask, Some(m), options, &mut acked);
+            self.send_acked(
+                &cluster,
+                &ask,
+                Some(m),
+                &mut acked,
+                Some(Arc::clone(&permit)),
+            );
             asked = acked.await;
             if done(self) {
                 return true;
@@ -585,7 +611,7 @@ impl DeltaManager {
 
     /// A place among the [`ManagerConfig::max_concurrent_fetches`] askers, or `None` when
     /// they are all taken.
-    fn fetch_permit(&self, id: &SessionId) -> Option<FetchPermit<'_>> {
+    fn fetch_permit(&self, id: &SessionId) -> Option<FetchPermit> {
         let cap = self.cfg.max_concurrent_fetches;
         if cap == 0 {
             return None;
@@ -595,7 +621,7 @@ impl DeltaManager {
             debug!(target: "ha::manager", "{}: {cap} session fetches in flight; not asking for {id}", self.context);
             return None;
         }
-        Some(FetchPermit(&self.fetching))
+        Some(FetchPermit(Arc::clone(&self.fetching)))
     }
 
     /// The question for `id` and whom to ask, in order. One member at a time: with
@@ -669,45 +695,39 @@ impl DeltaManager {
         }
     }
 
-    /// The end of a request with synchronous replication, for async callers: sends what the
-    /// handler created, renamed or invalidated, then the session's delta (as
-    /// [`DeltaManager::announce`] and [`DeltaManager::request_completed`]), through the
-    /// dispatch threads, which wait for the members' ACKs. The returned future resolves when
-    /// every member acknowledged every message (or one failed), without a thread of the
-    /// caller waiting. Without a dispatch interceptor on the channel the sends happen here,
-    /// on this thread, and the future is ready at once.
+    /// The end of a request, for async callers: sends the session's delta (or access
+    /// notice) like [`DeltaManager::request_completed`], through [`DeltaManager::announce`].
     #[cfg(feature = "axum")]
-    pub(crate) fn replicate_acked(
-        self: &Arc<Self>,
-        unannounced: Vec<SessionEvent>,
-        delta_of: Option<&SessionId>,
-    ) -> Acked {
-        let mut acked = Acked::default();
-        let Some(cluster) = self.cluster.lock().upgrade() else {
-            return acked;
-        };
-        let completion = delta_of.and_then(|id| self.completion_event(id));
-        let options =
-            SendOptions::ASYNCHRONOUS | SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
-        for event in unannounced.into_iter().chain(completion) {
-            self.send_acked(&cluster, &self.message(event), None, options, &mut acked);
+    pub(crate) fn complete_request(self: &Arc<Self>, id: &SessionId, acked: &mut Acked) {
+        if let Some(event) = self.completion_event(id) {
+            self.announce(event, acked);
         }
-        acked
     }
 
-    /// Sends `msg` with a handler that reports to `acked`.
+    /// Sends `msg` with a handler that reports to `acked`: queued for the dispatch threads,
+    /// which wait for the ACKs (`ASYNCHRONOUS | USE_ACK | SYNCHRONIZED_ACK`). When their
+    /// queue is full it is sent here, waiting, rather than not at all: a synchronous
+    /// change must reach the members before its response. `permit` stays held until the
+    /// handler hears the outcome.
     #[cfg(feature = "axum")]
     fn send_acked(
         self: &Arc<Self>,
         cluster: &ClusterInner,
         msg: &SessionMessage,
         to: Option<&Member>,
-        options: SendOptions,
         acked: &mut Acked,
+        permit: Option<Arc<FetchPermit>>,
     ) {
-        let slot = acked.slot(Arc::downgrade(self));
-        match cluster.send_with_handler(msg, to, options, slot.clone()) {
-            Ok(true) => self.counters.sent(&msg.event),
+        let wait = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+        let slot = acked.slot(self, &msg.event, permit);
+        let mut sent =
+            cluster.send_with_handler(msg, to, wait | SendOptions::ASYNCHRONOUS, slot.clone());
+        if let Err(SendError::QueueFull { queued, max }) = sent {
+            warn!(target: "ha::manager", "{}: dispatch queue full ({queued} of {max} bytes); sending on this thread", self.context);
+            sent = cluster.send_with_handler(msg, to, wait, slot.clone());
+        }
+        match sent {
+            Ok(true) => {}
             Ok(false) => slot.finish(Ok(())),
             // Refused before it was queued (its handler hears nothing), or sent here and
             // already reported through the handler: `finish` keeps the first outcome.
@@ -725,7 +745,11 @@ impl DeltaManager {
 
     /// [`Self::invalidate`] here only; returns the event that tells the members.
     pub(crate) fn invalidate_unannounced(&self, id: &SessionId) -> Option<SessionEvent> {
-        self.store.lock().remove(id)?;
+        {
+            let mut store = self.store.lock();
+            store.remove(id)?;
+            store.bury(id, crate::now_ms());
+        }
         self.counters
             .sessions_expired
             .fetch_add(1, Ordering::Relaxed);
@@ -893,7 +917,8 @@ impl DeltaManager {
                 };
                 if applied == Applied::Changed && self.version_waiters.load(Ordering::Acquire) > 0 {
                     self.version_applied.notify_all();
-                    for w in std::mem::take(&mut *self.version_wakers.lock()) {
+                    let wakers = std::mem::take(&mut *self.version_wakers.lock());
+                    for w in wakers.into_values() {
                         w.wake();
                     }
                 }
@@ -1007,26 +1032,51 @@ impl DeltaManager {
     }
 }
 
-/// Completion of [`DeltaManager::replicate_acked`]: resolves once every message's handler
-/// heard how its send ended, to the first failure if any.
+/// Outcome of the sends a request made with [`DeltaManager::announce`]: resolves once
+/// every message's handler heard how its send ended, to the first failure if any.
 #[cfg(feature = "axum")]
 #[derive(Default)]
 pub(crate) struct Acked {
+    /// Messages sent (waited for or not).
+    sent: usize,
     slots: Vec<Arc<AckSlot>>,
+    /// The first failure of a send whose outcome was known at once.
+    failed: Option<SendError>,
     waker: Arc<Mutex<Option<Waker>>>,
 }
 
 #[cfg(feature = "axum")]
 impl Acked {
     /// A new message's slot, waited for by this future.
-    fn slot(&mut self, manager: Weak<DeltaManager>) -> Arc<AckSlot> {
+    fn slot(
+        &mut self,
+        manager: &Arc<DeltaManager>,
+        event: &SessionEvent,
+        permit: Option<Arc<FetchPermit>>,
+    ) -> Arc<AckSlot> {
         let slot = Arc::new(AckSlot {
             outcome: Mutex::new(None),
             waker: Arc::clone(&self.waker),
-            manager,
+            manager: Arc::downgrade(manager),
+            kind: crate::stats::kind(event),
+            permit: Mutex::new(permit),
         });
+        self.sent += 1;
         self.slots.push(Arc::clone(&slot));
         slot
+    }
+
+    /// Messages sent so far.
+    pub(crate) fn sent(&self) -> usize {
+        self.sent
+    }
+
+    /// Records the outcome of a send that did not wait.
+    fn done(&mut self, outcome: Result<(), SendError>) {
+        self.sent += 1;
+        if let (Err(e), None) = (outcome, &self.failed) {
+            self.failed = Some(e);
+        }
     }
 }
 
@@ -1036,24 +1086,36 @@ struct AckSlot {
     outcome: Mutex<Option<Result<(), SendError>>>,
     waker: Arc<Mutex<Option<Waker>>>,
     manager: Weak<DeltaManager>,
+    /// The message's event kind, for the sent counters.
+    kind: usize,
+    /// A fetch's place among the concurrent fetches, given back with the outcome.
+    permit: Mutex<Option<Arc<FetchPermit>>>,
 }
 
 #[cfg(feature = "axum")]
 impl AckSlot {
-    /// Records the outcome unless one is recorded already; wakes the waiting request.
+    /// Records the outcome unless one is recorded already, counts it, gives back the fetch
+    /// permit, and wakes the waiting request.
     fn finish(&self, outcome: Result<(), SendError>) {
         {
             let mut slot = self.outcome.lock();
             if slot.is_some() {
                 return;
             }
-            if let (Err(e), Some(m)) = (&outcome, self.manager.upgrade()) {
-                warn!(target: "ha::manager", "{}: replication failed: {e}", m.context);
-                m.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = self.manager.upgrade() {
+                match &outcome {
+                    Ok(()) => m.counters.sent_kind(self.kind),
+                    Err(e) => {
+                        warn!(target: "ha::manager", "{}: replication failed: {e}", m.context);
+                        m.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
             *slot = Some(outcome);
         }
-        if let Some(w) = self.waker.lock().take() {
+        drop(self.permit.lock().take());
+        let waker = self.waker.lock().take();
+        if let Some(w) = waker {
             w.wake();
         }
     }
@@ -1077,7 +1139,10 @@ impl Future for Acked {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // Registered before looking, so an outcome recorded in between still wakes us.
         *self.waker.lock() = Some(cx.waker().clone());
-        let mut result = Ok(());
+        let mut result = match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        };
         for slot in &self.slots {
             match &*slot.outcome.lock() {
                 None => return Poll::Pending,
@@ -1089,11 +1154,12 @@ impl Future for Acked {
     }
 }
 
-/// See [`DeltaManager::fetch_permit`]; gives the place back when dropped (also when an
-/// async fetch is abandoned half-way).
-struct FetchPermit<'a>(&'a AtomicUsize);
+/// See [`DeltaManager::fetch_permit`]; gives the place back when dropped. An async fetch
+/// shares it with the handlers of its questions, so a request abandoned half-way keeps
+/// its place until its question in flight is answered or given up.
+struct FetchPermit(Arc<AtomicUsize>);
 
-impl Drop for FetchPermit<'_> {
+impl Drop for FetchPermit {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -1111,8 +1177,9 @@ pub struct VersionReached<'a> {
     manager: &'a DeltaManager,
     id: &'a SessionId,
     version: u64,
-    /// Counted in `version_waiters` (undone on drop).
-    waiting: bool,
+    /// Its key in `version_wakers` once it waits (counted in `version_waiters`; both undone
+    /// on drop).
+    waiting: Option<u64>,
 }
 
 impl Future for VersionReached<'_> {
@@ -1126,18 +1193,21 @@ impl Future for VersionReached<'_> {
         if holds_version(&store, self.id, self.version) {
             return Poll::Ready(true);
         }
-        if !self.waiting {
-            if m.version_waiters.fetch_add(1, Ordering::AcqRel) >= m.cfg.max_concurrent_fetches {
-                m.version_waiters.fetch_sub(1, Ordering::AcqRel);
-                return Poll::Ready(false);
+        let key = match self.waiting {
+            Some(key) => key,
+            None => {
+                if m.version_waiters.fetch_add(1, Ordering::AcqRel) >= m.cfg.max_concurrent_fetches
+                {
+                    m.version_waiters.fetch_sub(1, Ordering::AcqRel);
+                    return Poll::Ready(false);
+                }
+                m.counters.version_waits.fetch_add(1, Ordering::Relaxed);
+                let key = m.next_waker_key.fetch_add(1, Ordering::Relaxed);
+                self.waiting = Some(key);
+                key
             }
-            self.waiting = true;
-            m.counters.version_waits.fetch_add(1, Ordering::Relaxed);
-        }
-        let mut wakers = m.version_wakers.lock();
-        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            wakers.push(cx.waker().clone());
-        }
+        };
+        m.version_wakers.lock().insert(key, cx.waker().clone());
         drop(store);
         Poll::Pending
     }
@@ -1145,14 +1215,11 @@ impl Future for VersionReached<'_> {
 
 impl Drop for VersionReached<'_> {
     fn drop(&mut self) {
-        if self.waiting {
-            // Under the store lock, like registering: the last waiter gone takes the wakers
-            // left by futures that ended without a change waking them (timeouts), so the
-            // list never outgrows the waiters.
-            let _store = self.manager.store.lock();
-            if self.manager.version_waiters.fetch_sub(1, Ordering::AcqRel) == 1 {
-                self.manager.version_wakers.lock().clear();
-            }
+        if let Some(key) = self.waiting {
+            // Its waker goes with it (a timed-out wait leaves nothing behind), so the list
+            // never holds more than the waiting futures.
+            self.manager.version_wakers.lock().remove(&key);
+            self.manager.version_waiters.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -1231,5 +1298,24 @@ mod tests {
         assert_eq!(first.as_mut().poll(&mut cx), Poll::Pending);
         let mut second = std::pin::pin!(node.version_reached(&id, 1));
         assert_eq!(second.as_mut().poll(&mut cx), Poll::Ready(false));
+    }
+
+    #[test]
+    fn abandoned_version_waits_leave_nothing_behind() {
+        let node = DeltaManager::new("/", ManagerConfig::default());
+        let id = SessionId::new("nowhere");
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut long = Box::pin(node.version_reached(&id, 1));
+        assert_eq!(long.as_mut().poll(&mut cx), Poll::Pending);
+        // Many waits that time out (are dropped) while one goes on waiting.
+        for _ in 0..1000 {
+            let mut w = Box::pin(node.version_reached(&id, 1));
+            assert_eq!(w.as_mut().poll(&mut cx), Poll::Pending);
+            assert_eq!(w.as_mut().poll(&mut cx), Poll::Pending, "polled again");
+        }
+        assert_eq!(node.version_wakers.lock().len(), 1);
+        drop(long);
+        assert!(node.version_wakers.lock().is_empty());
+        assert_eq!(node.version_waiters.load(Ordering::SeqCst), 0);
     }
 }

@@ -109,7 +109,7 @@ pub struct ManagerStats {
 
 const KINDS: usize = 11;
 
-fn kind(event: &SessionEvent) -> usize {
+pub(crate) fn kind(event: &SessionEvent) -> usize {
     match event {
         SessionEvent::Created { .. } => 0,
         SessionEvent::Expired { .. } => 1,
@@ -146,7 +146,12 @@ pub(crate) struct Counters {
 
 impl Counters {
     pub(crate) fn sent(&self, event: &SessionEvent) {
-        self.sent[kind(event)].fetch_add(1, Ordering::Relaxed);
+        self.sent_kind(kind(event));
+    }
+
+    /// Like `sent`, with the event's kind (see `kind`).
+    pub(crate) fn sent_kind(&self, kind: usize) {
+        self.sent[kind].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn received(&self, event: &SessionEvent) {

@@ -1,7 +1,7 @@
 //! The sessions of one context on one node, and how replicated events change them. Pure:
 //! time is a parameter.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use log::{debug, warn};
 
@@ -61,7 +61,19 @@ pub struct SessionStore {
     stats: StoreStats,
     /// Interval of a copy made from a first delta whose CREATED has not arrived.
     placeholder_secs: i64,
+    /// Base ids of sessions invalidated or renamed away recently, with when (ms): a full
+    /// copy, a first delta or a fetch answer for one is refused, so a message still in
+    /// flight (or a member that has not heard yet) cannot bring the session back. Bounded:
+    /// pruned after [`TOMBSTONE_MS`], at most [`MAX_TOMBSTONES`] (oldest dropped first).
+    buried: HashMap<String, i64>,
+    burial_order: VecDeque<(String, i64)>,
 }
+
+/// How long an invalidated or renamed-away session id stays refused: well past the 3 s
+/// send timeout within which any message about it is delivered or given up.
+pub const TOMBSTONE_MS: i64 = 30_000;
+/// At most this many recently buried ids are remembered.
+pub const MAX_TOMBSTONES: usize = 10_000;
 
 impl Default for SessionStore {
     /// A store whose early copies expire after Tomcat's default interval (1800 s) until
@@ -87,7 +99,32 @@ impl SessionStore {
             sessions: HashMap::new(),
             stats: StoreStats::default(),
             placeholder_secs,
+            buried: HashMap::new(),
+            burial_order: VecDeque::new(),
         }
+    }
+
+    /// Remembers that `id`'s session was invalidated or renamed away at `now_ms` (see
+    /// [`SessionStore::is_buried`]); forgets burials older than [`TOMBSTONE_MS`].
+    pub fn bury(&mut self, id: &SessionId, now_ms: i64) {
+        while let Some((base, at)) = self.burial_order.front() {
+            if now_ms - at < TOMBSTONE_MS && self.burial_order.len() < MAX_TOMBSTONES {
+                break;
+            }
+            if self.buried.get(base) == Some(at) {
+                self.buried.remove(base);
+            }
+            self.burial_order.pop_front();
+        }
+        let base = id.base().to_owned();
+        self.buried.insert(base.clone(), now_ms);
+        self.burial_order.push_back((base, now_ms));
+    }
+
+    /// Whether `id`'s session was invalidated or renamed away here recently: copies of it
+    /// are refused and it is not fetched.
+    pub fn is_buried(&self, id: &SessionId) -> bool {
+        self.buried.contains_key(id.base())
     }
 
     /// The session, if present under exactly this id.
@@ -175,10 +212,18 @@ impl SessionStore {
                     .or_insert_with(|| Session::replica(id.clone(), sent_ms, *max_inactive_secs));
                 Applied::Changed
             }
-            SessionEvent::Expired { id } => match self.sessions.remove(id.base()) {
-                Some(_) => Applied::Changed,
-                None => Applied::Unknown,
-            },
+            SessionEvent::Expired { id } => {
+                self.bury(id, sent_ms);
+                match self.sessions.remove(id.base()) {
+                    Some(_) => Applied::Changed,
+                    None => Applied::Unknown,
+                }
+            }
+            SessionEvent::Accessed { id, .. }
+                if self.is_buried(id) && !self.sessions.contains_key(id.base()) =>
+            {
+                Applied::Stale
+            }
             SessionEvent::Accessed { id, at_ms, version } => match self.resolve(id) {
                 Some(s) => {
                     s.touch(*at_ms);
@@ -201,6 +246,9 @@ impl SessionStore {
                         Some(mut s) => {
                             s.rename(new.clone());
                             self.insert(s);
+                            if old.base() != new.base() {
+                                self.bury(old, sent_ms);
+                            }
                             Applied::Changed
                         }
                         None => Applied::Unknown,
@@ -238,6 +286,10 @@ impl SessionStore {
     /// changed by a request here (the copy would drop that request's changes, which its
     /// client is about to see); returns whether it was kept.
     fn insert_copy(&mut self, incoming: &Session) -> bool {
+        if self.is_buried(incoming.id()) {
+            debug!(target: "ha::store", "refusing a copy of {}: invalidated or renamed here", incoming.id());
+            return false;
+        }
         let newer = self.sessions.get(incoming.id().base()).is_none_or(|s| {
             incoming.version() > s.version() || (incoming.version() == s.version() && !s.is_dirty())
         });
@@ -252,6 +304,10 @@ impl SessionStore {
     fn apply_delta(&mut self, delta: &Delta, sent_ms: i64) -> Applied {
         let id = &delta.session_id;
         if self.resolve(id).is_none() {
+            if self.is_buried(id) {
+                debug!(target: "ha::store", "dropping a delta of {id}: invalidated or renamed here");
+                return Applied::Stale;
+            }
             // The first delta of a session can stand in for a CREATED that has not arrived
             // (they may travel on different connections).
             if delta.version != 1 {
@@ -294,6 +350,9 @@ impl SessionStore {
             }
             !expired
         });
+        for id in &gone {
+            self.bury(id, now_ms);
+        }
         self.stats.expired += gone.len() as u64;
         gone
     }
@@ -337,6 +396,59 @@ mod tests {
         fresh.apply(&SessionEvent::Delta(d[0].clone()), 1);
         fresh.apply(&SessionEvent::Delta(d[1].clone()), 2);
         assert_eq!(fresh.apply(&data, 3), Applied::Changed);
+    }
+
+    #[test]
+    fn a_buried_session_is_not_brought_back_by_late_messages() {
+        let (primary, d) = primary_with_deltas(2);
+        let id = SessionId::new("s");
+        let mut store = SessionStore::default();
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        assert!(store.remove(&id).is_some());
+        store.bury(&id, 1_000);
+        // A fetch answer, a first delta and an access notice still on their way: none
+        // brings it back, and none asks for a repair.
+        let copy = SessionEvent::SessionData {
+            session: Box::new(primary.clone()),
+        };
+        assert_eq!(store.apply(&copy, 2), Applied::Stale);
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[0].clone()), 2),
+            Applied::Stale
+        );
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[1].clone()), 2),
+            Applied::Stale
+        );
+        let notice = SessionEvent::Accessed {
+            id: id.clone(),
+            at_ms: 2,
+            version: 2,
+        };
+        assert_eq!(store.apply(&notice, 2), Applied::Stale);
+        assert!(store.get(&id).is_none());
+        // Forgotten once another burial comes after the tombstone time.
+        store.bury(&SessionId::new("other"), 1_000 + TOMBSTONE_MS);
+        assert!(!store.is_buried(&id));
+        assert_eq!(store.apply(&copy, 3), Applied::Changed);
+    }
+
+    #[test]
+    fn expiry_and_a_remote_invalidation_bury_too_and_burials_are_bounded() {
+        let (_, d) = primary_with_deltas(1);
+        let mut store = SessionStore::new(10);
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        let id = SessionId::new("s");
+        assert_eq!(store.expire(1_000_000), vec![id.clone()]);
+        assert!(store.is_buried(&id));
+        let other = SessionId::new("t");
+        store.apply(&SessionEvent::Expired { id: other.clone() }, 5);
+        assert!(store.is_buried(&other));
+        for i in 0..MAX_TOMBSTONES + 10 {
+            store.bury(&SessionId::new(format!("x{i}")), 10);
+        }
+        assert!(store.buried.len() <= MAX_TOMBSTONES);
+        assert!(!store.is_buried(&id), "the oldest burials went first");
     }
 
     #[test]

@@ -175,19 +175,19 @@ impl Bottom for Coordinator {
             warn!(target: "tribes::channel", "UDP/MULTICAST sends are not supported yet; sending over TCP");
         }
         let len = out.message.encoded_len();
-        if len > self.max_body {
-            return Err(SendError::TooLarge {
+        let result = if len > self.max_body {
+            Err(SendError::TooLarge {
                 len,
                 max: self.max_body,
-            });
-        }
-        let frame = Frame::message(&out.message);
-        debug_assert_eq!(frame.len(), len + FRAME_OVERHEAD);
-        let result = self
-            .sender
-            .send(&frame, &out.destinations, opts.wants_ack());
-        // A handler on a message sent here, on the caller's thread (no dispatch interceptor
-        // took it), hears the outcome too: it is told once, whichever way the message went.
+            })
+        } else {
+            let frame = Frame::message(&out.message);
+            debug_assert_eq!(frame.len(), len + FRAME_OVERHEAD);
+            self.sender
+                .send(&frame, &out.destinations, opts.wants_ack())
+        };
+        // A handler on a message that reaches the transport on the caller's thread (no
+        // dispatch interceptor took it) hears the outcome here, as well as the caller.
         if let Some(h) = &out.handler {
             let id = out.message.unique_id;
             match &result {

@@ -150,7 +150,10 @@ impl GroupChannel {
         )
     }
 
-    /// Like [`GroupChannel::send`], with a handler told how an asynchronous send ended.
+    /// Like [`GroupChannel::send`], with a handler told how the send ended: asynchronous
+    /// sends tell it from the dispatch thread, others from the sending thread before this
+    /// returns (the returned error then says the same). A send refused before it is queued
+    /// (e.g. [`SendError::QueueFull`]) is only returned.
     pub fn send_with_handler(
         &self,
         to: &[Member],

@@ -68,11 +68,14 @@ pub struct Outgoing {
     pub destinations: Vec<Member>,
     /// The envelope.
     pub message: ChannelMessage,
-    /// Told about completion or failure of asynchronous sends.
+    /// Told how the send ended: by the dispatch thread for an asynchronous send, by the
+    /// transport for one made on the caller's thread. An interceptor that drops a message
+    /// (returns `Ok` without passing it on) leaves it untold.
     pub handler: Option<Arc<dyn ErrorHandler>>,
 }
 
-/// Callback for the outcome of an asynchronous send (Tribes `ErrorHandler`).
+/// Callback for the outcome of a send (Tribes `ErrorHandler`, which only asynchronous sends
+/// have). A send made on the caller's thread also returns the outcome to the caller.
 pub trait ErrorHandler: Send + Sync {
     /// Every destination got the message.
     fn handle_completion(&self, id: UniqueId);
