@@ -604,6 +604,10 @@ struct Summary {
     lost: AtomicU64,
     backward: AtomicU64,
     skipped: AtomicU64,
+    /// Sessions whose cookie moved to another node's route (route rebinding).
+    rebound: AtomicU64,
+    /// Sessions now running whose cookie names the route of the node to be killed.
+    on_victim: AtomicU64,
     latencies_us: parking_lot::Mutex<Vec<u64>>,
 }
 
@@ -717,6 +721,7 @@ struct Report {
     lost: u64,
     backward: u64,
     skipped: u64,
+    rebound: u64,
     rate: f64,
     p50: u64,
     p99: u64,
@@ -726,8 +731,8 @@ struct Report {
 impl Report {
     fn line(&self) -> String {
         format!(
-            "requests={} failed={} sessions_lost={} backward={} skipped={} -> {:.0} req/s p50={}us p99={}us ({:.2}s)",
-            self.sent, self.failed, self.lost, self.backward, self.skipped, self.rate, self.p50, self.p99, self.secs
+            "requests={} failed={} sessions_lost={} backward={} skipped={} rebound={} -> {:.0} req/s p50={}us p99={}us ({:.2}s)",
+            self.sent, self.failed, self.lost, self.backward, self.skipped, self.rebound, self.rate, self.p50, self.p99, self.secs
         )
     }
 }
@@ -735,6 +740,8 @@ impl Report {
 /// Nodes and their balancer, running until dropped.
 struct Deployment {
     nodes: Vec<NodeProc>,
+    /// Nodes have routes and the balancer follows them.
+    sticky: bool,
     lb: SocketAddr,
     stop: Arc<AtomicBool>,
     replication: Replication,
@@ -756,6 +763,7 @@ impl Deployment {
         );
         Ok(Self {
             nodes,
+            sticky,
             lb,
             stop,
             replication,
@@ -766,7 +774,7 @@ impl Deployment {
     fn drive(&mut self, load: Load, clients: Clients, kill: bool) -> Res<Report> {
         let addrs: Vec<SocketAddr> = self.nodes.iter().map(|n| n.http).collect();
         let victim = (kill && self.nodes.len() > 1).then_some(&mut self.nodes);
-        drive(self.lb, &addrs, load, clients, victim)
+        drive(self.lb, &addrs, load, clients, victim, self.sticky)
     }
 
     /// The nodes' summed `/stats` when they replicate.
@@ -784,6 +792,27 @@ impl Drop for Deployment {
     }
 }
 
+/// The route of the node the demo kills (node 1).
+const VICTIM_ROUTE: &str = "n1";
+
+/// The session cookie's base id and route, if it has a route.
+fn session_route(jar: &[String]) -> Option<(String, String)> {
+    let value = jar.iter().find_map(|c| c.strip_prefix("JSESSIONID="))?;
+    let (base, route) = value.rsplit_once('.')?;
+    Some((base.to_string(), route.to_string()))
+}
+
+/// Counts a session arriving on (`+1`) or leaving (`-1`) the victim's route.
+fn track_victim(summary: &Summary, held: Option<&(String, String)>, delta: i64) {
+    if held.is_some_and(|(_, route)| route == VICTIM_ROUTE) {
+        if delta > 0 {
+            summary.on_victim.fetch_add(1, Ordering::Relaxed);
+        } else {
+            summary.on_victim.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// One load of `load.sessions` fresh sessions; with `victim`, node 1 is killed half-way.
 fn drive(
     lb: SocketAddr,
@@ -791,6 +820,7 @@ fn drive(
     load: Load,
     clients: Clients,
     victim: Option<&mut Vec<NodeProc>>,
+    wait_for_victim_session: bool,
 ) -> Res<Report> {
     let summary = Arc::new(Summary::default());
     let next_session = Arc::new(AtomicUsize::new(0));
@@ -818,6 +848,8 @@ fn drive(
                 // session version it last saw.
                 let mut jar: Vec<String> = Vec::new();
                 let mut last = 0u64;
+                // The session cookie's (base id, route), to see route rebinding.
+                let mut held: Option<(String, String)> = None;
                 for seq in 1..=load.requests {
                     let t0 = Instant::now();
                     summary.sent.fetch_add(1, Ordering::Relaxed);
@@ -838,6 +870,17 @@ fn drive(
                                 jar.retain(|c| c.split('=').next() != Some(name.as_str()));
                                 jar.push(pair);
                             }
+                            let now = session_route(&jar);
+                            if now != held {
+                                if let (Some((was, _)), Some((is, _))) = (&held, &now) {
+                                    if was == is {
+                                        summary.rebound.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                track_victim(&summary, held.as_ref(), -1);
+                                track_victim(&summary, now.as_ref(), 1);
+                                held = now;
+                            }
                             if n == 1 && last > 0 {
                                 summary.lost.fetch_add(1, Ordering::Relaxed);
                             } else if n <= last {
@@ -852,13 +895,19 @@ fn drive(
                         }
                     }
                 }
+                track_victim(&summary, held.as_ref(), -1);
             })
         })
         .collect();
     // Kill one node (SIGKILL) half-way through the load.
     if let Some(nodes) = victim {
-        while done_requests.load(Ordering::Relaxed) < total / 2 && started.elapsed() < LOAD_LIMIT {
-            std::thread::sleep(Duration::from_millis(5));
+        // With routes (sticky), also until a running session is on the victim, so the kill
+        // always makes some session move (route rebinding is what `--sticky` shows).
+        while (done_requests.load(Ordering::Relaxed) < total / 2
+            || (wait_for_victim_session && summary.on_victim.load(Ordering::Relaxed) == 0))
+            && started.elapsed() < LOAD_LIMIT
+        {
+            std::thread::sleep(Duration::from_millis(1));
         }
         let victim = nodes.remove(1);
         println!(
@@ -886,6 +935,7 @@ fn drive(
         lost: summary.lost.load(Ordering::Relaxed),
         backward: summary.backward.load(Ordering::Relaxed),
         skipped: summary.skipped.load(Ordering::Relaxed),
+        rebound: summary.rebound.load(Ordering::Relaxed),
         rate: sent as f64 / elapsed.as_secs_f64(),
         p50: pct(0.5),
         p99: pct(0.99),

@@ -1,6 +1,8 @@
-//! A shorter run of the main demo (issue #5, acceptance 4): three app processes behind the
-//! round-robin balancer, one SIGKILLed half-way, synchronous replication: no request failed,
-//! no session lost, no counter skipping or going backwards. Runs the example binary `cargo test` builds.
+//! Shorter runs of the main demo (issue #5, acceptance 4 and 5): three app processes behind
+//! the round-robin (or sticky) balancer, one SIGKILLed half-way, synchronous replication: no
+//! request failed, no session lost, no counter skipping or going backwards, and behind the
+//! sticky balancer the killed node's sessions rebound to another route. Runs the example
+//! binary `cargo test` builds.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -40,10 +42,11 @@ fn example(name: &str) -> PathBuf {
     dir
 }
 
-#[test]
-fn cluster_demo_short_run_loses_nothing_when_a_node_is_killed() {
+/// Runs the demo with `args`, checks it killed a node and that its summary has no failed
+/// request, lost session or counter anomaly; returns the summary line.
+fn run_demo(args: &[&str]) -> String {
     let out = Command::new(example("cluster_demo"))
-        .arg("--short")
+        .args(args)
         .output()
         .expect("run cluster_demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -55,7 +58,8 @@ fn cluster_demo_short_run_loses_nothing_when_a_node_is_killed() {
     let summary = stdout
         .lines()
         .find(|l| l.starts_with("requests="))
-        .unwrap_or_else(|| panic!("no summary line in:\n{stdout}"));
+        .unwrap_or_else(|| panic!("no summary line in:\n{stdout}"))
+        .to_string();
     assert!(
         stdout.contains("killing node 1"),
         "a node was killed:\n{stdout}"
@@ -69,4 +73,24 @@ fn cluster_demo_short_run_loses_nothing_when_a_node_is_killed() {
     ] {
         assert!(summary.contains(zero), "{summary}");
     }
+    summary
+}
+
+#[test]
+fn cluster_demo_short_run_loses_nothing_when_a_node_is_killed() {
+    run_demo(&["--short"]);
+}
+
+/// Issue #5, acceptance 5, end to end: behind the sticky balancer, the sessions of the
+/// killed node move to the others, their cookies take the new node's route, and nothing is
+/// lost or goes wrong.
+#[test]
+fn sticky_demo_rebinds_the_killed_node_s_sessions() {
+    let summary = run_demo(&["--sticky", "--short"]);
+    let rebound: u64 = summary
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("rebound="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no rebound count in {summary}"));
+    assert!(rebound >= 1, "no session changed its route: {summary}");
 }
