@@ -295,7 +295,12 @@ where
                 // ACKs; this task sleeps until they report (no runtime thread waits). The
                 // limit only matters if a message is dropped on its way down the stack
                 // (its handler then never hears).
-                match tokio::time::timeout(ACK_WAIT_LIMIT, acked).await {
+                let outcome = if acked.waits() {
+                    tokio::time::timeout(ACK_WAIT_LIMIT, acked).await
+                } else {
+                    Ok(acked.await)
+                };
+                match outcome {
                     Ok(Ok(())) => cfg.stats.sends.fetch_add(1, Ordering::Relaxed),
                     Ok(Err(e)) => {
                         warn!(target: "ha::layer", "replication of {id:?} failed: {e}");

@@ -1071,6 +1071,11 @@ impl Acked {
         self.sent
     }
 
+    /// Whether some message's outcome is still to come (it waits for ACKs).
+    pub(crate) fn waits(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
     /// Records the outcome of a send that did not wait.
     fn done(&mut self, outcome: Result<(), SendError>) {
         self.sent += 1;
