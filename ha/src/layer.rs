@@ -7,12 +7,12 @@
 //! its own writes. A cookie naming a session this node has not seen makes it ask the
 //! cluster first ([`crate::DeltaManager::fetch`]), so a request that overtook the session's
 //! replication does not start a new session. Creations, renames and invalidations a
-//! handler makes are replicated at the end of the request with its delta, so handlers never
-//! wait on the network. The layer's own waits never hold a runtime thread: synchronous
-//! replication's ACKs and the questions for an unknown session are awaited on the
-//! channel's dispatch threads (the request's task sleeps until they report), and waits for
-//! a change in flight are futures woken by the receiver. A route rebinding's rename goes
-//! out with the request's delta.
+//! handler makes go out when it makes them without waiting (a request dropped half-way
+//! still logs its user out everywhere); the request waits for their ACKs, and its delta's,
+//! at its end, so handlers never wait on the network. The layer's own waits never hold a
+//! runtime thread: synchronous replication's ACKs and the questions for an unknown session
+//! are awaited on the channel's dispatch threads (the request's task sleeps until they
+//! report), and waits for a change in flight are futures woken by the receiver.
 
 use std::future::Future;
 use std::pin::Pin;
