@@ -432,13 +432,16 @@ impl DeltaManager {
     }
 
     /// Whether this node is still to see the first change of session `id`: it does not
-    /// hold it, or holds only a copy made from its creation (version 0, not primary here).
+    /// hold it (and did not just see it go), or holds only a copy made from its creation
+    /// (version 0, not primary here).
     #[cfg(feature = "axum")]
     pub(crate) fn awaits_first_change(&self, id: &SessionId) -> bool {
-        self.store
-            .lock()
-            .get_by_base(id.base())
-            .is_none_or(|s| s.version() == 0 && !s.is_primary())
+        let store = self.store.lock();
+        match store.get_by_base(id.base()) {
+            Some(s) => s.version() == 0 && !s.is_primary(),
+            // Invalidated or expired here: nothing is on its way.
+            None => !store.is_buried(id),
+        }
     }
 
     /// The version of this node's copy of `id` (any route), if it holds one.
