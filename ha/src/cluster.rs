@@ -268,7 +268,7 @@ impl Cluster {
     ) -> Result<bool, SendError> {
         let bytes =
             rmp_serde::to_vec_named(msg).map_err(|e| SendError::Serialize(e.to_string()))?;
-        self.inner.send_bytes(bytes, to, options)
+        self.inner.send_bytes(bytes, to, options, None)
     }
 
     pub(crate) fn inner(&self) -> Weak<ClusterInner> {
@@ -303,35 +303,22 @@ impl ClusterInner {
         to: Option<&Member>,
         options: SendOptions,
     ) -> Result<bool, SendError> {
-        let bytes = msg
-            .encode()
-            .map_err(|e| SendError::Serialize(e.to_string()))?;
-        self.send_bytes(bytes, to, options)
+        self.send_with_handler(msg, to, options, None)
     }
 
-    /// Sends to `to`, or to every member when `None`, with a handler told how the send
-    /// ended; with no members it is a no-op that returns false (the handler hears nothing).
-    #[cfg(feature = "axum")]
+    /// Like `send`, with a handler told how the send ended (it hears nothing when there
+    /// is nobody to send to).
     pub(crate) fn send_with_handler(
         &self,
         msg: &SessionMessage,
         to: Option<&Member>,
         options: SendOptions,
-        handler: Arc<dyn tribes::interceptors::ErrorHandler>,
+        handler: Option<Arc<dyn tribes::interceptors::ErrorHandler>>,
     ) -> Result<bool, SendError> {
         let bytes = msg
             .encode()
             .map_err(|e| SendError::Serialize(e.to_string()))?;
-        let members = match to {
-            Some(m) => vec![m.clone()],
-            None => self.channel.members(),
-        };
-        if members.is_empty() {
-            return Ok(false);
-        }
-        self.channel
-            .send_with_handler(&members, bytes, options, handler)
-            .map(|_| true)
+        self.send_bytes(bytes, to, options, handler)
     }
 
     fn send_bytes(
@@ -339,6 +326,7 @@ impl ClusterInner {
         bytes: Vec<u8>,
         to: Option<&Member>,
         options: SendOptions,
+        handler: Option<Arc<dyn tribes::interceptors::ErrorHandler>>,
     ) -> Result<bool, SendError> {
         let members = match to {
             Some(m) => vec![m.clone()],
@@ -347,7 +335,11 @@ impl ClusterInner {
         if members.is_empty() {
             return Ok(false);
         }
-        self.channel.send(&members, bytes, options).map(|_| true)
+        match handler {
+            Some(h) => self.channel.send_with_handler(&members, bytes, options, h),
+            None => self.channel.send(&members, bytes, options),
+        }
+        .map(|_| true)
     }
 }
 

@@ -31,7 +31,7 @@ use serde::Serialize;
 use tower::{Layer, Service};
 
 use crate::error::SessionError;
-use crate::manager::{Acked, DeltaManager};
+use crate::manager::{Acked, DeltaManager, ACK_WAIT_LIMIT};
 use crate::session::SessionId;
 
 /// Counters of a [`ReplicationLayer`] (Tomcat `ReplicationValve` statistics).
@@ -48,11 +48,6 @@ pub struct LayerStats {
     /// Time spent replicating, microseconds.
     pub send_micros: AtomicU64,
 }
-
-/// How long the end of a request waits for its messages' ACKs at most. The sends report
-/// well before (the sender's timeout is 3 s); this only ends the wait for a message an
-/// interceptor dropped on its way down, whose handler never hears.
-const ACK_WAIT_LIMIT: Duration = Duration::from_secs(10);
 
 /// Default of [`ReplicationLayer::fetch_grace`].
 const DEFAULT_FETCH_GRACE: Duration = Duration::from_millis(2);

@@ -147,13 +147,11 @@ pub struct DeltaManager {
     cluster: Mutex<Weak<ClusterInner>>,
     counters: Counters,
     fetching: Arc<AtomicUsize>,
-    /// Signalled after a replicated change is applied while a request waits in
-    /// [`DeltaManager::catch_up`] (`version_waiters` > 0), so the common case pays nothing.
-    version_applied: Condvar,
+    /// Waiting [`DeltaManager::version_reached`] futures (also those of
+    /// [`DeltaManager::catch_up`]); while there are none, applying a change wakes nobody.
     version_waiters: AtomicUsize,
-    /// The tasks of waiting [`DeltaManager::version_reached`] futures, woken (and taken)
-    /// with `version_applied`; a future removes its own entry when dropped. At most one per
-    /// waiting future, and those are bounded like `catch_up`'s waits.
+    /// Their wakers, taken and woken when a replicated change is applied; a future removes
+    /// its own entry when dropped, so there is at most one per waiting future.
     version_wakers: Mutex<HashMap<u64, Waker>>,
     /// Keys of waiting [`VersionReached`] futures in `version_wakers`.
     next_waker_key: AtomicU64,
@@ -172,7 +170,6 @@ impl DeltaManager {
             cluster: Mutex::new(Weak::new()),
             counters: Counters::default(),
             fetching: Arc::new(AtomicUsize::new(0)),
-            version_applied: Condvar::new(),
             version_waiters: AtomicUsize::new(0),
             version_wakers: Mutex::new(HashMap::new()),
             next_waker_key: AtomicU64::new(0),
@@ -301,25 +298,13 @@ impl DeltaManager {
     #[cfg(feature = "axum")]
     pub(crate) fn announce(self: &Arc<Self>, event: SessionEvent, acked: &mut Acked) {
         let msg = self.message(event);
-        if self.sends_wait() {
+        if self.cfg.sync {
             if let Some(cluster) = self.cluster.lock().upgrade() {
                 self.send_acked(&cluster, &msg, None, acked, None);
             }
         } else {
             acked.done(self.send(&msg, None, self.options()));
         }
-    }
-
-    /// Whether sending waits for members (synchronous replication, and someone to wait
-    /// for).
-    #[cfg(feature = "axum")]
-    pub(crate) fn sends_wait(&self) -> bool {
-        self.cfg.sync
-            && self
-                .cluster
-                .lock()
-                .upgrade()
-                .is_some_and(|c| !c.channel.members().is_empty())
     }
 
     /// A fresh random id (128 bits), with this node's route if one is configured.
@@ -393,20 +378,12 @@ impl DeltaManager {
     /// With asynchronous replication behind a round-robin balancer, a session's second
     /// request often arrives before its creation did; this keeps that request on the same
     /// session instead of starting a new one (which would be a lost session for the user).
-    pub fn fetch(&self, id: &SessionId) -> bool {
-        if self.knows(id) {
-            return true;
-        }
-        if self.store.lock().is_buried(id) {
-            return false;
-        }
-        let found = self.ask_members(id, |m| m.knows(id));
-        self.fetched(id, found)
+    pub fn fetch(self: &Arc<Self>, id: &SessionId) -> bool {
+        block_on(self.fetch_acked(id), Instant::now() + ACK_WAIT_LIMIT).unwrap_or(false)
     }
 
     /// [`DeltaManager::fetch`] for async callers: the questions go out through the
     /// dispatch threads, which wait for the answers; no thread of the caller waits.
-    #[cfg(feature = "axum")]
     pub(crate) async fn fetch_acked(self: &Arc<Self>, id: &SessionId) -> bool {
         if self.knows(id) {
             return true;
@@ -478,27 +455,9 @@ impl DeltaManager {
     /// assert!(!off.catch_up(&id, 5, Duration::from_secs(30)));
     /// assert!(asked_at.elapsed() < Duration::from_secs(10));
     /// ```
-    pub fn catch_up(&self, id: &SessionId, version: u64, wait: Duration) -> bool {
-        {
-            let mut store = self.store.lock();
-            if holds_version(&store, id, version) {
-                return true;
-            }
-            if self.version_waiters.fetch_add(1, Ordering::AcqRel) < self.cfg.max_concurrent_fetches
-            {
-                self.counters.version_waits.fetch_add(1, Ordering::Relaxed);
-                let deadline = Instant::now() + wait;
-                while !holds_version(&store, id, version)
-                    && !self
-                        .version_applied
-                        .wait_until(&mut store, deadline)
-                        .timed_out()
-                {}
-            }
-            self.version_waiters.fetch_sub(1, Ordering::AcqRel);
-            if holds_version(&store, id, version) {
-                return true;
-            }
+    pub fn catch_up(self: &Arc<Self>, id: &SessionId, version: u64, wait: Duration) -> bool {
+        if block_on(self.version_reached(id, version), Instant::now() + wait) == Some(true) {
+            return true;
         }
         debug!(target: "ha::manager", "{}: v{version} of {id} did not arrive in {wait:?}; asking the members", self.context);
         self.fetch_version(id, version)
@@ -534,15 +493,15 @@ impl DeltaManager {
     /// Asks the members for a copy of `id` at `version` or newer (the end of
     /// [`DeltaManager::catch_up`] when waiting did not bring it). Returns whether this node
     /// holds one now. Counted as a version fetch.
-    pub fn fetch_version(&self, id: &SessionId, version: u64) -> bool {
-        self.counters
-            .version_fetches
-            .fetch_add(1, Ordering::Relaxed);
-        self.ask_members(id, |m| holds_version(&m.store.lock(), id, version))
+    pub fn fetch_version(self: &Arc<Self>, id: &SessionId, version: u64) -> bool {
+        block_on(
+            self.fetch_version_acked(id, version),
+            Instant::now() + ACK_WAIT_LIMIT,
+        )
+        .unwrap_or(false)
     }
 
     /// [`DeltaManager::fetch_version`] for async callers (see [`DeltaManager::fetch_acked`]).
-    #[cfg(feature = "axum")]
     pub(crate) async fn fetch_version_acked(
         self: &Arc<Self>,
         id: &SessionId,
@@ -556,29 +515,8 @@ impl DeltaManager {
     }
 
     /// Asks the members one after another (at most three) for their copy of `id` until
-    /// `done` holds; returns whether it does.
-    fn ask_members(&self, id: &SessionId, done: impl Fn(&Self) -> bool) -> bool {
-        let Some(_permit) = self.fetch_permit(id) else {
-            return false;
-        };
-        let (ask, members) = self.askees(id);
-        let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
-        let mut asked = Ok(());
-        for m in &members {
-            asked = self.send(&ask, Some(m), sync);
-            if done(self) {
-                return true;
-            }
-        }
-        if asked.is_ok() {
-            debug!(target: "ha::manager", "{}: no member had what this node needs of session {id}", self.context);
-        }
-        false
-    }
-
-    /// [`DeltaManager::ask_members`] for async callers: each question goes out through the
-    /// dispatch threads, which wait for its ACK (the answer comes before it).
-    #[cfg(feature = "axum")]
+    /// `done` holds; returns whether it does. Each question goes out through the dispatch
+    /// threads, which wait for its ACK (a member that holds the session sends it before).
     async fn ask_members_acked(
         self: &Arc<Self>,
         id: &SessionId,
@@ -712,7 +650,6 @@ impl DeltaManager {
     /// queue is full it is sent here, waiting, rather than not at all: a synchronous
     /// change must reach the members before its response. `permit` stays held until the
     /// handler hears the outcome.
-    #[cfg(feature = "axum")]
     fn send_acked(
         self: &Arc<Self>,
         cluster: &ClusterInner,
@@ -723,15 +660,20 @@ impl DeltaManager {
     ) {
         let wait = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
         let slot = acked.slot(self, &msg.event, permit);
-        let mut sent =
-            cluster.send_with_handler(msg, to, wait | SendOptions::ASYNCHRONOUS, slot.clone());
+        let mut sent = cluster.send_with_handler(
+            msg,
+            to,
+            wait | SendOptions::ASYNCHRONOUS,
+            Some(slot.clone()),
+        );
         if let Err(SendError::QueueFull { queued, max }) = sent {
             warn!(target: "ha::manager", "{}: dispatch queue full ({queued} of {max} bytes); sending on this thread", self.context);
-            sent = cluster.send_with_handler(msg, to, wait, slot.clone());
+            sent = cluster.send_with_handler(msg, to, wait, Some(slot.clone()));
         }
         match sent {
             Ok(true) => {}
-            Ok(false) => slot.finish(Ok(())),
+            // Nobody to tell: nothing sent, nothing to count.
+            Ok(false) => slot.record(Ok(()), false),
             // Refused before it was queued (its handler hears nothing), or sent here and
             // already reported through the handler: `finish` keeps the first outcome.
             Err(e) => slot.finish(Err(e)),
@@ -919,7 +861,6 @@ impl DeltaManager {
                     applied
                 };
                 if applied == Applied::Changed && self.version_waiters.load(Ordering::Acquire) > 0 {
-                    self.version_applied.notify_all();
                     let wakers = std::mem::take(&mut *self.version_wakers.lock());
                     for w in wakers.into_values() {
                         w.wake();
@@ -1035,9 +976,9 @@ impl DeltaManager {
     }
 }
 
-/// Outcome of the sends a request made with [`DeltaManager::announce`]: resolves once
-/// every message's handler heard how its send ended, to the first failure if any.
-#[cfg(feature = "axum")]
+/// Outcome of sends made with [`DeltaManager::send_acked`] (a request's, through
+/// [`DeltaManager::announce`], or a fetch's question): resolves once every message's handler
+/// heard how its send ended, to the first failure if any.
 #[derive(Default)]
 pub(crate) struct Acked {
     /// Messages sent (waited for or not).
@@ -1048,7 +989,6 @@ pub(crate) struct Acked {
     waker: Arc<Mutex<Option<Waker>>>,
 }
 
-#[cfg(feature = "axum")]
 impl Acked {
     /// A new message's slot, waited for by this future.
     fn slot(
@@ -1070,16 +1010,19 @@ impl Acked {
     }
 
     /// Messages sent so far.
+    #[cfg(feature = "axum")]
     pub(crate) fn sent(&self) -> usize {
         self.sent
     }
 
     /// Whether some message's outcome is still to come (it waits for ACKs).
+    #[cfg(feature = "axum")]
     pub(crate) fn waits(&self) -> bool {
-        !self.slots.is_empty()
+        self.slots.iter().any(|s| s.outcome.lock().is_none())
     }
 
     /// Records the outcome of a send that did not wait.
+    #[cfg(feature = "axum")]
     fn done(&mut self, outcome: Result<(), SendError>) {
         self.sent += 1;
         if let (Err(e), None) = (outcome, &self.failed) {
@@ -1089,7 +1032,6 @@ impl Acked {
 }
 
 /// One message's outcome; the dispatch thread (or the sending thread) fills it in.
-#[cfg(feature = "axum")]
 struct AckSlot {
     outcome: Mutex<Option<Result<(), SendError>>>,
     waker: Arc<Mutex<Option<Waker>>>,
@@ -1100,17 +1042,21 @@ struct AckSlot {
     permit: Mutex<Option<Arc<FetchPermit>>>,
 }
 
-#[cfg(feature = "axum")]
 impl AckSlot {
-    /// Records the outcome unless one is recorded already, counts it, gives back the fetch
-    /// permit, and wakes the waiting request.
+    /// Records how the send ended (see `record`), counted.
     fn finish(&self, outcome: Result<(), SendError>) {
+        self.record(outcome, true);
+    }
+
+    /// Records the outcome unless one is recorded already, counts it (with `count`), gives
+    /// back the fetch permit, and wakes the waiting request.
+    fn record(&self, outcome: Result<(), SendError>, count: bool) {
         {
             let mut slot = self.outcome.lock();
             if slot.is_some() {
                 return;
             }
-            if let Some(m) = self.manager.upgrade() {
+            if let (true, Some(m)) = (count, self.manager.upgrade()) {
                 match &outcome {
                     Ok(()) => m.counters.sent_kind(self.kind),
                     Err(e) => {
@@ -1129,7 +1075,6 @@ impl AckSlot {
     }
 }
 
-#[cfg(feature = "axum")]
 impl tribes::interceptors::ErrorHandler for AckSlot {
     fn handle_completion(&self, _id: tribes::UniqueId) {
         self.finish(Ok(()));
@@ -1140,7 +1085,6 @@ impl tribes::interceptors::ErrorHandler for AckSlot {
     }
 }
 
-#[cfg(feature = "axum")]
 impl Future for Acked {
     type Output = Result<(), SendError>;
 
@@ -1170,6 +1114,33 @@ struct FetchPermit(Arc<AtomicUsize>);
 impl Drop for FetchPermit {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How long a blocking caller waits for the ACKs of a question it sent. The sends report
+/// well before (the sender's timeout is 3 s); this only ends the wait for a message an
+/// interceptor dropped on its way down, whose handler never hears.
+pub(crate) const ACK_WAIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Runs `future` on this thread until it is ready, or `None` once `deadline` passed: the
+/// blocking API over the async one (the thread parks; the receiver or dispatch thread that
+/// completes the future unparks it).
+fn block_on<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return Some(out);
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        std::thread::park_timeout(left);
     }
 }
 
