@@ -32,6 +32,7 @@ use tower::{Layer, Service};
 
 use crate::error::SessionError;
 use crate::manager::{Acked, DeltaManager, ACK_WAIT_LIMIT};
+use crate::message::SessionEvent;
 use crate::session::SessionId;
 
 /// Counters of a [`ReplicationLayer`] (Tomcat `ReplicationValve` statistics).
@@ -284,7 +285,7 @@ where
             if let Some(id) = &delta_of {
                 cfg.manager.complete_request(id, &mut acked);
             }
-            if delta_of.is_some() || acked.sent() > 0 {
+            if acked.sent() > 0 {
                 let start = Instant::now();
                 // With synchronous replication the dispatch threads wait for the members'
                 // ACKs; this task sleeps until they report (no runtime thread waits). The
@@ -428,6 +429,13 @@ struct Handle {
     acked: Acked,
 }
 
+impl Handle {
+    /// Tells the members about a change the handler made here (see [`Acked`]).
+    fn announce(&mut self, event: SessionEvent) {
+        self.manager.announce(event, &mut self.acked);
+    }
+}
+
 /// The request's session, as an axum extractor. Created on the first `insert`.
 #[derive(Clone)]
 pub struct Session {
@@ -456,8 +464,7 @@ impl Session {
         let mut h = self.inner.lock();
         if h.id.as_ref().is_none_or(|id| !h.manager.contains(id)) {
             let (id, created) = h.manager.create_session_unannounced();
-            let manager = Arc::clone(&h.manager);
-            manager.announce(created, &mut h.acked);
+            h.announce(created);
             h.id = Some(id);
             h.set_cookie = true;
         }
@@ -488,8 +495,7 @@ impl Session {
             return;
         };
         if let Some((new, renamed)) = h.manager.cycle_id_unannounced(&old) {
-            let manager = Arc::clone(&h.manager);
-            manager.announce(renamed, &mut h.acked);
+            h.announce(renamed);
             h.id = Some(new);
             h.set_cookie = true;
         }
@@ -501,8 +507,7 @@ impl Session {
         let mut h = self.inner.lock();
         if let Some(id) = h.id.take() {
             if let Some(expired) = h.manager.invalidate_unannounced(&id) {
-                let manager = Arc::clone(&h.manager);
-                manager.announce(expired, &mut h.acked);
+                h.announce(expired);
             }
             h.clear_cookie = true;
             h.set_cookie = false;
