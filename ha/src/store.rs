@@ -219,24 +219,24 @@ impl SessionStore {
                     None => Applied::Unknown,
                 }
             }
-            SessionEvent::Accessed { id, .. }
-                if self.is_buried(id) && !self.sessions.contains_key(id.base()) =>
-            {
-                Applied::Stale
-            }
-            SessionEvent::Accessed { id, at_ms, version } => match self.resolve(id) {
-                Some(s) => {
-                    s.touch(*at_ms);
-                    s.set_primary(false);
-                    if s.version() < *version {
-                        debug!(target: "ha::store", "{id} is at v{}, the sender at v{version}", s.version());
-                        Applied::Behind
-                    } else {
-                        Applied::Changed
+            SessionEvent::Accessed { id, at_ms, version } => {
+                let buried = self.is_buried(id);
+                match self.resolve(id) {
+                    Some(s) => {
+                        s.touch(*at_ms);
+                        s.set_primary(false);
+                        if s.version() < *version {
+                            debug!(target: "ha::store", "{id} is at v{}, the sender at v{version}", s.version());
+                            Applied::Behind
+                        } else {
+                            Applied::Changed
+                        }
                     }
+                    // Invalidated here: nothing to repair.
+                    None if buried => Applied::Stale,
+                    None => Applied::Unknown,
                 }
-                None => Applied::Unknown,
-            },
+            }
             SessionEvent::Delta(delta) => self.apply_delta(delta, sent_ms),
             SessionEvent::ChangeSessionId { old, new } => {
                 if self.get(new).is_some() {
