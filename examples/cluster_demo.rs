@@ -477,10 +477,12 @@ fn request(lb: SocketAddr, cookie: Option<&str>, seq: usize) -> Res<Answer> {
     let cookie_line = cookie
         .map(|c| format!("Cookie: {c}\r\n"))
         .unwrap_or_default();
-    write!(
-        s,
+    // One write for the whole request: `write!` on a socket would send each piece of the
+    // format string as its own segment.
+    let req = format!(
         "GET /counter?seq={seq} HTTP/1.1\r\nHost: demo\r\n{cookie_line}Connection: close\r\n\r\n"
-    )?;
+    );
+    s.write_all(req.as_bytes())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status = resp
@@ -498,9 +500,6 @@ fn request(lb: SocketAddr, cookie: Option<&str>, seq: usize) -> Res<Answer> {
     Ok((status, body.trim().parse().ok(), set))
 }
 
-/// The benchmark's client: keep-alive connections straight to each node, requests in round
-/// robin, so the figures measure the nodes and replication rather than connection setup and
-/// the demo's balancer.
 /// How the load reaches the nodes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Clients {
@@ -513,6 +512,8 @@ enum Clients {
     Pinned,
 }
 
+/// The benchmark's client: keep-alive connections straight to each node, so the figures
+/// measure the nodes and replication rather than connection setup and the demo's balancer.
 struct DirectClient {
     nodes: Vec<SocketAddr>,
     conns: Vec<Option<BufReader<TcpStream>>>,
@@ -561,10 +562,9 @@ impl DirectClient {
         let cookie_line = cookie
             .map(|c| format!("Cookie: {c}\r\n"))
             .unwrap_or_default();
-        write!(
-            conn.get_mut(),
-            "GET /counter?seq={seq} HTTP/1.1\r\nHost: demo\r\n{cookie_line}\r\n"
-        )?;
+        // One write (one segment) per request, as a real client or balancer sends it.
+        let req = format!("GET /counter?seq={seq} HTTP/1.1\r\nHost: demo\r\n{cookie_line}\r\n");
+        conn.get_mut().write_all(req.as_bytes())?;
         let mut status = 0u16;
         let mut len = 0usize;
         let mut set = Vec::new();
@@ -679,6 +679,12 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
         }
     }
     let base: Vec<f64> = reports[0].iter().map(|r| r.rate).collect();
+    let median_cpu = |rounds: &[Report]| {
+        let mut v: Vec<f64> = rounds.iter().filter_map(|r| r.cpu_us).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let base_cpu = median_cpu(&reports[0]);
     for (((label, count, replication), d), mut rounds) in
         cases.into_iter().zip(&deployments).zip(reports)
     {
@@ -695,13 +701,21 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
         let ratio = ratios[ratios.len() / 2];
         rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
         let r = &rounds[rounds.len() / 2];
-        let checks = if count > 1 && replication == Replication::Off {
+        let checks = if count > 1 && replication == Replication::Off && sticky {
+            "reference: no replication".to_string()
+        } else if count > 1 && replication == Replication::Off {
             "reference: no replication, a request on another node starts a new session".to_string()
         } else {
             format!("failed={failed} lost={lost} backward={backward} skipped={skipped}")
         };
+        // CPU per request: the nodes' CPU time over a round, per request, as a median; far
+        // steadier than req/s when other work shares the machine.
+        let cpu = match (median_cpu(&rounds), base_cpu) {
+            (Some(c), Some(b)) => format!(" cpu={c:.1}us/req ({:.2}x)", c / b),
+            _ => String::new(),
+        };
         println!(
-            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us [{ratio:.2}x local-only; {checks}; median of {} interleaved rounds of {} requests]",
+            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us{cpu} [{ratio:.2}x local-only; {checks}; median of {} interleaved rounds of {} requests]",
             r.rate,
             r.p50,
             r.p99,
@@ -723,6 +737,9 @@ struct Report {
     skipped: u64,
     rebound: u64,
     rate: f64,
+    /// CPU time the nodes spent per request (all their threads, kernel included), when the
+    /// platform tells (Linux `/proc`).
+    cpu_us: Option<f64>,
     p50: u64,
     p99: u64,
     secs: f64,
@@ -773,8 +790,24 @@ impl Deployment {
     /// One load of fresh sessions; with `kill`, node 1 is killed half-way.
     fn drive(&mut self, load: Load, clients: Clients, kill: bool) -> Res<Report> {
         let addrs: Vec<SocketAddr> = self.nodes.iter().map(|n| n.http).collect();
+        let before = self.cpu_ns();
         let victim = (kill && self.nodes.len() > 1).then_some(&mut self.nodes);
-        drive(self.lb, &addrs, load, clients, victim, self.sticky)
+        let mut report = drive(self.lb, &addrs, load, clients, victim, self.sticky)?;
+        if !kill {
+            if let (Some(a), Some(b)) = (before, self.cpu_ns()) {
+                report.cpu_us = Some(b.saturating_sub(a) as f64 / 1e3 / report.sent.max(1) as f64);
+            }
+        }
+        Ok(report)
+    }
+
+    /// CPU time all node processes have used so far, in nanoseconds: on a machine shared
+    /// with other work, CPU per request moves far less than requests per second.
+    fn cpu_ns(&self) -> Option<u64> {
+        self.nodes
+            .iter()
+            .map(|n| process_cpu_ns(n.child.id()))
+            .sum()
     }
 
     /// The nodes' summed `/stats` when they replicate.
@@ -790,6 +823,17 @@ impl Drop for Deployment {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
+}
+
+/// CPU time of every thread of process `pid` so far (Linux: the first field of each
+/// thread's `schedstat`, in nanoseconds); `None` where `/proc` does not tell.
+fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 /// The route of the node the demo kills (node 1).
@@ -937,6 +981,7 @@ fn drive(
         skipped: summary.skipped.load(Ordering::Relaxed),
         rebound: summary.rebound.load(Ordering::Relaxed),
         rate: sent as f64 / elapsed.as_secs_f64(),
+        cpu_us: None,
         p50: pct(0.5),
         p99: pct(0.99),
         secs: elapsed.as_secs_f64(),
