@@ -40,6 +40,7 @@
 pub mod channel;
 pub mod error;
 pub mod id;
+mod idle;
 pub mod interceptors;
 pub mod member;
 pub mod membership;

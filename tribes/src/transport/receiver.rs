@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 
 use super::config::ReceiverConfig;
 use crate::error::{ChannelError, ProcessError};
+use crate::idle::IdleWait;
 use crate::wire::{AckCommand, ChannelMessage, FrameDecoder, WireError};
 
 const LISTENER: Token = Token(0);
@@ -103,6 +104,7 @@ impl Receiver {
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
         let starved = Arc::new(AtomicUsize::new(0));
 
+        let idle = Arc::new(IdleWait::new(cfg.idle_yields));
         let mut workers = Vec::with_capacity(cfg.max_threads);
         for n in 0..cfg.max_threads {
             let worker = Worker {
@@ -113,6 +115,7 @@ impl Receiver {
                 waker: Arc::clone(&waker),
                 handler: Arc::clone(&handler),
                 stats: Arc::clone(&stats),
+                idle: Arc::clone(&idle),
             };
             workers.push(
                 thread::Builder::new()
@@ -662,13 +665,14 @@ struct Worker {
     waker: Arc<Waker>,
     handler: Arc<dyn MessageHandler>,
     stats: Arc<ReceiverStats>,
+    idle: Arc<IdleWait>,
 }
 
 impl Worker {
     fn run(self) {
         // One channel for work and stop (a `select!` over two channels costs a registration
         // on each for every wait, measurable at tens of thousands of messages per second).
-        while let Ok(job) = self.jobs.recv() {
+        while let Ok(job) = self.idle.recv(&self.jobs) {
             match job {
                 Job::Serve(conn) => self.serve(conn),
                 Job::Stop => {
