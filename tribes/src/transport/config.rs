@@ -45,7 +45,8 @@ pub struct ReceiverConfig {
     /// 100. Not a Tribes setting: waking a sleeping thread costs more than looking while the
     /// next message is microseconds away, as it usually is under request/ACK traffic (an
     /// ACK round trip took half the time, synchronous session replication served a quarter
-    /// more requests on a 2-core machine). 0 sleeps after the channel's own brief spin.
+    /// more requests on a 2-core machine). 0 sleeps after the channel's own brief spin; a
+    /// very large value keeps one worker yielding in a loop for as long as the pool is idle.
     pub idle_yields: u32,
 }
 
