@@ -638,7 +638,9 @@ fn run_demo(replication: Replication, sticky: bool, load: Load) -> Res<()> {
 /// then the cases take turns, one load each, [`BENCH_ROUNDS`] times (fresh sessions each
 /// time; one load takes well under a second, too short to measure alone on a shared
 /// machine). Each line reports the median round and the median of its rounds' ratios to the
-/// local-only round of the same turn; anomalies are summed over all rounds.
+/// local-only round of the same turn (and, for a replicating mode, to the reference round of
+/// the same turn, with the difference in node CPU per request: replication's own cost);
+/// anomalies are summed over all rounds.
 fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
     let (clients, balance) = if sticky {
         (Clients::Pinned, "sticky")
@@ -685,6 +687,19 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
         v.get(v.len() / 2).copied()
     };
     let base_cpu = median_cpu(&reports[0]);
+    // The same three nodes without replication, when that case runs: against it a mode's
+    // ratio shows what replication itself costs, apart from what the topology does.
+    let reference = cases
+        .iter()
+        .position(|(_, count, replication)| *count > 1 && *replication == Replication::Off)
+        .map(|i| {
+            let rates: Vec<f64> = reports[i].iter().map(|r| r.rate).collect();
+            (rates, median_cpu(&reports[i]))
+        });
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     for (((label, count, replication), d), mut rounds) in
         cases.into_iter().zip(&deployments).zip(reports)
     {
@@ -696,9 +711,18 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
             anomalies(|r| r.skipped),
         );
         // The ratio is the median of each round's ratio to the local-only round just before.
-        let mut ratios: Vec<f64> = rounds.iter().zip(&base).map(|(r, b)| r.rate / b).collect();
-        ratios.sort_by(f64::total_cmp);
-        let ratio = ratios[ratios.len() / 2];
+        let ratio = median(rounds.iter().zip(&base).map(|(r, b)| r.rate / b).collect());
+        let own_cost = match &reference {
+            Some((rates, ref_cpu)) if replication != Replication::Off => {
+                let vs = median(rounds.iter().zip(rates).map(|(r, u)| r.rate / u).collect());
+                let cpu = match (median_cpu(&rounds), ref_cpu) {
+                    (Some(c), Some(u)) => format!(" {:+.1}us cpu/req", c - u),
+                    _ => String::new(),
+                };
+                format!(", {vs:.2}x unshared{cpu}")
+            }
+            _ => String::new(),
+        };
         rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
         let r = &rounds[rounds.len() / 2];
         let checks = if count > 1 && replication == Replication::Off && sticky {
@@ -715,7 +739,7 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
             _ => String::new(),
         };
         println!(
-            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us{cpu} [{ratio:.2}x local-only; {checks}; median of {} interleaved rounds of {} requests]",
+            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us{cpu} [{ratio:.2}x local-only{own_cost}; {checks}; median of {} interleaved rounds of {} requests]",
             r.rate,
             r.p50,
             r.p99,
