@@ -216,9 +216,21 @@ impl Cluster {
 
     /// Registers a manager under its context name. Refuses a manager whose settings are
     /// invalid ([`ManagerConfig::validate`](crate::ManagerConfig::validate)) or whose context
-    /// has a manager already.
+    /// has a manager already. Logs a warning when a manager with synchronous replication
+    /// goes on a channel where nothing takes `ASYNCHRONOUS` sends off the caller's thread (no
+    /// `MessageDispatchInterceptor`): the replication layer's ACK waits would then hold the
+    /// request's runtime thread.
     pub fn register(&self, manager: &Arc<DeltaManager>) -> Result<(), SessionError> {
         manager.config().validate(manager.context())?;
+        if manager.config().sync && !self.inner.channel.intercepts(SendOptions::ASYNCHRONOUS) {
+            warn!(
+                target: "ha::cluster",
+                "context {}: synchronous replication on channel {} without a MessageDispatchInterceptor; \
+                 each request will wait for the members' ACKs on its own runtime thread",
+                manager.context(),
+                self.inner.channel.name()
+            );
+        }
         let mut managers = self.inner.managers.write();
         if managers.contains_key(manager.context()) {
             return Err(SessionError::DuplicateContext(

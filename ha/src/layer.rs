@@ -96,7 +96,8 @@ impl ReplicationLayer {
     /// timers (`#[tokio::main]` and `Builder::enable_all` have them). They hold no thread
     /// when the cluster's channel has a `MessageDispatchInterceptor` (as
     /// [`Cluster::with_defaults`](crate::Cluster::with_defaults) builds it); without one,
-    /// sends that wait for ACKs wait on the request's thread.
+    /// sends that wait for ACKs wait on the request's thread (`Cluster::register` warns of
+    /// that for a synchronous manager).
     pub fn new(manager: Arc<DeltaManager>) -> Self {
         Self {
             cfg: Arc::new(Config {

@@ -256,6 +256,31 @@ impl GroupChannel {
         true
     }
 
+    /// Whether an interceptor of this channel acts on messages sent with `options`: one whose
+    /// option flag is not empty and is contained in `options` (Tribes' `okToProcess`). For
+    /// example, without a [`MessageDispatchInterceptor`](crate::interceptors::MessageDispatchInterceptor)
+    /// nothing takes `ASYNCHRONOUS` sends off the caller's thread.
+    ///
+    /// ```
+    /// use tribes::{GroupChannel, SendOptions};
+    /// use tribes::interceptors::StaticMembershipInterceptor;
+    /// // No interceptor given: the builder adds the dispatch interceptor, as Tribes does.
+    /// let plain = GroupChannel::builder().port(0).build()?;
+    /// assert!(plain.intercepts(SendOptions::ASYNCHRONOUS));
+    /// let bare = GroupChannel::builder()
+    ///     .port(0)
+    ///     .interceptor(StaticMembershipInterceptor::new(Vec::new()))
+    ///     .build()?;
+    /// assert!(!bare.intercepts(SendOptions::ASYNCHRONOUS));
+    /// # Ok::<(), tribes::ChannelError>(())
+    /// ```
+    pub fn intercepts(&self, options: SendOptions) -> bool {
+        self.stack.interceptors.iter().any(|ic| {
+            let flag = ic.option_flag();
+            !flag.is_empty() && options.contains(flag)
+        })
+    }
+
     /// Runs one heartbeat now (the heartbeat thread does this every interval).
     pub fn heartbeat(&self) {
         self.stack.down().heartbeat();
