@@ -10,7 +10,8 @@
 //! Beyond Tribes: a message goes to the thread chosen by its destination set, so asynchronous
 //! messages to the same members keep their order; and each thread writes what it has queued
 //! in one batch (one syscall per connection), so small messages are not capped at one
-//! syscall each.
+//! syscall each; a batch that no sender waits on lingers a few yields for messages about to
+//! be queued ([`DispatchConfig::gather_yields`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -51,6 +52,15 @@ pub struct DispatchConfig {
     /// Tribes setting; see
     /// [`ReceiverConfig::idle_yields`](crate::transport::ReceiverConfig::idle_yields)).
     pub idle_yields: u32,
+    /// Times a thread whose queue ran empty while it gathers a batch yields and looks for
+    /// more before writing, when no message of the batch asks for an ACK (nobody waits on
+    /// it). Default 5 (not a Tribes setting): messages that concurrent senders queue
+    /// microseconds apart then share one write per member, which on the receiving side is
+    /// one read and one hand-off. Measured with asynchronous session replication behind a
+    /// sticky balancer (three nodes, 2 cores, seven alternating pairs): 0.89× instead of
+    /// 0.77× of one local-only node on average, node CPU per request +5.7 µs instead of
+    /// +9.6 µs over no replication. 0 writes what is queued at once.
+    pub gather_yields: u32,
 }
 
 impl Default for DispatchConfig {
@@ -63,6 +73,7 @@ impl Default for DispatchConfig {
             batch_bytes: 256 * 1024,
             always_send: false,
             idle_yields: 100,
+            gather_yields: 5,
         }
     }
 }
@@ -196,6 +207,7 @@ impl Interceptor for MessageDispatchInterceptor {
                 batch: self.cfg.batch.max(1),
                 batch_bytes: self.cfg.batch_bytes,
                 idle: Arc::clone(&idle),
+                gather_yields: self.cfg.gather_yields,
             };
             let h = std::thread::Builder::new()
                 .name(format!("tribes-dispatch-{n}"))
@@ -234,6 +246,7 @@ struct DispatchWorker {
     batch: usize,
     batch_bytes: usize,
     idle: Arc<IdleWait>,
+    gather_yields: u32,
 }
 
 impl DispatchWorker {
@@ -242,13 +255,28 @@ impl DispatchWorker {
         while let Ok(first) = self.idle.recv(&self.rx) {
             let mut bytes = first.message.payload.len();
             jobs.push(first);
+            // A batch nobody waits on (no ACK asked) may wait a few yields for messages that
+            // concurrent senders are about to queue: one write then carries several.
+            let wants_ack = |j: &Outgoing| j.message.options.contains(SendOptions::USE_ACK);
+            let mut gather = if wants_ack(&jobs[0]) {
+                0
+            } else {
+                self.gather_yields
+            };
             while jobs.len() < self.batch && bytes < self.batch_bytes {
                 match self.rx.try_recv() {
                     Ok(j) => {
+                        if wants_ack(&j) {
+                            gather = 0;
+                        }
                         bytes += j.message.payload.len();
                         jobs.push(j);
                     }
-                    Err(_) => break,
+                    Err(_) if gather == 0 => break,
+                    Err(_) => {
+                        gather -= 1;
+                        std::thread::yield_now();
+                    }
                 }
             }
             self.send_batch(&mut jobs);
