@@ -10,8 +10,8 @@
 //! Beyond Tribes: a message goes to the thread chosen by its destination set, so asynchronous
 //! messages to the same members keep their order; and each thread writes what it has queued
 //! in one batch (one syscall per connection), so small messages are not capped at one
-//! syscall each; a batch that no sender waits on lingers a few yields for messages about to
-//! be queued ([`DispatchConfig::gather_yields`]).
+//! syscall each; optionally, a batch that no sender waits on lingers a few yields for
+//! messages about to be queued ([`DispatchConfig::gather_yields`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -53,16 +53,16 @@ pub struct DispatchConfig {
     /// [`ReceiverConfig::idle_yields`](crate::transport::ReceiverConfig::idle_yields)).
     pub idle_yields: u32,
     /// Times a thread whose queue ran empty while it gathers a batch yields and looks for
-    /// more before writing, when no message of the batch asks for an ACK (nobody waits on
-    /// it). Default 5 (not a Tribes setting): messages that concurrent senders queue
-    /// microseconds apart then share one write per member, which on the receiving side is
-    /// one read and one hand-off. Measured with asynchronous session replication behind a
-    /// sticky balancer (three nodes, 2 cores, seven alternating pairs): 0.89× instead of
-    /// 0.77× of one local-only node on average, node CPU per request +5.7 µs instead of
-    /// +9.6 µs over no replication. More gathers more, but a yield on a loaded machine can
-    /// last another thread's time slice: 20 lifted that case to 0.86–0.98× and cut
-    /// read-your-writes behind round robin (where the next request waits for the message)
-    /// from 0.41× to 0.31×. 0 writes what is queued at once.
+    /// more before writing, when no message of the batch asks for an ACK. Default 0 (as
+    /// Tribes: what is queued goes out at once). Messages that concurrent senders queue
+    /// microseconds apart then share one write per member, and one read and hand-off on the
+    /// receiver, at the price of a little latency: worth it when nobody waits for these
+    /// messages. Measured with asynchronous session replication (three nodes, 2 cores,
+    /// alternating pairs): behind a sticky balancer 5 gave 0.89× instead of 0.77× of one
+    /// local-only node on average (node CPU per request +5.7 µs instead of +9.6 µs over no
+    /// replication; 20 gave 0.86–0.98×); but read-your-writes behind round robin, where the
+    /// next request waits for the message, fell from 0.44× to 0.40× with 5 and to 0.31× with
+    /// 20. A yield on a loaded machine can last another thread's time slice.
     pub gather_yields: u32,
 }
 
@@ -76,7 +76,7 @@ impl Default for DispatchConfig {
             batch_bytes: 256 * 1024,
             always_send: false,
             idle_yields: 100,
-            gather_yields: 5,
+            gather_yields: 0,
         }
     }
 }
