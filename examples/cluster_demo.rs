@@ -35,7 +35,7 @@ use axum::Router;
 use ha::layer::{ReplicationLayer, Session};
 use ha::{Cluster, DeltaManager, ManagerConfig};
 use tribes::interceptors::{
-    DispatchConfig, MessageDispatchInterceptor, StaticMembershipInterceptor, TcpFailureDetector,
+    MessageDispatchInterceptor, StaticMembershipInterceptor, TcpFailureDetector,
 };
 use tribes::transport::ReceiverConfig;
 use tribes::{GroupChannel, Member, UniqueId};
@@ -208,13 +208,7 @@ fn node_main(args: &[String]) -> Res<()> {
             auto_bind: 1,
             ..ReceiverConfig::default()
         })
-        .interceptor(MessageDispatchInterceptor::new(DispatchConfig {
-            // Plain async replication: nobody waits for a delta, so the dispatch thread may
-            // gather the deltas of concurrent requests into one write per member. Not with
-            // read-your-writes, where the next request may be waiting for it.
-            gather_yields: if sync || read_your_writes { 0 } else { 5 },
-            ..DispatchConfig::default()
-        }))
+        .interceptor(MessageDispatchInterceptor::default())
         .interceptor(TcpFailureDetector::default())
         .interceptor(StaticMembershipInterceptor::new(members))
         .build()?;

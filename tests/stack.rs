@@ -312,3 +312,51 @@ fn a_send_handler_hears_once_how_each_send_ended_async_or_not() {
     }));
     assert_eq!(failures.completed.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn lazy_messages_arrive_in_order_without_the_local_hint() {
+    // Through the dispatch threads (which may gather LAZY messages) and without them.
+    for (opts, via) in [
+        (SendOptions::ASYNCHRONOUS | SendOptions::LAZY, "dispatch"),
+        (SendOptions::USE_ACK | SendOptions::LAZY, "caller's thread"),
+    ] {
+        let g = static_group(2, &GroupOptions::default()).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g2 = Arc::clone(&got);
+        g[1].add_channel_listener(move |m: &ChannelMessage| {
+            g2.lock().push((m.options, m.payload.clone()));
+            Ok(())
+        });
+        let to = [g[1].local_member()];
+        // From four threads at once, so the dispatch thread has concurrent messages to gather.
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let (ch, to) = (&g[0], &to);
+                s.spawn(move || {
+                    for i in 0..200u8 {
+                        ch.send(to, vec![t, i], opts).unwrap();
+                    }
+                });
+            }
+        });
+        assert!(
+            wait_until(Duration::from_secs(10), || got.lock().len() == 800),
+            "{via}: {} of 800 arrived",
+            got.lock().len()
+        );
+        let got = got.lock();
+        assert!(
+            got.iter().all(|(o, _)| !o.contains(SendOptions::LAZY)),
+            "{via}: the local hint went on the wire"
+        );
+        // Each sender's messages in the order it sent them.
+        for t in 0..4u8 {
+            let seq: Vec<u8> = got
+                .iter()
+                .filter(|(_, p)| p[0] == t)
+                .map(|(_, p)| p[1])
+                .collect();
+            assert_eq!(seq, (0..200u8).collect::<Vec<_>>(), "{via}: sender {t}");
+        }
+    }
+}

@@ -284,7 +284,10 @@ where
                 cfg.stats.filtered.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(id) = &delta_of {
-                cfg.manager.complete_request(id, &mut acked);
+                // Without read-your-writes nobody waits for an asynchronous delta: it may
+                // share a write with the deltas of concurrent requests.
+                let lazy = cfg.read_your_writes.is_none();
+                cfg.manager.complete_request(id, &mut acked, lazy);
             }
             if acked.sent() > 0 {
                 let start = Instant::now();

@@ -297,13 +297,25 @@ impl DeltaManager {
     /// outcome `acked` records at once.
     #[cfg(feature = "axum")]
     pub(crate) fn announce(self: &Arc<Self>, event: SessionEvent, acked: &mut Acked) {
+        self.announce_with(event, acked, false);
+    }
+
+    /// [`Self::announce`]; `lazy` marks an asynchronous message that no reader waits for
+    /// ([`SendOptions::LAZY`]: the dispatch thread may gather it with others).
+    #[cfg(feature = "axum")]
+    fn announce_with(self: &Arc<Self>, event: SessionEvent, acked: &mut Acked, lazy: bool) {
         let msg = self.message(event);
         if self.cfg.sync {
             if let Some(cluster) = self.cluster.lock().upgrade() {
                 self.send_acked(&cluster, &msg, None, acked, None);
             }
         } else {
-            acked.done(self.send(&msg, None, self.options()));
+            let options = if lazy {
+                self.options().with(SendOptions::LAZY)
+            } else {
+                self.options()
+            };
+            acked.done(self.send(&msg, None, options));
         }
     }
 
@@ -638,10 +650,17 @@ impl DeltaManager {
 
     /// The end of a request, for async callers: sends the session's delta (or access
     /// notice) like [`DeltaManager::request_completed`], through [`DeltaManager::announce`].
+    /// `lazy`: with asynchronous replication, no reader waits for this change (no
+    /// read-your-writes), so it may travel with the changes of concurrent requests.
     #[cfg(feature = "axum")]
-    pub(crate) fn complete_request(self: &Arc<Self>, id: &SessionId, acked: &mut Acked) {
+    pub(crate) fn complete_request(
+        self: &Arc<Self>,
+        id: &SessionId,
+        acked: &mut Acked,
+        lazy: bool,
+    ) {
         if let Some(event) = self.completion_event(id) {
-            self.announce(event, acked);
+            self.announce_with(event, acked, lazy);
         }
     }
 

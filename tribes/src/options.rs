@@ -37,10 +37,17 @@ impl SendOptions {
     pub const UDP: Self = Self(0x0020);
     /// Send through the membership service's multicast socket (`SEND_OPTIONS_MULTICAST`, 0x0040).
     pub const MULTICAST: Self = Self(0x0040);
+    /// A local hint, never sent: nobody waits for this message to arrive soon, so the
+    /// dispatch interceptor may hold it for a few yields to write it together with messages
+    /// about to be queued ([`DispatchConfig::gather_yields`](crate::interceptors::DispatchConfig::gather_yields)).
+    /// The channel clears it before the envelope is written. Not a Tribes bit; the highest
+    /// bit but one, far from the low "other" bits Tribes' interceptors use.
+    pub const LAZY: Self = Self(0x4000_0000);
     /// Tribes' `SEND_OPTIONS_DEFAULT`: `USE_ACK`.
     pub const DEFAULT: Self = Self::USE_ACK;
 
-    const NAMED: [(&'static str, Self); 7] = [
+    const NAMED: [(&'static str, Self); 8] = [
+        ("lazy", Self::LAZY),
         ("multicast", Self::MULTICAST),
         ("udp", Self::UDP),
         ("secure", Self::SECURE),

@@ -169,7 +169,9 @@ impl Coordinator {
 }
 
 impl Bottom for Coordinator {
-    fn send(&self, out: Outgoing) -> Result<(), SendError> {
+    fn send(&self, mut out: Outgoing) -> Result<(), SendError> {
+        // A local hint for the dispatch interceptor; it does not go on the wire.
+        out.message.options = out.message.options.without(SendOptions::LAZY);
         let opts = out.message.options;
         if opts.contains(SendOptions::UDP) || opts.contains(SendOptions::MULTICAST) {
             warn!(target: "tribes::channel", "UDP/MULTICAST sends are not supported yet; sending over TCP");

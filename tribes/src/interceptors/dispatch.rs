@@ -10,8 +10,8 @@
 //! Beyond Tribes: a message goes to the thread chosen by its destination set, so asynchronous
 //! messages to the same members keep their order; and each thread writes what it has queued
 //! in one batch (one syscall per connection), so small messages are not capped at one
-//! syscall each; optionally, a batch that no sender waits on lingers a few yields for
-//! messages about to be queued ([`DispatchConfig::gather_yields`]).
+//! syscall each; a batch of messages their senders marked [`SendOptions::LAZY`] lingers a
+//! few yields for messages about to be queued ([`DispatchConfig::gather_yields`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -52,17 +52,18 @@ pub struct DispatchConfig {
     /// Tribes setting; see
     /// [`ReceiverConfig::idle_yields`](crate::transport::ReceiverConfig::idle_yields)).
     pub idle_yields: u32,
-    /// Times a thread whose queue ran empty while it gathers a batch yields and looks for
-    /// more before writing, when no message of the batch asks for an ACK. Default 0 (as
-    /// Tribes: what is queued goes out at once). Messages that concurrent senders queue
-    /// microseconds apart then share one write per member, and one read and hand-off on the
-    /// receiver, at the price of a little latency: worth it when nobody waits for these
-    /// messages. Measured with asynchronous session replication (three nodes, 2 cores,
-    /// alternating pairs): behind a sticky balancer 5 gave 0.89× instead of 0.77× of one
-    /// local-only node on average (node CPU per request +5.7 µs instead of +9.6 µs over no
-    /// replication; 20 gave 0.86–0.98×); but read-your-writes behind round robin, where the
-    /// next request waits for the message, fell from 0.44× to 0.40× with 5 and to 0.31× with
-    /// 20. A yield on a loaded machine can last another thread's time slice.
+    /// Times a thread whose queue ran empty while it gathers a batch of
+    /// [`SendOptions::LAZY`] messages yields and looks for more before writing. Default 5
+    /// (not a Tribes setting; only messages their sender marked `LAZY` ever wait). Messages
+    /// that concurrent senders queue microseconds apart then share one write per member,
+    /// and one read and hand-off on the receiver. Measured with asynchronous session
+    /// replication, whose deltas are `LAZY` unless a reader may be waiting for them (three
+    /// nodes, 2 cores, alternating pairs): behind a sticky balancer 5 gave 0.89× instead of
+    /// 0.77× of one local-only node on average (node CPU per request +5.7 µs instead of
+    /// +9.6 µs over no replication); 20 gave 0.86–0.98×, but a yield on a loaded machine can
+    /// last another thread's time slice, which a waiting reader would feel (read-your-writes
+    /// behind round robin fell from 0.44× to 0.40× with 5 and to 0.31× with 20 when its
+    /// deltas gathered too). 0 writes what is queued at once.
     pub gather_yields: u32,
 }
 
@@ -76,7 +77,7 @@ impl Default for DispatchConfig {
             batch_bytes: 256 * 1024,
             always_send: false,
             idle_yields: 100,
-            gather_yields: 0,
+            gather_yields: 5,
         }
     }
 }
@@ -258,18 +259,19 @@ impl DispatchWorker {
         while let Ok(first) = self.idle.recv(&self.rx) {
             let mut bytes = first.message.payload.len();
             jobs.push(first);
-            // A batch nobody waits on (no ACK asked) may wait a few yields for messages that
-            // concurrent senders are about to queue: one write then carries several.
-            let wants_ack = |j: &Outgoing| j.message.options.contains(SendOptions::USE_ACK);
-            let mut gather = if wants_ack(&jobs[0]) {
-                0
-            } else {
+            // A batch of messages nobody waits on (all `LAZY`) may wait a few yields for
+            // messages that concurrent senders are about to queue: one write then carries
+            // several.
+            let lazy = |j: &Outgoing| j.message.options.contains(SendOptions::LAZY);
+            let mut gather = if lazy(&jobs[0]) {
                 self.gather_yields
+            } else {
+                0
             };
             while jobs.len() < self.batch && bytes < self.batch_bytes {
                 match self.rx.try_recv() {
                     Ok(j) => {
-                        if wants_ack(&j) {
+                        if !lazy(&j) {
                             gather = 0;
                         }
                         bytes += j.message.payload.len();
