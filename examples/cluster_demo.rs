@@ -13,7 +13,7 @@
 //!                                           # (and "unshared": three nodes, no replication)
 //! cargo run --release --example cluster_demo -- --bench --sticky   # each session on one node
 //! cargo run --release --example cluster_demo -- --bench --mode async --rounds 20
-//!                                           # local-only and one mode, 20 rounds each
+//!                                           # one mode (with local-only and unshared)
 //! cargo run --release --example cluster_demo -- node --id 0 --http 127.0.0.1:8080 \
 //!     --port 4000 --peers 4001,4002 [--async [--read-your-writes]] [--route]  # one node
 //! ```
@@ -662,10 +662,15 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
             .into());
         }
     }
-    // The ratio needs local-only, so it always runs; `--mode` only skips the others.
+    // The ratios need local-only, and a replicating mode's own cost needs the unshared
+    // reference, so those run too; `--mode` only skips the other modes.
     let cases: Vec<_> = cases
         .into_iter()
-        .filter(|(label, _, _)| only.is_none_or(|m| m == *label || *label == "local-only"))
+        .filter(|(label, _, _)| {
+            only.is_none_or(|m| {
+                m == *label || *label == "local-only" || (*label == "unshared" && m != "local-only")
+            })
+        })
         .collect();
     // Every case's nodes run from the start, and the rounds take turns (local-only, then
     // each mode, round after round), so a slow spell of this shared machine hits every case

@@ -459,3 +459,104 @@ async fn a_logout_holds_everywhere_even_if_its_request_is_dropped() {
         assert!(!ma.contains(&id));
     }
 }
+
+/// Records the options of every message on its way down (below the dispatch interceptor,
+/// above the coordinator that clears the local `LAZY` hint).
+#[derive(Default)]
+struct OptionsSeen(parking_lot::Mutex<Vec<tribes::SendOptions>>);
+
+impl tribes::interceptors::Interceptor for OptionsSeen {
+    fn name(&self) -> &'static str {
+        "options-seen"
+    }
+    fn send(
+        &self,
+        out: tribes::interceptors::Outgoing,
+        next: tribes::interceptors::Down<'_>,
+    ) -> Result<(), tribes::SendError> {
+        self.0.lock().push(out.message.options);
+        next.send(out)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_deltas_nobody_waits_for_are_sent_lazy() {
+    use tribes::SendOptions;
+    let (pa, pb) = (free_port(), free_port());
+    let seen = Arc::new(OptionsSeen::default());
+    let member = |p: u16| {
+        tribes::Member::with_id(
+            std::net::SocketAddr::from(([127, 0, 0, 1], p)),
+            tribes::UniqueId::random(),
+        )
+    };
+    let channel = tribes::GroupChannel::builder()
+        .name("lazy-a")
+        .receiver(tribes::transport::ReceiverConfig {
+            port: pa,
+            auto_bind: 1,
+            ..Default::default()
+        })
+        .heartbeat_interval(None)
+        .interceptor(tribes::interceptors::MessageDispatchInterceptor::default())
+        .interceptor_arc(seen.clone())
+        .interceptor(tribes::interceptors::StaticMembershipInterceptor::new(
+            vec![member(pb)],
+        ))
+        .build()
+        .unwrap();
+    let cluster = ha::Cluster::new(channel);
+    let async_cfg = ha::ManagerConfig {
+        sync: false,
+        ..ha::ManagerConfig::default()
+    };
+    let manager = ha::DeltaManager::new("/app", async_cfg.clone());
+    cluster.register(&manager).unwrap();
+    cluster.start().unwrap();
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], async_cfg).unwrap();
+    assert!(cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
+    manager.start(&cluster);
+    mb.start(&cb);
+    let plain = router(ReplicationLayer::new(Arc::clone(&manager)));
+    let ryw = router(
+        ReplicationLayer::new(Arc::clone(&manager)).read_your_writes(Duration::from_millis(20)),
+    );
+    let lazy_count = || {
+        seen.0
+            .lock()
+            .iter()
+            .filter(|o| o.contains(SendOptions::LAZY))
+            .count()
+    };
+    // The peer holds version `v` of the session: the change was sent (and its options seen).
+    let peer_has = |id: &ha::SessionId, v: u64| {
+        tribes_suite::wait_until(Duration::from_secs(5), || mb.version(id) == Some(v))
+    };
+
+    // A new session: its creation and its first change go out eagerly (another node's
+    // request may be waiting for that first change).
+    let (_, body, set) = get_with(&plain, "/counter", None).await;
+    assert_eq!(body, "1");
+    let cookie = set.expect("a new session sets its cookie");
+    let id = ha::SessionId::new(cookie.trim_start_matches("JSESSIONID=").to_string());
+    assert!(peer_has(&id, 1));
+    assert_eq!(lazy_count(), 0, "{:?}", seen.0.lock());
+
+    // Its next change, without read-your-writes: nobody waits for it.
+    let (_, body, _) = get_with(&plain, "/counter", Some(&cookie)).await;
+    assert_eq!(body, "2");
+    assert!(peer_has(&id, 2));
+    assert_eq!(lazy_count(), 1, "{:?}", seen.0.lock());
+
+    // With read-your-writes the next request may wait for it: eager again.
+    let (_, body, _) = get_with(&ryw, "/counter", Some(&cookie)).await;
+    assert_eq!(body, "3");
+    assert!(peer_has(&id, 3));
+    assert_eq!(lazy_count(), 1, "{:?}", seen.0.lock());
+
+    cluster.stop().unwrap();
+    cb.stop().unwrap();
+}

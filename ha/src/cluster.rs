@@ -222,22 +222,25 @@ impl Cluster {
     /// request's runtime thread.
     pub fn register(&self, manager: &Arc<DeltaManager>) -> Result<(), SessionError> {
         manager.config().validate(manager.context())?;
+        {
+            let mut managers = self.inner.managers.write();
+            if managers.contains_key(manager.context()) {
+                return Err(SessionError::DuplicateContext(
+                    manager.context().to_string(),
+                ));
+            }
+            managers.insert(manager.context().to_string(), Arc::clone(manager));
+        }
         if manager.config().sync && !self.inner.channel.intercepts(SendOptions::ASYNCHRONOUS) {
             warn!(
                 target: "ha::cluster",
                 "context {}: synchronous replication on channel {} without a MessageDispatchInterceptor; \
-                 each request will wait for the members' ACKs on its own runtime thread",
+                 every synchronous send, such as the replication layer's at the end of a request, \
+                 waits for the members' ACKs on the sending thread",
                 manager.context(),
                 self.inner.channel.name()
             );
         }
-        let mut managers = self.inner.managers.write();
-        if managers.contains_key(manager.context()) {
-            return Err(SessionError::DuplicateContext(
-                manager.context().to_string(),
-            ));
-        }
-        managers.insert(manager.context().to_string(), Arc::clone(manager));
         Ok(())
     }
 

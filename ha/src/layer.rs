@@ -284,9 +284,11 @@ where
                 cfg.stats.filtered.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(id) = &delta_of {
-                // Without read-your-writes nobody waits for an asynchronous delta: it may
-                // share a write with the deltas of concurrent requests.
-                let lazy = cfg.read_your_writes.is_none();
+                // Without read-your-writes nobody waits for an asynchronous delta, so it may
+                // share a write with the deltas of concurrent requests; except the first
+                // change of a new (or renamed) session, which another node's request may be
+                // waiting for (`fetch_grace`).
+                let lazy = cfg.read_your_writes.is_none() && !set_cookie;
                 cfg.manager.complete_request(id, &mut acked, lazy);
             }
             if acked.sent() > 0 {

@@ -149,9 +149,10 @@ impl fmt::Display for SendOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut rest = self.0;
         let mut first = true;
-        if rest & !0x7f != 0 {
-            write!(f, "{:#x}", rest & !0x7f)?;
-            rest &= 0x7f;
+        let named = Self::NAMED.iter().fold(0, |m, (_, flag)| m | flag.0);
+        if rest & !named != 0 {
+            write!(f, "{:#x}", rest & !named)?;
+            rest &= named;
             first = false;
         }
         for (name, flag) in Self::NAMED {
@@ -210,6 +211,7 @@ impl FromStr for SendOptions {
                 "secure" => Self::SECURE,
                 "udp" => Self::UDP,
                 "multicast" => Self::MULTICAST,
+                "lazy" => Self::LAZY,
                 _ => {
                     return Err(ParseOptionsError {
                         unknown: part.to_string(),
@@ -263,6 +265,12 @@ mod tests {
             "0x100,asynchronous,byte_message"
         );
         assert_eq!(SendOptions::empty().to_string(), "0");
+        let lazy = SendOptions::LAZY | SendOptions::ASYNCHRONOUS | SendOptions::from_bits(0x100);
+        assert_eq!(lazy.to_string(), "0x100,lazy,asynchronous");
+        assert_eq!(
+            "lazy,asynchronous".parse::<SendOptions>().unwrap(),
+            SendOptions::LAZY | SendOptions::ASYNCHRONOUS
+        );
     }
 
     #[test]

@@ -256,9 +256,11 @@ impl GroupChannel {
         true
     }
 
-    /// Whether an interceptor of this channel acts on messages sent with `options`: one whose
-    /// option flag is not empty and is contained in `options` (Tribes' `okToProcess`). For
-    /// example, without a [`MessageDispatchInterceptor`](crate::interceptors::MessageDispatchInterceptor)
+    /// Whether an interceptor of this channel selects messages sent with `options` by its
+    /// option flag: one whose flag is not empty and is contained in `options`. Interceptors
+    /// with an empty flag, which see every message (Tribes' `okToProcess`), do not count.
+    /// For example, without a
+    /// [`MessageDispatchInterceptor`](crate::interceptors::MessageDispatchInterceptor)
     /// nothing takes `ASYNCHRONOUS` sends off the caller's thread.
     ///
     /// ```
