@@ -231,6 +231,17 @@ pub fn ha_node_with(
     peers: &[u16],
     cfg: ha::ManagerConfig,
 ) -> Result<(ha::Cluster, Arc<ha::DeltaManager>), ChannelError> {
+    ha_node_with_extra(port, peers, cfg, Vec::new())
+}
+
+/// Like [`ha_node_with`], with `extra` interceptors right below the dispatch interceptor
+/// (e.g. one that records what goes down).
+pub fn ha_node_with_extra(
+    port: u16,
+    peers: &[u16],
+    cfg: ha::ManagerConfig,
+    extra: Vec<Arc<dyn Interceptor>>,
+) -> Result<(ha::Cluster, Arc<ha::DeltaManager>), ChannelError> {
     let members: Vec<tribes::Member> = peers
         .iter()
         .map(|p| {
@@ -240,7 +251,7 @@ pub fn ha_node_with(
             )
         })
         .collect();
-    let channel = GroupChannel::builder()
+    let mut builder = GroupChannel::builder()
         .name(format!("ha{port}"))
         .receiver(ReceiverConfig {
             port,
@@ -248,7 +259,11 @@ pub fn ha_node_with(
             ..ReceiverConfig::default()
         })
         .heartbeat_interval(None)
-        .interceptor(MessageDispatchInterceptor::default())
+        .interceptor(MessageDispatchInterceptor::default());
+    for x in extra {
+        builder = builder.interceptor_arc(x);
+    }
+    let channel = builder
         .interceptor(tribes::interceptors::TcpFailureDetector::default())
         .interceptor(StaticMembershipInterceptor::new(members))
         .build()?;

@@ -484,40 +484,16 @@ async fn only_deltas_nobody_waits_for_are_sent_lazy() {
     use tribes::SendOptions;
     let (pa, pb) = (free_port(), free_port());
     let seen = Arc::new(OptionsSeen::default());
-    let member = |p: u16| {
-        tribes::Member::with_id(
-            std::net::SocketAddr::from(([127, 0, 0, 1], p)),
-            tribes::UniqueId::random(),
-        )
-    };
-    let channel = tribes::GroupChannel::builder()
-        .name("lazy-a")
-        .receiver(tribes::transport::ReceiverConfig {
-            port: pa,
-            auto_bind: 1,
-            ..Default::default()
-        })
-        .heartbeat_interval(None)
-        .interceptor(tribes::interceptors::MessageDispatchInterceptor::default())
-        .interceptor_arc(seen.clone())
-        .interceptor(tribes::interceptors::StaticMembershipInterceptor::new(
-            vec![member(pb)],
-        ))
-        .build()
-        .unwrap();
-    let cluster = ha::Cluster::new(channel);
     let async_cfg = ha::ManagerConfig {
         sync: false,
         ..ha::ManagerConfig::default()
     };
-    let manager = ha::DeltaManager::new("/app", async_cfg.clone());
-    cluster.register(&manager).unwrap();
-    cluster.start().unwrap();
+    let (cluster, manager) =
+        tribes_suite::ha_node_with_extra(pa, &[pb], async_cfg.clone(), vec![seen.clone()]).unwrap();
     let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], async_cfg).unwrap();
-    assert!(cluster
-        .channel()
-        .wait_for_members(1, Duration::from_secs(5)));
-    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
+    for c in [&cluster, &cb] {
+        assert!(c.channel().wait_for_members(1, Duration::from_secs(5)));
+    }
     manager.start(&cluster);
     mb.start(&cb);
     let plain = router(ReplicationLayer::new(Arc::clone(&manager)));
