@@ -686,11 +686,12 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
         }
     }
     let base: Vec<f64> = reports[0].iter().map(|r| r.rate).collect();
-    let median_cpu = |rounds: &[Report]| {
-        let mut v: Vec<f64> = rounds.iter().filter_map(|r| r.cpu_us).collect();
+    // The middle value (`None` when there is none).
+    let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied()
     };
+    let median_cpu = |rounds: &[Report]| median(rounds.iter().filter_map(|r| r.cpu_us).collect());
     let base_cpu = median_cpu(&reports[0]);
     // The same three nodes without replication, when that case runs: against it a mode's
     // ratio shows what replication itself costs, apart from what the topology does.
@@ -701,10 +702,6 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
             let rates: Vec<f64> = reports[i].iter().map(|r| r.rate).collect();
             (rates, median_cpu(&reports[i]))
         });
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     for (((label, count, replication), d), mut rounds) in
         cases.into_iter().zip(&deployments).zip(reports)
     {
@@ -716,10 +713,12 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool) -> Res<()> {
             anomalies(|r| r.skipped),
         );
         // The ratio is the median of each round's ratio to the local-only round just before.
-        let ratio = median(rounds.iter().zip(&base).map(|(r, b)| r.rate / b).collect());
+        let ratio =
+            median(rounds.iter().zip(&base).map(|(r, b)| r.rate / b).collect()).unwrap_or_default();
         let own_cost = match &reference {
             Some((rates, ref_cpu)) if replication != Replication::Off => {
-                let vs = median(rounds.iter().zip(rates).map(|(r, u)| r.rate / u).collect());
+                let vs = median(rounds.iter().zip(rates).map(|(r, u)| r.rate / u).collect())
+                    .unwrap_or_default();
                 let cpu = match (median_cpu(&rounds), ref_cpu) {
                     (Some(c), Some(u)) => format!(" {:+.1}us cpu/req", c - u),
                     _ => String::new(),

@@ -256,18 +256,13 @@ struct DispatchWorker {
 impl DispatchWorker {
     fn run(self) {
         let mut jobs = Vec::with_capacity(self.batch);
+        // A batch of messages nobody waits on (all `LAZY`) may wait a few yields for messages
+        // that concurrent senders are about to queue: one write then carries several.
+        let lazy = |j: &Outgoing| j.message.options.contains(SendOptions::LAZY);
         while let Ok(first) = self.idle.recv(&self.rx) {
             let mut bytes = first.message.payload.len();
+            let mut gather = if lazy(&first) { self.gather_yields } else { 0 };
             jobs.push(first);
-            // A batch of messages nobody waits on (all `LAZY`) may wait a few yields for
-            // messages that concurrent senders are about to queue: one write then carries
-            // several.
-            let lazy = |j: &Outgoing| j.message.options.contains(SendOptions::LAZY);
-            let mut gather = if lazy(&jobs[0]) {
-                self.gather_yields
-            } else {
-                0
-            };
             while jobs.len() < self.batch && bytes < self.batch_bytes {
                 match self.rx.try_recv() {
                     Ok(j) => {
