@@ -72,6 +72,11 @@ impl DeltaLog {
         self.actions.is_empty()
     }
 
+    /// The recorded actions, oldest first.
+    pub fn actions(&self) -> &[Action] {
+        &self.actions
+    }
+
     /// Takes the recorded actions, leaving the log empty.
     pub fn take(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.actions)

@@ -235,8 +235,34 @@ impl Session {
     }
 
     /// Applies a replicated delta (without recording it again) and adopts its version.
+    /// Changes a request here made and has not replicated yet stay on top: they are what
+    /// that request answers, and they go out next, after this version (Tribes lets the
+    /// remote value win here while the local one goes out, so the nodes disagree).
     pub(crate) fn apply(&mut self, delta: &Delta) {
-        for a in &delta.actions {
+        self.apply_actions(&delta.actions);
+        self.version = delta.version;
+        self.last_access_ms = self.last_access_ms.max(delta.last_access_ms);
+        self.reapply_pending();
+    }
+
+    /// Takes over `held`'s unreplicated changes: this is a newer full copy replacing `held`
+    /// while a request here is changing it.
+    pub(crate) fn adopt_pending(&mut self, held: &mut Self) {
+        self.delta = std::mem::take(&mut held.delta);
+        self.last_access_ms = self.last_access_ms.max(held.last_access_ms);
+        self.reapply_pending();
+    }
+
+    /// Applies the pending changes again over state that came from elsewhere.
+    fn reapply_pending(&mut self) {
+        let pending = std::mem::take(&mut self.delta);
+        self.apply_actions(pending.actions());
+        self.delta = pending;
+    }
+
+    /// Applies actions to the state without recording them.
+    fn apply_actions(&mut self, actions: &[Action]) {
+        for a in actions {
             match a {
                 Action::SetAttribute { name, value } => {
                     self.attributes.insert(name.clone(), value.clone());
@@ -251,8 +277,6 @@ impl Session {
                 Action::SetNew(n) => self.is_new = *n,
             }
         }
-        self.version = delta.version;
-        self.last_access_ms = self.last_access_ms.max(delta.last_access_ms);
     }
 
     /// A copy made from a first delta, before its CREATED arrived: uses `placeholder_secs`

@@ -283,19 +283,25 @@ impl SessionStore {
     }
 
     /// Keeps a full copy from another node unless the one held is newer, or as new and being
-    /// changed by a request here (the copy would drop that request's changes, which its
-    /// client is about to see); returns whether it was kept.
+    /// changed by a request here (the copy would add nothing). A newer copy taken while a
+    /// request here is changing the session keeps that request's changes on top, still
+    /// pending: its client is about to see them, and they go out after the copy's version.
+    /// Returns whether the copy was kept.
     fn insert_copy(&mut self, incoming: &Session) -> bool {
         if self.is_buried(incoming.id()) {
             debug!(target: "ha::store", "refusing a copy of {}: invalidated or renamed here", incoming.id());
             return false;
         }
-        let newer = self.sessions.get(incoming.id().base()).is_none_or(|s| {
+        let held = self.sessions.get_mut(incoming.id().base());
+        let newer = held.as_ref().is_none_or(|s| {
             incoming.version() > s.version() || (incoming.version() == s.version() && !s.is_dirty())
         });
         if newer {
             let mut copy = incoming.clone();
             copy.set_primary(false);
+            if let Some(held) = held.filter(|s| s.is_dirty()) {
+                copy.adopt_pending(held);
+            }
             self.insert(copy);
         }
         newer
@@ -361,6 +367,7 @@ impl SessionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delta::Action;
 
     fn primary_with_deltas(n: u32) -> (Session, Vec<Delta>) {
         let mut s = Session::new(SessionId::new("s"), 0, 60);
@@ -396,6 +403,66 @@ mod tests {
         fresh.apply(&SessionEvent::Delta(d[0].clone()), 1);
         fresh.apply(&SessionEvent::Delta(d[1].clone()), 2);
         assert_eq!(fresh.apply(&data, 3), Applied::Changed);
+    }
+
+    #[test]
+    fn a_newer_copy_keeps_the_changes_of_a_request_in_progress() {
+        let (primary, d) = primary_with_deltas(3);
+        let mut store = SessionStore::default();
+        let id = SessionId::new("s");
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        // A request here changes the session it holds at v1 ...
+        let held = store.get_mut(&id).unwrap();
+        held.insert("count", &7u32).unwrap();
+        held.insert("mine", "kept").unwrap();
+        // ... when a repair's copy of v3 arrives (changed elsewhere meanwhile).
+        let mut newer = primary.clone();
+        newer.insert("theirs", "also kept").unwrap();
+        let data = SessionEvent::SessionData {
+            session: Box::new(newer),
+        };
+        assert_eq!(store.apply(&data, 2), Applied::Changed);
+        let held = store.get_mut(&id).unwrap();
+        assert_eq!(held.version(), 3, "the newer copy is taken");
+        assert_eq!(
+            held.get::<String>("theirs").unwrap().as_deref(),
+            Some("also kept")
+        );
+        // The request's writes are neither undone here nor forgotten: they go out after v3.
+        assert_eq!(held.get::<u32>("count").unwrap(), Some(7));
+        assert_eq!(held.get::<String>("mine").unwrap().as_deref(), Some("kept"));
+        let delta = held
+            .take_delta()
+            .expect("the request's changes are still pending");
+        assert_eq!(delta.version, 4);
+        let names: Vec<&str> = (delta.actions.iter())
+            .filter_map(|a| match a {
+                Action::SetAttribute { name, .. } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(names, ["count", "mine"]);
+    }
+
+    #[test]
+    fn a_remote_delta_does_not_undo_a_request_in_progress() {
+        let (_, d) = primary_with_deltas(2);
+        let mut store = SessionStore::default();
+        let id = SessionId::new("s");
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        store.get_mut(&id).unwrap().insert("count", &9u32).unwrap();
+        // Another node's change (count = 2) lands while the request runs: the request's
+        // write (count = 9) is what it answers and what goes out next, so the copy here
+        // must hold it too, not the value every other node is about to overwrite.
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[1].clone()), 2),
+            Applied::Changed
+        );
+        let held = store.get_mut(&id).unwrap();
+        assert_eq!(held.get::<u32>("count").unwrap(), Some(9));
+        let delta = held.take_delta().unwrap();
+        assert_eq!(delta.version, 3);
+        assert_eq!(delta.actions.len(), 1);
     }
 
     #[test]
