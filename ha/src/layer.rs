@@ -263,8 +263,11 @@ where
             let mut resp = inner.call(req).await?;
             let (id, set_cookie, clear_cookie, mut acked) = {
                 let mut h = session.inner.lock();
+                // Where the session is now (`current` follows a rename that landed while
+                // the handler ran); gone, it is where the handler left it.
+                let id = h.current().or_else(|| h.id.clone());
                 (
-                    h.id.clone(),
+                    id,
                     h.set_cookie,
                     h.clear_cookie,
                     std::mem::take(&mut h.acked),
@@ -436,6 +439,20 @@ struct Handle {
 }
 
 impl Handle {
+    /// The session's id as held now. A message from another node can move the session to
+    /// another route while this request runs (a rename this node missed); the request
+    /// follows it, and its client gets the new cookie.
+    fn current(&mut self) -> Option<SessionId> {
+        let id = self.id.as_ref()?;
+        if self.manager.contains(id) {
+            return Some(id.clone());
+        }
+        let held = self.manager.held_id(id)?;
+        self.id = Some(held.clone());
+        self.set_cookie = true;
+        Some(held)
+    }
+
     /// Tells the members about a change the handler made here (see [`Acked`]).
     fn announce(&mut self, event: SessionEvent) {
         self.manager.announce(event, &mut self.acked);
@@ -456,19 +473,19 @@ impl Session {
 
     /// Reads an attribute.
     pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, SessionError> {
-        let h = self.inner.lock();
-        let Some(id) = &h.id else {
+        let mut h = self.inner.lock();
+        let Some(id) = h.current() else {
             return Ok(None);
         };
         h.manager
-            .with_session(id, |s| s.get::<T>(name))
+            .with_session(&id, |s| s.get::<T>(name))
             .unwrap_or(Ok(None))
     }
 
     /// Sets an attribute, creating the session (and its cookie) if needed.
     pub fn insert<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<(), SessionError> {
         let mut h = self.inner.lock();
-        if h.id.as_ref().is_none_or(|id| !h.manager.contains(id)) {
+        if h.current().is_none() {
             let (id, created) = h.manager.create_session_unannounced();
             h.announce(created);
             h.id = Some(id);
@@ -482,11 +499,11 @@ impl Session {
 
     /// Removes an attribute.
     pub fn remove(&self, name: &str) -> bool {
-        let h = self.inner.lock();
-        match &h.id {
+        let mut h = self.inner.lock();
+        match h.current() {
             Some(id) => h
                 .manager
-                .with_session(id, |s| s.remove(name))
+                .with_session(&id, |s| s.remove(name))
                 .unwrap_or(false),
             None => false,
         }
@@ -497,7 +514,7 @@ impl Session {
     /// a session.
     pub fn cycle_id(&self) {
         let mut h = self.inner.lock();
-        let Some(old) = h.id.clone() else {
+        let Some(old) = h.current() else {
             return;
         };
         if let Some((new, renamed)) = h.manager.cycle_id_unannounced(&old) {
@@ -511,8 +528,9 @@ impl Session {
     /// cookie (unless the handler starts a new session afterwards).
     pub fn invalidate(&self) {
         let mut h = self.inner.lock();
-        if let Some(id) = h.id.take() {
-            if let Some(expired) = h.manager.invalidate_unannounced(&id) {
+        let current = h.current();
+        if h.id.take().is_some() {
+            if let Some(expired) = current.and_then(|id| h.manager.invalidate_unannounced(&id)) {
                 h.announce(expired);
             }
             h.clear_cookie = true;
@@ -532,5 +550,60 @@ impl<S: Send + Sync> FromRequestParts<S> for Session {
             StatusCode::INTERNAL_SERVER_ERROR,
             "ha::layer::ReplicationLayer is not installed",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cluster, ManagerConfig};
+
+    #[test]
+    fn a_request_follows_its_session_when_a_missed_rename_lands_meanwhile() {
+        // Built, never started: no sockets; the manager only needs it to receive.
+        let cluster = Cluster::new(tribes::GroupChannel::builder().build().unwrap());
+        let manager = DeltaManager::new("/", ManagerConfig::default());
+        cluster.register(&manager).unwrap();
+        let inner = cluster.inner().upgrade().unwrap();
+        let sender = tribes::Member::new(([127, 0, 0, 1], 4000).into());
+        let deliver = |event: SessionEvent| {
+            manager
+                .handle(manager.message(event), &sender, &inner)
+                .unwrap();
+        };
+        // Another node's session, copied here at v1 under its route n1.
+        let old = SessionId::new("s.n1");
+        let mut primary = crate::Session::new(old.clone(), 0, 60);
+        primary.insert("count", &1u32).unwrap();
+        primary.access(1);
+        deliver(SessionEvent::Delta(primary.take_delta().unwrap()));
+
+        // A request for it runs here and reads it ...
+        let session = Session {
+            inner: Arc::new(Mutex::new(Handle {
+                manager: Arc::clone(&manager),
+                id: Some(old.clone()),
+                set_cookie: false,
+                clear_cookie: false,
+                acked: Acked::default(),
+            })),
+        };
+        assert_eq!(session.get::<u32>("count").unwrap(), Some(1));
+        // ... when a change from a node that had moved it to route n3 lands (this node
+        // missed the rename): the copy takes that name.
+        primary.insert("count", &2u32).unwrap();
+        let mut moved = primary.take_delta().unwrap();
+        let new = SessionId::new("s.n3");
+        moved.session_id = new.clone();
+        deliver(SessionEvent::Delta(moved));
+
+        // The request goes on with the same session, now named s.n3, and tells its client.
+        assert_eq!(session.get::<u32>("count").unwrap(), Some(2));
+        session.insert("count", &3u32).unwrap();
+        assert_eq!(session.id(), Some(new.clone()));
+        assert!(session.inner.lock().set_cookie);
+        assert_eq!(manager.len(), 1, "no new session");
+        let held = manager.session(&new).unwrap();
+        assert_eq!(held.get::<u32>("count").unwrap(), Some(3));
     }
 }

@@ -374,6 +374,12 @@ impl DeltaManager {
         self.store.lock().get(id).is_some()
     }
 
+    /// The id a session with this id's base is held under now, if any: a message from
+    /// another node may have moved it to another route.
+    pub(crate) fn held_id(&self, id: &SessionId) -> Option<SessionId> {
+        self.store.lock().find_by_base(id.base())
+    }
+
     /// Whether a session with this id's base is held, under any route.
     pub fn knows(&self, id: &SessionId) -> bool {
         self.store.lock().get_by_base(id.base()).is_some()
@@ -952,7 +958,7 @@ impl DeltaManager {
         }
     }
 
-    fn message(&self, event: SessionEvent) -> SessionMessage {
+    pub(crate) fn message(&self, event: SessionEvent) -> SessionMessage {
         SessionMessage {
             context: self.context.clone(),
             timestamp_ms: crate::now_ms(),

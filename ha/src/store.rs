@@ -150,10 +150,11 @@ impl SessionStore {
 
     /// Finds the session `id` names: under that id, or under the same base id with another
     /// route (a rename this node missed, e.g. from a node that died while replicating it),
-    /// which is then renamed to `id`.
+    /// which is then renamed to `id`; unless a request here is changing it, which keeps the
+    /// name it runs under (its changes go out under that name, and the others follow).
     fn resolve(&mut self, id: &SessionId) -> Option<&mut Session> {
         let s = self.sessions.get_mut(id.base())?;
-        if s.id() != id {
+        if s.id() != id && !s.is_dirty() {
             debug!(target: "ha::store", "{} is {id} elsewhere: renaming the copy", s.id());
             s.rename(id.clone());
         }
@@ -239,8 +240,14 @@ impl SessionStore {
             }
             SessionEvent::Delta(delta) => self.apply_delta(delta, sent_ms),
             SessionEvent::ChangeSessionId { old, new } => {
+                let serving = (self.sessions.get(old.base()))
+                    .is_some_and(|s| s.is_dirty() && old.base() == new.base());
                 if self.get(new).is_some() {
                     Applied::Changed
+                } else if serving {
+                    // Another node moved it to its route while a request here is changing
+                    // it: it keeps this node's name, which its changes go out under next.
+                    Applied::Stale
                 } else {
                     match self.sessions.remove(old.base()) {
                         Some(mut s) => {
@@ -282,24 +289,24 @@ impl SessionStore {
         result
     }
 
-    /// Keeps a full copy from another node unless the one held is newer, or as new and being
-    /// changed by a request here (the copy would add nothing). A newer copy taken while a
+    /// Keeps a full copy from another node unless the one held is newer. A copy of the
+    /// version held is taken too: it is the repair of a copy that missed a delta (the
+    /// version came with a later one; see [`Applied::Behind`]). A copy taken while a
     /// request here is changing the session keeps that request's changes on top, still
-    /// pending: its client is about to see them, and they go out after the copy's version.
-    /// Returns whether the copy was kept.
+    /// pending (its client is about to see them, and they go out after the copy's
+    /// version), and the name the request runs under. Returns whether the copy was kept.
     fn insert_copy(&mut self, incoming: &Session) -> bool {
         if self.is_buried(incoming.id()) {
             debug!(target: "ha::store", "refusing a copy of {}: invalidated or renamed here", incoming.id());
             return false;
         }
         let held = self.sessions.get_mut(incoming.id().base());
-        let newer = held.as_ref().is_none_or(|s| {
-            incoming.version() > s.version() || (incoming.version() == s.version() && !s.is_dirty())
-        });
+        let newer = (held.as_ref()).is_none_or(|s| incoming.version() >= s.version());
         if newer {
             let mut copy = incoming.clone();
             copy.set_primary(false);
             if let Some(held) = held.filter(|s| s.is_dirty()) {
+                copy.rename(held.id().clone());
                 copy.adopt_pending(held);
             }
             self.insert(copy);
@@ -389,11 +396,12 @@ mod tests {
         store.apply(&SessionEvent::Delta(d[1].clone()), 2);
         // A request on this node is changing the session (v2) ...
         store.get_mut(&id).unwrap().insert("count", &3u32).unwrap();
-        // ... when a repair's copy of v2 arrives: the request's change stays.
+        // ... when a repair's copy of v2 arrives: the copy is taken, the request's change
+        // stays on top.
         let data = SessionEvent::SessionData {
             session: Box::new(primary.clone()),
         };
-        assert_eq!(store.apply(&data, 3), Applied::Stale);
+        assert_eq!(store.apply(&data, 3), Applied::Changed);
         let held = store.get_mut(&id).unwrap();
         assert_eq!(held.get::<u32>("count").unwrap(), Some(3));
         assert_eq!(held.take_delta().unwrap().version, 3);
@@ -442,6 +450,90 @@ mod tests {
             })
             .collect();
         assert_eq!(names, ["count", "mine"]);
+    }
+
+    #[test]
+    fn a_repair_copy_is_taken_while_a_request_runs() {
+        // v2 sets an attribute that v3 does not touch; this node misses v2.
+        let id = SessionId::new("s");
+        let mut primary = Session::new(id.clone(), 0, 60);
+        let mut d = Vec::new();
+        for name in ["a1", "a2", "a3"] {
+            primary.insert(name, &1u32).unwrap();
+            d.push(primary.take_delta().unwrap());
+        }
+        let mut store = SessionStore::default();
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[2].clone()), 2),
+            Applied::Behind
+        );
+        // A request here changes it before the repair's copy of v3 lands.
+        store.get_mut(&id).unwrap().insert("mine", &1u32).unwrap();
+        let copy = SessionEvent::SessionData {
+            session: Box::new(primary),
+        };
+        assert_eq!(store.apply(&copy, 3), Applied::Changed);
+        let held = store.get_mut(&id).unwrap();
+        assert_eq!(held.get::<u32>("a2").unwrap(), Some(1), "repaired");
+        assert_eq!(held.get::<u32>("mine").unwrap(), Some(1), "kept");
+        assert_eq!(held.take_delta().unwrap().version, 4);
+    }
+
+    #[test]
+    fn a_request_keeps_its_session_s_name_against_late_messages_under_another_route() {
+        let (primary, d) = primary_with_deltas(3);
+        let old = SessionId::new("s.n1");
+        let mine = SessionId::new("s.n2");
+        let rename = |s: &Session| {
+            let mut s = s.clone();
+            s.rename(old.clone());
+            s
+        };
+        let named = |delta: &Delta| {
+            SessionEvent::Delta(Delta {
+                session_id: old.clone(),
+                ..delta.clone()
+            })
+        };
+        let mut store = SessionStore::default();
+        store.apply(&named(&d[0]), 1);
+        // This node took the session over (its route) and a request is changing it ...
+        store.apply(
+            &SessionEvent::ChangeSessionId {
+                old: old.clone(),
+                new: mine.clone(),
+            },
+            2,
+        );
+        store.get_mut(&mine).unwrap().insert("mine", &1u32).unwrap();
+        // ... when a late delta, a copy and another node's takeover under the old route
+        // arrive: their content is taken, the name stays.
+        assert_eq!(store.apply(&named(&d[1]), 3), Applied::Changed);
+        assert!(store.get(&mine).is_some());
+        let copy = SessionEvent::SessionData {
+            session: Box::new(rename(&primary)),
+        };
+        assert_eq!(store.apply(&copy, 4), Applied::Changed);
+        let takeover = SessionEvent::ChangeSessionId {
+            old: old.clone(),
+            new: SessionId::new("s.n3"),
+        };
+        assert_eq!(store.apply(&takeover, 5), Applied::Stale);
+        let held = store
+            .get_mut(&mine)
+            .expect("still under the request's name");
+        assert_eq!(held.get::<u32>("count").unwrap(), Some(3));
+        assert_eq!(held.take_delta().unwrap().version, 4);
+        // Not being changed, a copy follows a rename it missed, as before.
+        let later = SessionEvent::Delta(Delta {
+            session_id: old.clone(),
+            version: 5,
+            last_access_ms: 9,
+            actions: Vec::new(),
+        });
+        assert_eq!(store.apply(&later, 6), Applied::Changed);
+        assert!(store.get(&old).is_some() && store.get(&mine).is_none());
     }
 
     #[test]
