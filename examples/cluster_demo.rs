@@ -349,12 +349,13 @@ fn node_main(args: &[String]) -> Res<()> {
 fn stats_line(manager: &DeltaManager) -> String {
     let st = manager.stats();
     format!(
-        "sessions={} deltas_sent={} deltas_received={} stale_dropped={} gaps={} repaired={} fetched={} fetch_misses={} version_waits={} version_fetches={} send_errors={}",
+        "sessions={} deltas_sent={} deltas_received={} stale_dropped={} held_back={} forced={} repaired={} fetched={} fetch_misses={} version_waits={} version_fetches={} send_errors={}",
         st.active,
         st.sent.delta,
         st.received.delta,
         st.store.stale,
         st.store.gaps,
+        st.store.forced,
         st.copies_repaired,
         st.sessions_fetched,
         st.fetch_misses,

@@ -376,6 +376,7 @@ impl Config {
         }
         if asked {
             // The members were asked already; asking again would not bring more.
+            manager.settle_acked(&id).await;
             return self.take_over(id, acked);
         }
         // An id this node has not seen, or only its creation (the first change travels
@@ -393,6 +394,8 @@ impl Config {
         }
         // Not seen at all: ask the members before the handler sees no session.
         manager.fetch_acked(&id).await;
+        // Changes held back for a version that has not come: a whole copy first.
+        manager.settle_acked(&id).await;
         self.take_over(id, acked)
     }
 

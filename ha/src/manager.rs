@@ -532,6 +532,25 @@ impl DeltaManager {
             .await
     }
 
+    /// Before a request reads session `id`: if this copy holds back deltas that arrived
+    /// ahead of a version it missed ([`Applied::Early`]), asks the members for a whole copy
+    /// at the newest of them (their sender has one), and if none comes, applies them
+    /// without the missing version (logged, counted as `forced`), rather than serve the
+    /// session without either. Returns at once when nothing is held back, which is every
+    /// request with synchronous replication.
+    #[cfg(feature = "axum")]
+    pub(crate) async fn settle_acked(self: &Arc<Self>, id: &SessionId) {
+        let Some(version) = self.store.lock().held_back(id) else {
+            return;
+        };
+        if !self.fetch_version_acked(id, version).await {
+            let applied = self.store.lock().settle(id);
+            if applied > 0 {
+                warn!(target: "ha::manager", "{}: no member had v{version} of {id}; applied {applied} change(s) without the version(s) before them", self.context);
+            }
+        }
+    }
+
     /// Asks the members one after another (at most three) for their copy of `id` until
     /// `done` holds; returns whether it does. Each question goes out through the dispatch
     /// threads, which wait for its ACK (a member that holds the session sends it before).
@@ -744,11 +763,13 @@ impl DeltaManager {
         old: &SessionId,
         new: SessionId,
     ) -> Option<SessionEvent> {
-        let event = SessionEvent::ChangeSessionId {
+        // This node's own rename: it goes through even while a request here changes the
+        // session (`apply` keeps such a session's name against other nodes' renames).
+        let renamed = self.store.lock().rename(old, &new, crate::now_ms());
+        renamed.then(|| SessionEvent::ChangeSessionId {
             old: old.clone(),
             new,
-        };
-        (self.store.lock().apply(&event, crate::now_ms()) == Applied::Changed).then_some(event)
+        })
     }
 
     /// Route rebinding (Tomcat `JvmRouteBinderValve`): a request for `requested` reached
@@ -899,7 +920,7 @@ impl DeltaManager {
                     _ => None,
                 };
                 if let Some(id) = changed {
-                    if matches!(applied, Applied::Behind | Applied::Unknown) {
+                    if matches!(applied, Applied::Behind | Applied::Early | Applied::Unknown) {
                         self.repair(id, sender, cluster);
                     }
                 }
@@ -1285,6 +1306,40 @@ mod tests {
             1,
             "one wait, polled three times"
         );
+    }
+
+    #[cfg(feature = "axum")]
+    #[test]
+    fn a_reader_gets_held_back_changes_even_when_their_missing_version_never_comes() {
+        // Built, never started: no sockets and no members to ask.
+        let cluster = Cluster::new(tribes::GroupChannel::builder().build().unwrap());
+        let node = DeltaManager::new("/", ManagerConfig::default());
+        cluster.register(&node).unwrap();
+        let inner = cluster.inner().upgrade().unwrap();
+        let sender = Member::new(([127, 0, 0, 1], 4000).into());
+        let id = SessionId::new("s");
+        let mut primary = Session::new(id.clone(), 0, 60);
+        let mut deltas = Vec::new();
+        for name in ["a", "b", "c"] {
+            primary.insert(name, &1u32).unwrap();
+            deltas.push(primary.take_delta().unwrap());
+        }
+        for k in [0, 2] {
+            let msg = node.message(SessionEvent::Delta(deltas[k].clone()));
+            node.handle(msg, &sender, &inner).unwrap();
+        }
+        // v3 waits for v2: a reader now would see v1 only.
+        assert_eq!(node.version(&id), Some(1));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert_eq!(block_on(node.settle_acked(&id), deadline), Some(()));
+        // Nobody had v3 to give: v3 is applied without v2, and counted.
+        assert_eq!(node.version(&id), Some(3));
+        let held = node.session(&id).unwrap();
+        assert_eq!(held.get::<u32>("c").unwrap(), Some(1));
+        assert_eq!(held.get::<u32>("b").unwrap(), None);
+        assert_eq!((node.stats().store.gaps, node.stats().store.forced), (1, 1));
+        // Nothing held back: the next reader goes straight on.
+        assert_eq!(block_on(node.settle_acked(&id), deadline), Some(()));
     }
 
     #[test]

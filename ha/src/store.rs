@@ -1,7 +1,7 @@
 //! The sessions of one context on one node, and how replicated events change them. Pure:
 //! time is a parameter.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use log::{debug, warn};
 
@@ -19,10 +19,16 @@ pub enum Applied {
     Stale,
     /// The event names a session this node does not have; nothing changed.
     Unknown,
-    /// Applied, but the copy is behind the sender's: a delta skipped versions or an access
-    /// notice named a newer version (the sender died part-way through replicating an
-    /// earlier change, say). The caller should fetch the whole session from the sender.
+    /// Applied, but the copy is behind the sender's: an access notice named a newer
+    /// version, or held-back deltas had to be applied without the versions before them.
+    /// The caller should fetch the whole session from the sender.
     Behind,
+    /// A delta arrived ahead of a version this copy has not seen (it travelled on another
+    /// connection, or its sender died part-way through replicating it): held back, not
+    /// applied, until that version or a whole copy arrives (see
+    /// [`SessionStore::held_back`]). The caller should fetch the whole session from the
+    /// sender, in case the missing version never comes.
+    Early,
     /// Not a store event (state-transfer control); nothing changed.
     Ignored,
 }
@@ -34,8 +40,11 @@ pub struct StoreStats {
     pub applied: u64,
     /// Deltas dropped because a newer version was already applied.
     pub stale: u64,
-    /// Deltas that skipped versions (an earlier one was lost); applied anyway.
+    /// Deltas that arrived ahead of a version not seen yet, and were held back.
     pub gaps: u64,
+    /// Held-back deltas applied without the versions before them, because those never
+    /// came ([`SessionStore::settle`], or more than [`MAX_EARLY_DELTAS`] waiting).
+    pub forced: u64,
     /// Events for unknown sessions.
     pub unknown: u64,
     /// Sessions expired by [`SessionStore::expire`].
@@ -67,7 +76,15 @@ pub struct SessionStore {
     /// pruned after [`TOMBSTONE_MS`], at most [`MAX_TOMBSTONES`] (oldest dropped first).
     buried: HashMap<String, i64>,
     burial_order: VecDeque<(String, i64)>,
+    /// Deltas that arrived ahead of a version their copy has not seen, by base id and
+    /// version, applied in order once it comes (or a whole copy does). Bounded per session
+    /// by [`MAX_EARLY_DELTAS`]; dropped with their session.
+    early: HashMap<String, BTreeMap<u64, Delta>>,
 }
+
+/// At most this many deltas wait per session for a version before them; one more and
+/// they are applied without it (the version is not coming).
+pub const MAX_EARLY_DELTAS: usize = 16;
 
 /// How long an invalidated or renamed-away session id stays refused: well past the 3 s
 /// send timeout within which any message about it is delivered or given up.
@@ -101,6 +118,7 @@ impl SessionStore {
             placeholder_secs,
             buried: HashMap::new(),
             burial_order: VecDeque::new(),
+            early: HashMap::new(),
         }
     }
 
@@ -161,6 +179,26 @@ impl SessionStore {
         Some(s)
     }
 
+    /// Renames `old`'s session to `new` (a route change or a new id; then `old` is buried).
+    /// Returns whether the session is held under `new` now.
+    pub fn rename(&mut self, old: &SessionId, new: &SessionId, now_ms: i64) -> bool {
+        if self.get(new).is_some() {
+            return true;
+        }
+        let Some(mut s) = self.sessions.remove(old.base()) else {
+            return false;
+        };
+        s.rename(new.clone());
+        self.insert(s);
+        if old.base() != new.base() {
+            self.bury(old, now_ms);
+            if let Some(early) = self.early.remove(old.base()) {
+                self.early.insert(new.base().to_owned(), early);
+            }
+        }
+        true
+    }
+
     /// Adds or replaces a local session.
     pub fn insert(&mut self, session: Session) {
         self.sessions
@@ -170,6 +208,7 @@ impl SessionStore {
     /// Removes a session.
     pub fn remove(&mut self, id: &SessionId) -> Option<Session> {
         self.get(id)?;
+        self.early.remove(id.base());
         self.sessions.remove(id.base())
     }
 
@@ -215,6 +254,7 @@ impl SessionStore {
             }
             SessionEvent::Expired { id } => {
                 self.bury(id, sent_ms);
+                self.early.remove(id.base());
                 match self.sessions.remove(id.base()) {
                     Some(_) => Applied::Changed,
                     None => Applied::Unknown,
@@ -242,24 +282,14 @@ impl SessionStore {
             SessionEvent::ChangeSessionId { old, new } => {
                 let serving = (self.sessions.get(old.base()))
                     .is_some_and(|s| s.is_dirty() && old.base() == new.base());
-                if self.get(new).is_some() {
-                    Applied::Changed
-                } else if serving {
+                if serving && self.get(new).is_none() {
                     // Another node moved it to its route while a request here is changing
                     // it: it keeps this node's name, which its changes go out under next.
                     Applied::Stale
+                } else if self.rename(old, new, sent_ms) {
+                    Applied::Changed
                 } else {
-                    match self.sessions.remove(old.base()) {
-                        Some(mut s) => {
-                            s.rename(new.clone());
-                            self.insert(s);
-                            if old.base() != new.base() {
-                                self.bury(old, sent_ms);
-                            }
-                            Applied::Changed
-                        }
-                        None => Applied::Unknown,
-                    }
+                    Applied::Unknown
                 }
             }
             SessionEvent::AllSessionData { sessions } => {
@@ -282,6 +312,7 @@ impl SessionStore {
         };
         match result {
             Applied::Changed | Applied::Behind => self.stats.applied += 1,
+            Applied::Early => {}
             Applied::Stale => self.stats.stale += 1,
             Applied::Unknown => self.stats.unknown += 1,
             Applied::Ignored => {}
@@ -309,9 +340,68 @@ impl SessionStore {
                 copy.rename(held.id().clone());
                 copy.adopt_pending(held);
             }
+            let base = copy.id().base().to_owned();
             self.insert(copy);
+            self.apply_early(&base);
         }
         newer
+    }
+
+    /// The newest version of `id`'s session known to exist because a delta for it is held
+    /// back here ([`Applied::Early`]), if any: this copy is behind it, and a reader should
+    /// fetch a whole copy (or [`SessionStore::settle`]) first.
+    pub fn held_back(&self, id: &SessionId) -> Option<u64> {
+        let early = self.early.get(id.base())?;
+        early.last_key_value().map(|(v, _)| *v)
+    }
+
+    /// Applies the deltas held back for `id`'s session without the versions missing before
+    /// them: the last resort when those do not come (their sender died part-way, and no
+    /// member had a whole copy to give). Returns how many were applied.
+    pub fn settle(&mut self, id: &SessionId) -> usize {
+        let Some(early) = self.early.remove(id.base()) else {
+            return 0;
+        };
+        let Some(session) = self.sessions.get_mut(id.base()) else {
+            return 0;
+        };
+        let mut applied = 0;
+        for (version, delta) in early {
+            if version > session.version() {
+                warn!(target: "ha::store", "applying v{version} of {} without v{}", session.id(), session.version() + 1);
+                session.apply(&delta);
+                session.set_primary(false);
+                applied += 1;
+            }
+        }
+        self.stats.forced += applied as u64;
+        applied
+    }
+
+    /// Applies the held-back deltas that now follow the copy's version, in order, and drops
+    /// those it has passed.
+    fn apply_early(&mut self, base: &str) {
+        let Some(early) = self.early.get_mut(base) else {
+            return;
+        };
+        if let Some(session) = self.sessions.get_mut(base) {
+            while let Some(next) = early.first_entry() {
+                let version = *next.key();
+                if version > session.version() + 1 {
+                    break;
+                }
+                let delta = next.remove();
+                if version == session.version() + 1 {
+                    session.apply(&delta);
+                    session.set_primary(false);
+                }
+            }
+        } else {
+            early.clear();
+        }
+        if early.is_empty() {
+            self.early.remove(base);
+        }
     }
 
     fn apply_delta(&mut self, delta: &Delta, sent_ms: i64) -> Applied {
@@ -338,18 +428,34 @@ impl SessionStore {
             debug!(target: "ha::store", "dropping stale delta v{} for {} (at v{})", delta.version, delta.session_id, session.version());
             return Applied::Stale;
         }
-        let gap = delta.version > session.version() + 1;
-        if gap {
-            warn!(target: "ha::store", "delta v{} for {} skips versions after v{}; applying", delta.version, delta.session_id, session.version());
-            self.stats.gaps += 1;
+        if delta.version > session.version() + 1 {
+            let held = session.version();
+            let early = self.early.entry(id.base().to_owned()).or_default();
+            if early.contains_key(&delta.version) {
+                return Applied::Stale;
+            }
+            if early.len() < MAX_EARLY_DELTAS {
+                debug!(target: "ha::store", "holding back delta v{} for {id}: at v{held}", delta.version);
+                early.insert(delta.version, delta.clone());
+                self.stats.gaps += 1;
+                return Applied::Early;
+            }
+            // The versions before them are not coming: apply what is here.
+            self.settle(id);
+            let Some(session) = self.sessions.get_mut(id.base()) else {
+                return Applied::Unknown;
+            };
+            if delta.version > session.version() {
+                session.apply(delta);
+                session.set_primary(false);
+                self.stats.forced += 1;
+            }
+            return Applied::Behind;
         }
         session.apply(delta);
         session.set_primary(false);
-        if gap {
-            Applied::Behind
-        } else {
-            Applied::Changed
-        }
+        self.apply_early(id.base());
+        Applied::Changed
     }
 
     /// Removes sessions expired at `now_ms` (primaries after their interval, copies after
@@ -365,6 +471,7 @@ impl SessionStore {
         });
         for id in &gone {
             self.bury(id, now_ms);
+            self.early.remove(id.base());
         }
         self.stats.expired += gone.len() as u64;
         gone
@@ -466,7 +573,7 @@ mod tests {
         store.apply(&SessionEvent::Delta(d[0].clone()), 1);
         assert_eq!(
             store.apply(&SessionEvent::Delta(d[2].clone()), 2),
-            Applied::Behind
+            Applied::Early
         );
         // A request here changes it before the repair's copy of v3 lands.
         store.get_mut(&id).unwrap().insert("mine", &1u32).unwrap();
@@ -663,16 +770,20 @@ mod tests {
             store.apply(&SessionEvent::Delta(d[0].clone()), 1),
             Applied::Changed
         );
-        // v3 before v2: applied, and reported as behind (v2's changes are missing).
+        // v3 before v2: held back (v2's changes are missing), the copy stays at v1.
         assert_eq!(
             store.apply(&SessionEvent::Delta(d[2].clone()), 3),
-            Applied::Behind
+            Applied::Early
         );
-        // The late v2 and a duplicate v3 must not overwrite v3's state.
+        assert_eq!(store.get(&id).unwrap().version(), 1);
+        assert_eq!(store.held_back(&id), Some(3));
+        // The late v2 brings v3 along; a duplicate v3 must not apply twice.
         assert_eq!(
             store.apply(&SessionEvent::Delta(d[1].clone()), 2),
-            Applied::Stale
+            Applied::Changed
         );
+        assert_eq!(store.get(&id).unwrap().version(), 3);
+        assert_eq!(store.held_back(&id), None);
         assert_eq!(
             store.apply(&SessionEvent::Delta(d[2].clone()), 3),
             Applied::Stale
@@ -690,7 +801,86 @@ mod tests {
             Some(4)
         );
         let st = store.stats();
-        assert_eq!((st.stale, st.gaps, st.applied), (2, 1, 3));
+        assert_eq!((st.stale, st.gaps, st.applied, st.forced), (1, 1, 3, 0));
+    }
+
+    #[test]
+    fn held_back_deltas_wait_for_a_whole_copy_or_are_settled() {
+        let (primary, d) = primary_with_deltas(5);
+        let id = SessionId::new("s");
+        let mut store = SessionStore::default();
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        // v2 never comes; v3 and v5 wait.
+        for k in [2, 4] {
+            assert_eq!(
+                store.apply(&SessionEvent::Delta(d[k].clone()), 2),
+                Applied::Early
+            );
+        }
+        assert_eq!(store.held_back(&id), Some(5));
+        // A whole copy of v3 (the sender's answer to the repair) takes v1's place; v3 is
+        // passed, v5 still waits for v4.
+        let mut at_v3 = Session::new(id.clone(), 0, 60);
+        for delta in &d[..3] {
+            at_v3.apply(delta);
+        }
+        let copy = SessionEvent::SessionData {
+            session: Box::new(at_v3),
+        };
+        assert_eq!(store.apply(&copy, 3), Applied::Changed);
+        assert_eq!(store.get(&id).unwrap().version(), 3);
+        assert_eq!(store.held_back(&id), Some(5));
+        // v4 never comes either: the last resort applies v5 over the gap.
+        assert_eq!(store.settle(&id), 1);
+        assert_eq!(store.get(&id).unwrap().version(), 5);
+        assert_eq!(
+            store.get(&id).unwrap().get::<u32>("count").unwrap(),
+            Some(5)
+        );
+        assert_eq!(store.held_back(&id), None);
+        assert_eq!((store.stats().gaps, store.stats().forced), (2, 1));
+        // A later whole copy of v5 is the same version: taken, nothing held back.
+        let copy = SessionEvent::SessionData {
+            session: Box::new(primary),
+        };
+        assert_eq!(store.apply(&copy, 4), Applied::Changed);
+    }
+
+    #[test]
+    fn held_back_deltas_are_bounded_and_go_with_their_session() {
+        let id = SessionId::new("s");
+        let mut primary = Session::new(id.clone(), 0, 60);
+        let mut d = Vec::new();
+        for n in 0..MAX_EARLY_DELTAS as u32 + 3 {
+            primary.insert("count", &n).unwrap();
+            d.push(primary.take_delta().unwrap());
+        }
+        let mut store = SessionStore::default();
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        // v2 is missing; the next MAX_EARLY_DELTAS wait ...
+        for delta in &d[2..2 + MAX_EARLY_DELTAS] {
+            assert_eq!(
+                store.apply(&SessionEvent::Delta(delta.clone()), 2),
+                Applied::Early
+            );
+        }
+        assert_eq!(store.get(&id).unwrap().version(), 1);
+        // ... and one more applies them all: v2 is not coming.
+        let last = &d[2 + MAX_EARLY_DELTAS];
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(last.clone()), 3),
+            Applied::Behind
+        );
+        assert_eq!(store.get(&id).unwrap().version(), last.version);
+        assert_eq!(store.held_back(&id), None);
+        assert_eq!(store.stats().forced, MAX_EARLY_DELTAS as u64 + 1);
+        // Invalidated with deltas waiting: they go too.
+        let mut later = last.clone();
+        later.version += 2;
+        assert_eq!(store.apply(&SessionEvent::Delta(later), 4), Applied::Early);
+        store.apply(&SessionEvent::Expired { id: id.clone() }, 5);
+        assert_eq!(store.held_back(&id), None);
+        assert!(store.get(&id).is_none());
     }
 
     #[test]
