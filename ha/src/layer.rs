@@ -287,6 +287,10 @@ where
                 cfg.stats.filtered.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(id) = &delta_of {
+                // Changes held back for a version that has not come (another node changed
+                // this session meanwhile): a whole copy first, so this change goes out
+                // above them with them applied. At once when nothing is held back.
+                cfg.manager.settle_acked(id).await;
                 // Without read-your-writes nobody waits for an asynchronous delta, so it may
                 // share a write with the deltas of concurrent requests; except the first
                 // change of a new (or renamed) session, which another node's request may be
@@ -442,18 +446,23 @@ struct Handle {
 }
 
 impl Handle {
-    /// The session's id as held now. A message from another node can move the session to
-    /// another route while this request runs (a rename this node missed); the request
-    /// follows it, and its client gets the new cookie.
+    /// The session's id as held now. A message from another node can move the session
+    /// while this request runs (another route: a rename this node missed; or a new id: a
+    /// login there); the request follows it, and its client gets the new cookie.
     fn current(&mut self) -> Option<SessionId> {
+        self.with(|_| ())?;
+        self.id.clone()
+    }
+
+    /// Runs `f` on the session wherever it is held now (see [`Handle::current`]).
+    fn with<R>(&mut self, f: impl FnOnce(&mut crate::Session) -> R) -> Option<R> {
         let id = self.id.as_ref()?;
-        if self.manager.contains(id) {
-            return Some(id.clone());
+        let (now, r) = self.manager.with_current(id, f)?;
+        if now != *id {
+            self.id = Some(now);
+            self.set_cookie = true;
         }
-        let held = self.manager.held_id(id)?;
-        self.id = Some(held.clone());
-        self.set_cookie = true;
-        Some(held)
+        Some(r)
     }
 
     /// Tells the members about a change the handler made here (see [`Acked`]).
@@ -476,25 +485,22 @@ impl Session {
 
     /// Reads an attribute.
     pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, SessionError> {
-        let mut h = self.inner.lock();
-        let Some(id) = h.current() else {
-            return Ok(None);
-        };
-        h.manager
-            .with_session(&id, |s| s.get::<T>(name))
+        self.inner
+            .lock()
+            .with(|s| s.get::<T>(name))
             .unwrap_or(Ok(None))
     }
 
     /// Sets an attribute, creating the session (and its cookie) if needed.
     pub fn insert<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<(), SessionError> {
         let mut h = self.inner.lock();
-        if h.current().is_none() {
-            let (id, created) = h.manager.create_session_unannounced();
-            h.announce(created);
-            h.id = Some(id);
-            h.set_cookie = true;
+        if let Some(done) = h.with(|s| s.insert(name, value)) {
+            return done;
         }
-        let id = h.id.clone().expect("set above");
+        let (id, created) = h.manager.create_session_unannounced();
+        h.announce(created);
+        h.id = Some(id.clone());
+        h.set_cookie = true;
         h.manager
             .with_session(&id, |s| s.insert(name, value))
             .unwrap_or(Ok(()))
@@ -502,14 +508,7 @@ impl Session {
 
     /// Removes an attribute.
     pub fn remove(&self, name: &str) -> bool {
-        let mut h = self.inner.lock();
-        match h.current() {
-            Some(id) => h
-                .manager
-                .with_session(&id, |s| s.remove(name))
-                .unwrap_or(false),
-            None => false,
-        }
+        self.inner.lock().with(|s| s.remove(name)).unwrap_or(false)
     }
 
     /// Gives the session a new id (here and on every member) and sends the client the new
@@ -560,6 +559,51 @@ impl<S: Send + Sync> FromRequestParts<S> for Session {
 mod tests {
     use super::*;
     use crate::{Cluster, ManagerConfig};
+
+    #[test]
+    fn a_request_follows_its_session_through_a_login_on_another_node() {
+        let cluster = Cluster::new(tribes::GroupChannel::builder().build().unwrap());
+        let manager = DeltaManager::new("/", ManagerConfig::default());
+        cluster.register(&manager).unwrap();
+        let inner = cluster.inner().upgrade().unwrap();
+        let sender = tribes::Member::new(([127, 0, 0, 1], 4000).into());
+        let old = SessionId::new("s");
+        let mut primary = crate::Session::new(old.clone(), 0, 60);
+        primary.insert("user", &1u32).unwrap();
+        let d = primary.take_delta().unwrap();
+        manager
+            .handle(manager.message(SessionEvent::Delta(d)), &sender, &inner)
+            .unwrap();
+        let session = Session {
+            inner: Arc::new(Mutex::new(Handle {
+                manager: Arc::clone(&manager),
+                id: Some(old.clone()),
+                set_cookie: false,
+                clear_cookie: false,
+                acked: Acked::default(),
+            })),
+        };
+        session.insert("cart", &1u32).unwrap();
+        // The client logs in on another node meanwhile: s -> t.
+        let ev = SessionEvent::ChangeSessionId {
+            old: old.clone(),
+            new: SessionId::new("t"),
+        };
+        manager
+            .handle(manager.message(ev), &sender, &inner)
+            .unwrap();
+        session.insert("cart", &2u32).unwrap();
+        assert_eq!(manager.len(), 1, "no second, empty session");
+        let new = SessionId::new("t");
+        assert_eq!(session.id(), Some(new.clone()));
+        assert!(
+            session.inner.lock().set_cookie,
+            "the client learns the new id"
+        );
+        let held = manager.session(&new).unwrap();
+        assert_eq!(held.get::<u32>("cart").unwrap(), Some(2));
+        assert_eq!(held.get::<u32>("user").unwrap(), Some(1));
+    }
 
     #[test]
     fn a_request_follows_its_session_when_a_missed_rename_lands_meanwhile() {

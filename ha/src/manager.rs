@@ -364,6 +364,33 @@ impl DeltaManager {
         Some(f(s))
     }
 
+    /// [`DeltaManager::with_session`] for the session `id` names wherever it is held now
+    /// (another node may have renamed it while a request here runs: another route, or a
+    /// new id at login; see [`SessionStore::follow`]), under one lock. Returns the id it is
+    /// held under, with `f`'s result.
+    #[cfg(feature = "axum")]
+    pub(crate) fn with_current<R>(
+        &self,
+        id: &SessionId,
+        f: impl FnOnce(&mut Session) -> R,
+    ) -> Option<(SessionId, R)> {
+        let mut store = self.store.lock();
+        let now = store.follow(id)?;
+        let s = store.get_mut(&now)?;
+        s.access(crate::now_ms());
+        Some((now, f(s)))
+    }
+
+    /// Wakes the read-your-writes waits (they check their version again).
+    fn wake_version_waiters(&self) {
+        if self.version_waiters.load(Ordering::Acquire) > 0 {
+            let wakers = std::mem::take(&mut *self.version_wakers.lock());
+            for w in wakers.into_values() {
+                w.wake();
+            }
+        }
+    }
+
     /// A copy of the session, if present.
     pub fn session(&self, id: &SessionId) -> Option<Session> {
         self.store.lock().get(id).cloned()
@@ -372,12 +399,6 @@ impl DeltaManager {
     /// Whether the session is held under exactly this id.
     pub fn contains(&self, id: &SessionId) -> bool {
         self.store.lock().get(id).is_some()
-    }
-
-    /// The id a session with this id's base is held under now, if any: a message from
-    /// another node may have moved it to another route.
-    pub(crate) fn held_id(&self, id: &SessionId) -> Option<SessionId> {
-        self.store.lock().find_by_base(id.base())
     }
 
     /// Whether a session with this id's base is held, under any route.
@@ -547,6 +568,7 @@ impl DeltaManager {
             let applied = self.store.lock().settle(id);
             if applied > 0 {
                 warn!(target: "ha::manager", "{}: no member had v{version} of {id}; applied {applied} change(s) without the version(s) before them", self.context);
+                self.wake_version_waiters();
             }
         }
     }
@@ -649,6 +671,14 @@ impl DeltaManager {
     /// nothing. Marks the copy primary.
     fn completion_event(&self, id: &SessionId) -> Option<SessionEvent> {
         let mut store = self.store.lock();
+        store.get(id)?;
+        // This request's change goes out above every version known to exist; changes held
+        // back for a version that has not come go under it, without that version (the
+        // layer asked the members for a whole copy before this, in `settle_acked`).
+        if store.settle(id) > 0 {
+            warn!(target: "ha::manager", "{}: {id} changed here while changes for it waited for a version that has not come; applied them without it", self.context);
+            self.wake_version_waiters();
+        }
         let s = store.get_mut(id)?;
         let was_primary = s.is_primary();
         s.set_primary(true);
@@ -906,11 +936,8 @@ impl DeltaManager {
                     self.counters.held(store.len());
                     applied
                 };
-                if applied == Applied::Changed && self.version_waiters.load(Ordering::Acquire) > 0 {
-                    let wakers = std::mem::take(&mut *self.version_wakers.lock());
-                    for w in wakers.into_values() {
-                        w.wake();
-                    }
+                if matches!(applied, Applied::Changed | Applied::Behind) {
+                    self.wake_version_waiters();
                 }
                 // A change or access notice that finds this copy behind, or missing: the
                 // sender has the session.
@@ -1340,6 +1367,89 @@ mod tests {
         assert_eq!((node.stats().store.gaps, node.stats().store.forced), (1, 1));
         // Nothing held back: the next reader goes straight on.
         assert_eq!(block_on(node.settle_acked(&id), deadline), Some(()));
+    }
+
+    #[test]
+    fn a_local_change_goes_out_above_held_back_versions() {
+        let cluster = Cluster::new(tribes::GroupChannel::builder().build().unwrap());
+        let node = DeltaManager::new("/", ManagerConfig::default());
+        cluster.register(&node).unwrap();
+        let inner = cluster.inner().upgrade().unwrap();
+        let sender = Member::new(([127, 0, 0, 1], 4000).into());
+        let id = SessionId::new("s");
+        let mut primary = Session::new(id.clone(), 0, 60);
+        let mut d = Vec::new();
+        for name in ["a", "b", "c"] {
+            primary.insert(name, &1u32).unwrap();
+            d.push(primary.take_delta().unwrap());
+        }
+        let deliver = |d: &crate::delta::Delta| {
+            node.handle(
+                node.message(SessionEvent::Delta(d.clone())),
+                &sender,
+                &inner,
+            )
+            .unwrap();
+        };
+        deliver(&d[0]);
+        // A request here (already past find_session) writes ...
+        node.with_session(&id, |s| s.insert("mine", &1u32).unwrap());
+        // ... while the other node's v3 arrives ahead of its v2.
+        deliver(&d[2]);
+        // The request ends: its delta must not reuse a version the cluster already has.
+        let Some(SessionEvent::Delta(out)) = node.completion_event(&id) else {
+            panic!("a delta")
+        };
+        // Every member that has the other node's v2 drops this as stale.
+        let mut member = SessionStore::default();
+        for x in &d {
+            member.apply(&SessionEvent::Delta(x.clone()), 1);
+        }
+        assert_eq!(
+            member.apply(&SessionEvent::Delta(out.clone()), 2),
+            Applied::Changed,
+            "local change went out as v{} while v3 is held back here",
+            out.version
+        );
+    }
+
+    #[test]
+    fn version_waiters_are_woken_when_held_back_deltas_go_in_without_their_gap() {
+        let cluster = Cluster::new(tribes::GroupChannel::builder().build().unwrap());
+        let node = DeltaManager::new("/", ManagerConfig::default());
+        cluster.register(&node).unwrap();
+        let inner = cluster.inner().upgrade().unwrap();
+        let sender = Member::new(([127, 0, 0, 1], 4000).into());
+        let id = SessionId::new("s");
+        let mut primary = Session::new(id.clone(), 0, 60);
+        let mut d = Vec::new();
+        for n in 0..crate::store::MAX_EARLY_DELTAS as u32 + 3 {
+            primary.insert("n", &n).unwrap();
+            d.push(primary.take_delta().unwrap());
+        }
+        let deliver = |d: &crate::delta::Delta| {
+            node.handle(
+                node.message(SessionEvent::Delta(d.clone())),
+                &sender,
+                &inner,
+            )
+            .unwrap();
+        };
+        deliver(&d[0]);
+        let last = d.last().unwrap().version;
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(Arc::clone(&flag));
+        let mut cx = Context::from_waker(&waker);
+        let mut wait = std::pin::pin!(node.version_reached(&id, last));
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Pending);
+        for x in &d[2..] {
+            deliver(x); // v2 never comes; the 17th applies them all
+        }
+        assert_eq!(node.version(&id), Some(last));
+        assert!(
+            flag.0.load(Ordering::SeqCst),
+            "the waiter at v{last} was never woken"
+        );
     }
 
     #[test]

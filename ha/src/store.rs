@@ -74,7 +74,7 @@ pub struct SessionStore {
     /// copy, a first delta or a fetch answer for one is refused, so a message still in
     /// flight (or a member that has not heard yet) cannot bring the session back. Bounded:
     /// pruned after [`TOMBSTONE_MS`], at most [`MAX_TOMBSTONES`] (oldest dropped first).
-    buried: HashMap<String, i64>,
+    buried: HashMap<String, Burial>,
     burial_order: VecDeque<(String, i64)>,
     /// Deltas that arrived ahead of a version their copy has not seen, by base id and
     /// version, applied in order once it comes (or a whole copy does). Bounded per session
@@ -89,6 +89,14 @@ pub const MAX_EARLY_DELTAS: usize = 16;
 /// How long an invalidated or renamed-away session id stays refused: well past the 3 s
 /// send timeout within which any message about it is delivered or given up.
 pub const TOMBSTONE_MS: i64 = 30_000;
+/// A recently invalidated or renamed-away session id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Burial {
+    at_ms: i64,
+    /// Renamed away: the id it went to (a request that still names the old one follows).
+    to: Option<SessionId>,
+}
+
 /// At most this many recently buried ids are remembered.
 pub const MAX_TOMBSTONES: usize = 10_000;
 
@@ -125,17 +133,23 @@ impl SessionStore {
     /// Remembers that `id`'s session was invalidated or renamed away at `now_ms` (see
     /// [`SessionStore::is_buried`]); forgets burials older than [`TOMBSTONE_MS`].
     pub fn bury(&mut self, id: &SessionId, now_ms: i64) {
+        self.bury_as(id, None, now_ms);
+    }
+
+    /// [`SessionStore::bury`], remembering where a renamed session went.
+    fn bury_as(&mut self, id: &SessionId, to: Option<SessionId>, now_ms: i64) {
         while let Some((base, at)) = self.burial_order.front() {
             if now_ms - at < TOMBSTONE_MS && self.burial_order.len() < MAX_TOMBSTONES {
                 break;
             }
-            if self.buried.get(base) == Some(at) {
+            if self.buried.get(base).map(|b| b.at_ms) == Some(*at) {
                 self.buried.remove(base);
             }
             self.burial_order.pop_front();
         }
         let base = id.base().to_owned();
-        self.buried.insert(base.clone(), now_ms);
+        let burial = Burial { at_ms: now_ms, to };
+        self.buried.insert(base.clone(), burial);
         self.burial_order.push_back((base, now_ms));
     }
 
@@ -179,10 +193,16 @@ impl SessionStore {
         Some(s)
     }
 
-    /// Renames `old`'s session to `new` (a route change or a new id; then `old` is buried).
-    /// Returns whether the session is held under `new` now.
+    /// Renames `old`'s session to `new` (a route change or a new id; then `old` is buried,
+    /// remembering `new`). Returns whether the session is held under `new` now.
     pub fn rename(&mut self, old: &SessionId, new: &SessionId, now_ms: i64) -> bool {
+        let moved = old.base() != new.base();
         if self.get(new).is_some() {
+            // Fetched under its new id before the rename arrived: the old id goes.
+            if moved && self.sessions.remove(old.base()).is_some() {
+                self.early.remove(old.base());
+                self.bury_as(old, Some(new.clone()), now_ms);
+            }
             return true;
         }
         let Some(mut s) = self.sessions.remove(old.base()) else {
@@ -190,13 +210,26 @@ impl SessionStore {
         };
         s.rename(new.clone());
         self.insert(s);
-        if old.base() != new.base() {
-            self.bury(old, now_ms);
+        if moved {
+            self.bury_as(old, Some(new.clone()), now_ms);
             if let Some(early) = self.early.remove(old.base()) {
                 self.early.insert(new.base().to_owned(), early);
             }
         }
         true
+    }
+
+    /// The id the session `id` names is held under now: `id` itself, the same base id under
+    /// another route, or where a recent rename took it (followed for a few hops).
+    pub fn follow(&self, id: &SessionId) -> Option<SessionId> {
+        let mut base = id.base();
+        for _ in 0..4 {
+            if let Some(s) = self.sessions.get(base) {
+                return Some(s.id().clone());
+            }
+            base = self.buried.get(base)?.to.as_ref()?.base();
+        }
+        None
     }
 
     /// Adds or replaces a local session.
@@ -440,16 +473,9 @@ impl SessionStore {
                 self.stats.gaps += 1;
                 return Applied::Early;
             }
-            // The versions before them are not coming: apply what is here.
+            // The versions before them are not coming: apply what is here, in order.
+            early.insert(delta.version, delta.clone());
             self.settle(id);
-            let Some(session) = self.sessions.get_mut(id.base()) else {
-                return Applied::Unknown;
-            };
-            if delta.version > session.version() {
-                session.apply(delta);
-                session.set_primary(false);
-                self.stats.forced += 1;
-            }
             return Applied::Behind;
         }
         session.apply(delta);
@@ -881,6 +907,67 @@ mod tests {
         store.apply(&SessionEvent::Expired { id: id.clone() }, 5);
         assert_eq!(store.held_back(&id), None);
         assert!(store.get(&id).is_none());
+    }
+
+    #[test]
+    fn an_overflowing_delta_older_than_the_held_back_ones_is_applied_in_order() {
+        let id = SessionId::new("s");
+        let mut primary = Session::new(id.clone(), 0, 60);
+        let mut d = Vec::new();
+        for n in 0..MAX_EARLY_DELTAS as u32 + 3 {
+            // v3 is the only change to "x"
+            let name = if n == 2 {
+                "x".to_string()
+            } else {
+                format!("a{n}")
+            };
+            primary.insert(&name, &n).unwrap();
+            d.push(primary.take_delta().unwrap());
+        }
+        let mut store = SessionStore::default();
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        // v2 missing; v4..v19 wait (16) ...
+        for delta in &d[3..] {
+            assert_eq!(
+                store.apply(&SessionEvent::Delta(delta.clone()), 2),
+                Applied::Early
+            );
+        }
+        // ... then v3 arrives: it overflows the bound, but is older than all of them.
+        store.apply(&SessionEvent::Delta(d[2].clone()), 3);
+        let held = store.get(&id).unwrap();
+        assert_eq!(held.version(), d.last().unwrap().version);
+        assert_eq!(held.get::<u32>("x").unwrap(), Some(2), "v3 was dropped");
+    }
+
+    #[test]
+    fn a_rename_onto_a_fetched_copy_does_not_leave_the_old_id_alive() {
+        let (_, d) = primary_with_deltas(2);
+        let mut store = SessionStore::default();
+        let old = SessionId::new("s");
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        // The renamed session was fetched under its new id before the rename arrived.
+        let mut fetched = Session::new(SessionId::new("t"), 0, 60);
+        fetched.set_primary(false);
+        store.apply(
+            &SessionEvent::SessionData {
+                session: Box::new(fetched),
+            },
+            2,
+        );
+        let ev = SessionEvent::ChangeSessionId {
+            old: old.clone(),
+            new: SessionId::new("t"),
+        };
+        store.apply(&ev, 3);
+        assert!(
+            store.get(&old).is_none(),
+            "the pre-rename id still serves a session"
+        );
+        assert!(store.is_buried(&old));
+        assert_eq!(store.len(), 1);
+        // A request still naming the old id finds where it went.
+        assert_eq!(store.follow(&old), Some(SessionId::new("t")));
     }
 
     #[test]
