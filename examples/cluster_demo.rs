@@ -1114,11 +1114,21 @@ impl Deployment {
             .sum()
     }
 
-    /// The nodes' summed `/stats` when they replicate.
+    /// The nodes' summed `/stats` when they replicate, once they stop changing: right after
+    /// a load, asynchronous changes are still on their way (up to 2 s).
     fn stats(&self) -> Option<String> {
         (self.replication.is_ha() && self.replication.shares()).then(|| {
             let addrs: Vec<SocketAddr> = self.nodes.iter().map(|n| n.http).collect();
-            cluster_stats(&addrs)
+            let mut last = cluster_stats(&addrs);
+            for _ in 0..40 {
+                std::thread::sleep(Duration::from_millis(50));
+                let now = cluster_stats(&addrs);
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
+            last
         })
     }
 }
