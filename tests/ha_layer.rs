@@ -536,3 +536,140 @@ async fn only_deltas_nobody_waits_for_are_sent_lazy() {
     cluster.stop().unwrap();
     cb.stop().unwrap();
 }
+
+/// Drops, once `on` is set, every message to the member on `port` (a connection to it that
+/// lost what was written, as when a node dies part-way through replicating a change).
+struct CutTo {
+    port: u16,
+    on: std::sync::atomic::AtomicBool,
+}
+
+impl tribes::interceptors::Interceptor for CutTo {
+    fn name(&self) -> &'static str {
+        "cut-to"
+    }
+    fn send(
+        &self,
+        mut out: tribes::interceptors::Outgoing,
+        next: tribes::interceptors::Down<'_>,
+    ) -> Result<(), tribes::SendError> {
+        if self.on.load(std::sync::atomic::Ordering::SeqCst) {
+            out.destinations.retain(|m| m.addr().port() != self.port);
+        }
+        next.send(out)
+    }
+}
+
+/// Holds up, once `on` is set, every message to the member on `port` for `by` (a slow
+/// path to it).
+struct SlowTo {
+    port: u16,
+    by: Duration,
+    on: std::sync::atomic::AtomicBool,
+}
+
+impl tribes::interceptors::Interceptor for SlowTo {
+    fn name(&self) -> &'static str {
+        "slow-to"
+    }
+    fn send(
+        &self,
+        out: tribes::interceptors::Outgoing,
+        next: tribes::interceptors::Down<'_>,
+    ) -> Result<(), tribes::SendError> {
+        let to_it = out
+            .destinations
+            .iter()
+            .any(|m| m.addr().port() == self.port);
+        if to_it && self.on.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(self.by);
+        }
+        next.send(out)
+    }
+}
+
+async fn set_attribute(session: Session, axum::extract::Path(name): axum::extract::Path<String>) {
+    session.insert(&name, &1u32).unwrap();
+}
+
+async fn attributes(session: Session) -> String {
+    ["a", "b", "c"]
+        .iter()
+        .map(|n| format!("{n}={}", session.get::<u32>(n).unwrap().unwrap_or(0)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Read-your-writes with a change that never reached one node: that node gets the next
+/// change first (ahead of the one it missed), and its request for a whole copy is slow. It
+/// must not serve the session as if it had both: the client that made them sees every
+/// attribute it set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_sees_every_change_when_one_never_reached_the_node() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let cfg = ha::ManagerConfig {
+        sync: false,
+        ..ha::ManagerConfig::default()
+    };
+    let cut = Arc::new(CutTo {
+        port: pc,
+        on: AtomicBool::new(false),
+    });
+    let slow = Arc::new(SlowTo {
+        port: pb,
+        by: Duration::from_millis(300),
+        on: AtomicBool::new(false),
+    });
+    let (ca, ma) =
+        tribes_suite::ha_node_with_extra(pa, &[pb, pc], cfg.clone(), vec![cut.clone()]).unwrap();
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa, pc], cfg.clone()).unwrap();
+    let (cc, mc) =
+        tribes_suite::ha_node_with_extra(pc, &[pa, pb], cfg, vec![slow.clone()]).unwrap();
+    for c in [&ca, &cb, &cc] {
+        assert!(c.channel().wait_for_members(2, Duration::from_secs(5)));
+    }
+    for (m, c) in [(&ma, &ca), (&mb, &cb), (&mc, &cc)] {
+        m.start(c);
+    }
+    let app = |m: &Arc<ha::DeltaManager>| {
+        Router::new()
+            .route("/set/{name}", get(set_attribute))
+            .route("/get", get(attributes))
+            .layer(
+                ReplicationLayer::new(Arc::clone(m)).read_your_writes(Duration::from_millis(200)),
+            )
+    };
+    let (a, b, c) = (app(&ma), app(&mb), app(&mc));
+    let mut jar = Vec::new();
+    get_jar(&a, "/set/a", &mut jar).await;
+    let id = jar
+        .iter()
+        .find(|(k, _)| k == "JSESSIONID")
+        .map(|(_, v)| ha::SessionId::new(v.clone()))
+        .expect("session cookie");
+    assert!(tribes_suite::wait_until(Duration::from_secs(5), || mc
+        .version(&id)
+        == Some(1)));
+
+    // v2 (b) reaches B but not C; v3 (c), made on B, reaches C ahead of the v2 it missed,
+    // and C's request to B for the whole session takes a while.
+    cut.on.store(true, Ordering::SeqCst);
+    slow.on.store(true, Ordering::SeqCst);
+    get_jar(&a, "/set/b", &mut jar).await;
+    assert!(tribes_suite::wait_until(Duration::from_secs(5), || mb
+        .version(&id)
+        == Some(2)));
+    get_jar(&b, "/set/c", &mut jar).await;
+    assert!(tribes_suite::wait_until(Duration::from_secs(5), || {
+        mc.version(&id) == Some(3) || mc.stats().store.gaps > 0
+    }));
+
+    // The client's next request goes to C: it sees all three.
+    assert_eq!(get_jar(&c, "/get", &mut jar).await, "a=1 b=1 c=1");
+    assert_eq!(mc.version(&id), Some(3));
+    assert_eq!(mc.stats().store.forced, 0, "nothing applied over the gap");
+    for cl in [ca, cb, cc] {
+        cl.stop().unwrap();
+    }
+}
