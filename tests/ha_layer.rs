@@ -542,6 +542,8 @@ async fn only_deltas_nobody_waits_for_are_sent_lazy() {
 struct CutTo {
     port: u16,
     on: std::sync::atomic::AtomicBool,
+    /// Messages that went to nobody for it.
+    dropped: std::sync::atomic::AtomicUsize,
 }
 
 impl tribes::interceptors::Interceptor for CutTo {
@@ -555,6 +557,12 @@ impl tribes::interceptors::Interceptor for CutTo {
     ) -> Result<(), tribes::SendError> {
         if self.on.load(std::sync::atomic::Ordering::SeqCst) {
             out.destinations.retain(|m| m.addr().port() != self.port);
+            if out.destinations.is_empty() {
+                // Gone without a word: its handler never hears.
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Ok(());
+            }
         }
         next.send(out)
     }
@@ -615,6 +623,7 @@ async fn read_your_writes_sees_every_change_when_one_never_reached_the_node() {
     let cut = Arc::new(CutTo {
         port: pc,
         on: AtomicBool::new(false),
+        dropped: Default::default(),
     });
     let slow = Arc::new(SlowTo {
         port: pb,
@@ -672,4 +681,49 @@ async fn read_your_writes_sees_every_change_when_one_never_reached_the_node() {
     for cl in [ca, cb, cc] {
         cl.stop().unwrap();
     }
+}
+
+/// A question to the members whose message an interceptor drops without a word (its
+/// handler never hears) ends after the layer's limit: the request is answered without the
+/// answer instead of waiting forever. (Time is paused: tokio moves it on
+/// whenever the runtime has nothing else to do.)
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_question_dropped_on_its_way_down_does_not_hang_the_request() {
+    use std::sync::atomic::AtomicBool;
+    let (pa, pb) = (free_port(), free_port());
+    let cfg = ha::ManagerConfig {
+        sync: false,
+        ..ha::ManagerConfig::default()
+    };
+    let cut = Arc::new(CutTo {
+        port: pb,
+        on: AtomicBool::new(false),
+        dropped: Default::default(),
+    });
+    let (ca, ma) =
+        tribes_suite::ha_node_with_extra(pa, &[pb], cfg.clone(), vec![cut.clone()]).unwrap();
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
+    for c in [&ca, &cb] {
+        assert!(c.channel().wait_for_members(1, Duration::from_secs(5)));
+    }
+    ma.start(&ca);
+    mb.start(&cb);
+    cut.on.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A session only B has; A's question to B about it is dropped.
+    let id = mb.create_session();
+    let (a, _) = app(Arc::clone(&ma));
+    let cookie = format!("JSESSIONID={}", id.as_str());
+    let answered = tokio::time::timeout(
+        Duration::from_secs(600),
+        get_with(&a, "/counter", Some(&cookie)),
+    )
+    .await;
+    let (status, body, _) = answered.expect("the request was answered");
+    // A asked B (for the session, or for its first change if B's creation had arrived);
+    // the question went nowhere, and the request went on without its answer.
+    assert!(cut.dropped.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "1");
+    ca.stop().unwrap();
+    cb.stop().unwrap();
 }

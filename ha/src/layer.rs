@@ -290,7 +290,7 @@ where
                 // Changes held back for a version that has not come (another node changed
                 // this session meanwhile): a whole copy first, so this change goes out
                 // above them with them applied. At once when nothing is held back.
-                cfg.manager.settle_acked(id).await;
+                bounded(cfg.manager.settle_acked(id)).await;
                 // Without read-your-writes nobody waits for an asynchronous delta, so it may
                 // share a write with the deltas of concurrent requests; except the first
                 // change of a new (or renamed) session, which another node's request may be
@@ -372,7 +372,10 @@ impl Config {
                     .unwrap_or(false);
                 if !arrived {
                     asked = true;
-                    if !manager.fetch_version_acked(&id, seen).await {
+                    if !bounded(manager.fetch_version_acked(&id, seen))
+                        .await
+                        .unwrap_or(false)
+                    {
                         warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{seen}, which its client saw");
                     }
                 }
@@ -380,7 +383,7 @@ impl Config {
         }
         if asked {
             // The members were asked already; asking again would not bring more.
-            manager.settle_acked(&id).await;
+            bounded(manager.settle_acked(&id)).await;
             return self.take_over(id, acked);
         }
         // An id this node has not seen, or only its creation (the first change travels
@@ -393,13 +396,13 @@ impl Config {
                 .await
                 .unwrap_or(false);
             if !arrived && manager.knows(&id) {
-                manager.fetch_version_acked(&id, 1).await;
+                bounded(manager.fetch_version_acked(&id, 1)).await;
             }
         }
         // Not seen at all: ask the members before the handler sees no session.
-        manager.fetch_acked(&id).await;
+        bounded(manager.fetch_acked(&id)).await;
         // Changes held back for a version that has not come: a whole copy first.
-        manager.settle_acked(&id).await;
+        bounded(manager.settle_acked(&id)).await;
         self.take_over(id, acked)
     }
 
@@ -419,6 +422,18 @@ impl Config {
             None => (None, false),
         }
     }
+}
+
+/// Waits for a question to the members at most [`ACK_WAIT_LIMIT`]. It ends when their ACKs
+/// are in or the send times out (3 s), unless a message is dropped on its way down the
+/// stack without a word (its handler never hears); the request then goes on without the
+/// answer rather than wait forever.
+async fn bounded<F: Future>(question: F) -> Option<F::Output> {
+    let answer = tokio::time::timeout(ACK_WAIT_LIMIT, question).await.ok();
+    if answer.is_none() {
+        warn!(target: "ha::layer", "no answer from the members after {ACK_WAIT_LIMIT:?} (a message dropped on its way down?); going on without it");
+    }
+    answer
 }
 
 fn cookie<B>(req: &Request<B>, name: &str) -> Option<String> {
