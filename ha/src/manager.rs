@@ -865,7 +865,10 @@ impl DeltaManager {
     /// Stops the manager: with `expire_sessions_on_shutdown` this node's primary sessions are
     /// expired cluster-wide, otherwise only dropped locally (the copies live on).
     pub fn stop(&self) {
-        let sessions = std::mem::take(&mut *self.store.lock()).snapshot();
+        // A fresh store like the first one (its placeholder interval is this manager's);
+        // the burials go with the old one, as the node leaves the cluster.
+        let fresh = SessionStore::new(self.cfg.max_inactive_secs);
+        let sessions = std::mem::replace(&mut *self.store.lock(), fresh).snapshot();
         if self.cfg.expire_sessions_on_shutdown {
             for s in sessions.iter().filter(|s| s.is_primary()) {
                 let _ = self.send(

@@ -206,6 +206,10 @@ impl SessionStore {
             return true;
         }
         let Some(mut s) = self.sessions.remove(old.base()) else {
+            if moved {
+                // Not held here (yet): its late creation or first change is refused.
+                self.bury_as(old, Some(new.clone()), now_ms);
+            }
             return false;
         };
         s.rename(new.clone());
@@ -275,6 +279,14 @@ impl SessionStore {
     /// Reference: `DeltaManager.messageReceived` and its `handle*` methods.
     pub fn apply(&mut self, event: &SessionEvent, sent_ms: i64) -> Applied {
         let result = match event {
+            SessionEvent::Created {
+                id,
+                max_inactive_secs,
+            } if self.is_buried(id) => {
+                // Overtaken by its invalidation (another connection): no ghost.
+                debug!(target: "ha::store", "refusing the creation of {id}: invalidated or renamed here");
+                Applied::Stale
+            }
             SessionEvent::Created {
                 id,
                 max_inactive_secs,
@@ -441,6 +453,15 @@ impl SessionStore {
         let id = &delta.session_id;
         if self.resolve(id).is_none() {
             if self.is_buried(id) {
+                // Sent under the old id before a new one was given (login elsewhere): it
+                // belongs to the session under its new id.
+                if let Some(now) = self.follow(id).filter(|now| now.base() != id.base()) {
+                    let moved = Delta {
+                        session_id: now,
+                        ..delta.clone()
+                    };
+                    return self.apply_delta(&moved, sent_ms);
+                }
                 debug!(target: "ha::store", "dropping a delta of {id}: invalidated or renamed here");
                 return Applied::Stale;
             }
@@ -968,6 +989,51 @@ mod tests {
         assert_eq!(store.len(), 1);
         // A request still naming the old id finds where it went.
         assert_eq!(store.follow(&old), Some(SessionId::new("t")));
+    }
+
+    #[test]
+    fn a_creation_overtaken_by_its_invalidation_does_not_bring_a_ghost_back() {
+        let id = SessionId::new("s");
+        let mut store = SessionStore::default();
+        // CREATED and EXPIRED travel on different connections; EXPIRED lands first.
+        store.apply(&SessionEvent::Expired { id: id.clone() }, 2);
+        let created = SessionEvent::Created {
+            id: id.clone(),
+            max_inactive_secs: 60,
+        };
+        assert_eq!(store.apply(&created, 1), Applied::Stale);
+        assert!(store.get(&id).is_none());
+    }
+
+    #[test]
+    fn a_delta_sent_under_the_old_id_before_a_new_one_was_given_is_kept() {
+        let (_, d) = primary_with_deltas(2);
+        let mut store = SessionStore::default();
+        store.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        // A node logs the user in (s -> t) while another node's v2 under s is in flight.
+        let t = SessionId::new("t");
+        let login = SessionEvent::ChangeSessionId {
+            old: SessionId::new("s"),
+            new: t.clone(),
+        };
+        store.apply(&login, 2);
+        assert_eq!(
+            store.apply(&SessionEvent::Delta(d[1].clone()), 3),
+            Applied::Changed
+        );
+        let held = store.get(&t).unwrap();
+        assert_eq!(
+            (held.version(), held.get::<u32>("count").unwrap()),
+            (2, Some(2))
+        );
+        // Told of the rename before holding the session: its late first change is refused.
+        let mut other = SessionStore::default();
+        assert_eq!(other.apply(&login, 2), Applied::Unknown);
+        assert_eq!(
+            other.apply(&SessionEvent::Delta(d[0].clone()), 3),
+            Applied::Stale
+        );
+        assert!(other.is_empty());
     }
 
     #[test]
