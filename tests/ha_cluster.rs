@@ -191,6 +191,47 @@ fn two_nodes_starting_together_both_end_with_every_session() {
     }
 }
 
+/// Two nodes joining at the same moment next to a node that holds sessions. With static
+/// members a joiner may ask the other joiner first (members are listed in the order they
+/// were heard, not oldest first); that one is still receiving its own state and says so,
+/// and the asker goes on to the node that has the sessions. Both end with all of them.
+#[test]
+fn two_nodes_joining_together_both_get_the_sessions_of_the_node_already_up() {
+    let (pa, px, py) = (free_port(), free_port(), free_port());
+    let a = node(pa, &[px, py]);
+    assert!(a.manager.start(&a.cluster));
+    let ids: Vec<SessionId> = (0..5)
+        .map(|_| {
+            let id = a.manager.create_session();
+            bump(&a, &id);
+            id
+        })
+        .collect();
+    // Each joiner lists the other one first.
+    let x = node(px, &[py, pa]);
+    let y = node(py, &[px, pa]);
+    for n in [&x, &y] {
+        assert!(n
+            .cluster
+            .channel()
+            .wait_for_members(2, Duration::from_secs(5)));
+    }
+    std::thread::scope(|s| {
+        let hx = s.spawn(|| x.manager.start(&x.cluster));
+        let hy = s.spawn(|| y.manager.start(&y.cluster));
+        assert!(hx.join().unwrap());
+        assert!(hy.join().unwrap());
+    });
+    for n in [&x, &y] {
+        for id in &ids {
+            assert_eq!(counter(n, id), Some(1), "a joiner is missing {id}");
+        }
+    }
+    for n in [a, x, y] {
+        n.cluster.stop().unwrap();
+    }
+}
+
 #[test]
 fn route_rebinding_moves_the_session_to_the_surviving_node() {
     let (pa, pb) = (free_port(), free_port());

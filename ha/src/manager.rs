@@ -186,9 +186,11 @@ impl DeltaManager {
         &self.cfg
     }
 
-    /// Pulls the state from the oldest member (bounded by the transfer timeout), then
-    /// replays what arrived meanwhile. Returns false when no member answered in time (the
-    /// manager still starts, as in Tribes).
+    /// Pulls the state from a member (the oldest first; bounded by the transfer timeout),
+    /// then replays what arrived meanwhile. A member that is itself still receiving its
+    /// state says so, and the next one is asked; if every member asked was starting too,
+    /// nobody has sessions yet and the transfer is complete. Returns false when no member
+    /// answered in time (the manager still starts, as in Tribes).
     pub fn start(&self, cluster: &Cluster) -> bool {
         *self.cluster.lock() = cluster.inner();
         let channel = cluster.channel();
@@ -201,25 +203,42 @@ impl DeltaManager {
         }
         let now = crate::now_ms();
         let started = Instant::now();
+        let deadline = started + self.cfg.state_transfer_timeout;
         *self.transfer.lock() = Some(StateTransfer::new(
             now,
             self.cfg.state_transfer_timeout.as_millis() as i64,
             self.cfg.max_transfer_queue,
         ));
         let request = self.message(SessionEvent::GetAllSessions);
-        let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
-        let asked = candidates.iter().find(|m| {
-            self.send(&request, Some(m), sync)
-                .inspect_err(|e| warn!(target: "ha::manager", "state request to {m} failed: {e}"))
-                .is_ok()
-        });
-        let complete = asked.is_some() && self.wait_for_state(self.cfg.state_transfer_timeout);
-        if let Some(m) = asked {
-            if complete {
-                info!(target: "ha::manager", "{}: state received from {m}", self.context);
-            } else {
-                warn!(target: "ha::manager", "{}: no session state from {m} within {:?}", self.context, self.cfg.state_transfer_timeout);
+        // Acknowledged on receipt: the donor sends its state from its handler, which can
+        // take longer than the send timeout; the transfer's own timeout bounds the wait.
+        let ack = SendOptions::USE_ACK;
+        let (mut donor, mut complete, mut starting) = (None, false, 0);
+        for m in &candidates {
+            if let Err(e) = self.send(&request, Some(m), ack) {
+                warn!(target: "ha::manager", "state request to {m} failed: {e}");
+                continue;
             }
+            match self.wait_for_state(deadline) {
+                StateWait::Complete => {
+                    info!(target: "ha::manager", "{}: state received from {m}", self.context);
+                    (donor, complete) = (Some(m), true);
+                    break;
+                }
+                StateWait::NotReady => {
+                    info!(target: "ha::manager", "{}: {m} is starting too; asking the next member", self.context);
+                    starting += 1;
+                }
+                StateWait::TimedOut => {
+                    warn!(target: "ha::manager", "{}: no session state from {m} within {:?}", self.context, self.cfg.state_transfer_timeout);
+                    donor = Some(m);
+                    break;
+                }
+            }
+        }
+        if donor.is_none() && starting == candidates.len() {
+            info!(target: "ha::manager", "{}: every member is starting too; no state to receive", self.context);
+            complete = true;
         }
         let replay = self
             .transfer
@@ -229,7 +248,7 @@ impl DeltaManager {
                 let replay = t.finish();
                 self.counters
                     .transfer_dropped
-                    .fetch_add(t.dropped() + t.stale(), Ordering::Relaxed);
+                    .fetch_add(t.dropped(), Ordering::Relaxed);
                 replay
             })
             .unwrap_or_default();
@@ -239,25 +258,50 @@ impl DeltaManager {
         if !complete {
             c.state_transfers_failed.fetch_add(1, Ordering::Relaxed);
         }
-        let mut store = self.store.lock();
-        for m in replay {
-            store.apply(&m.event, m.timestamp_ms);
+        // Everything that arrived meanwhile, in order: versions drop what the state already
+        // holds, burials keep invalidated sessions out.
+        let mut behind = Vec::new();
+        {
+            let mut store = self.store.lock();
+            for m in &replay {
+                let applied = store.apply(&m.event, m.timestamp_ms);
+                behind.extend(needs_repair(&m.event, &applied).cloned());
+            }
+            c.held(store.len());
         }
-        c.held(store.len());
+        self.wake_version_waiters();
+        let inner = self.cluster.lock().upgrade();
+        if let (Some(donor), Some(inner)) = (donor, inner) {
+            for id in behind {
+                self.repair(&id, donor, &inner);
+            }
+        }
         complete
     }
 
-    fn wait_for_state(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+    fn wait_for_state(&self, deadline: Instant) -> StateWait {
         let mut t = self.transfer.lock();
         loop {
-            match t.as_ref() {
-                Some(tr) if tr.is_complete() => return true,
-                None => return true,
-                Some(_) => {}
+            let outcome = match t.as_mut() {
+                None => Some(StateWait::Complete),
+                Some(tr) if tr.is_complete() => Some(StateWait::Complete),
+                Some(tr) => tr.take_not_ready().then_some(StateWait::NotReady),
+            };
+            if let Some(outcome) = outcome {
+                return outcome;
             }
             if self.transfer_done.wait_until(&mut t, deadline).timed_out() {
-                return t.as_ref().is_some_and(StateTransfer::is_complete);
+                return match t.as_mut() {
+                    None => StateWait::Complete,
+                    Some(tr) if tr.is_complete() => StateWait::Complete,
+                    Some(tr) => {
+                        if tr.take_not_ready() {
+                            StateWait::NotReady
+                        } else {
+                            StateWait::TimedOut
+                        }
+                    }
+                };
             }
         }
     }
@@ -914,6 +958,13 @@ impl DeltaManager {
             }
         };
         match &msg.event {
+            SessionEvent::GetAllSessions if self.transfer.lock().is_some() => {
+                // Starting too: whatever is here is not the cluster's state yet.
+                let reply = self.message(SessionEvent::StateNotReady);
+                if let Err(e) = self.send_via(cluster, &reply, Some(sender), self.options()) {
+                    warn!(target: "ha::manager", "{}: cannot tell {sender} this node is starting: {e}", self.context);
+                }
+            }
             SessionEvent::GetAllSessions => self.send_state(sender, cluster),
             SessionEvent::GetSession { id } => {
                 let copy = self.store.lock().get_by_base(id.base()).cloned();
@@ -929,7 +980,9 @@ impl DeltaManager {
                     }
                 }
             }
-            SessionEvent::TransferComplete { .. } | SessionEvent::NoContextManager => {
+            SessionEvent::TransferComplete { .. }
+            | SessionEvent::NoContextManager
+            | SessionEvent::StateNotReady => {
                 self.transfer_done.notify_all();
             }
             event => {
@@ -944,15 +997,8 @@ impl DeltaManager {
                 }
                 // A change or access notice that finds this copy behind, or missing: the
                 // sender has the session.
-                let changed = match event {
-                    SessionEvent::Delta(d) => Some(&d.session_id),
-                    SessionEvent::Accessed { id, .. } => Some(id),
-                    _ => None,
-                };
-                if let Some(id) = changed {
-                    if matches!(applied, Applied::Behind | Applied::Early | Applied::Unknown) {
-                        self.repair(id, sender, cluster);
-                    }
+                if let Some(id) = needs_repair(event, &applied) {
+                    self.repair(id, sender, cluster);
                 }
             }
         }
@@ -1050,6 +1096,25 @@ impl DeltaManager {
             }
         }
     }
+}
+
+/// How a wait for a state transfer ended.
+enum StateWait {
+    Complete,
+    /// The member asked is itself starting.
+    NotReady,
+    TimedOut,
+}
+
+/// The session whose copy here an applied change or access notice found behind (or
+/// missing): its sender has the whole session.
+fn needs_repair<'a>(event: &'a SessionEvent, applied: &Applied) -> Option<&'a SessionId> {
+    let id = match event {
+        SessionEvent::Delta(d) => &d.session_id,
+        SessionEvent::Accessed { id, .. } => id,
+        _ => return None,
+    };
+    matches!(applied, Applied::Behind | Applied::Early | Applied::Unknown).then_some(id)
 }
 
 /// Outcome of sends made with [`DeltaManager::send_acked`] (a request's, through

@@ -69,6 +69,9 @@ pub enum SessionEvent {
         /// The session.
         session: Box<Session>,
     },
+    /// Not in Tomcat: the answer to [`SessionEvent::GetAllSessions`] from a node that is
+    /// itself still receiving its state (it started at the same time): ask another member.
+    StateNotReady,
 }
 
 impl SessionEvent {
@@ -87,6 +90,7 @@ impl SessionEvent {
             // Outside Tomcat's numbering.
             Self::GetSession { .. } => 101,
             Self::SessionData { .. } => 102,
+            Self::StateNotReady => 103,
         }
     }
 }
@@ -168,6 +172,7 @@ mod tests {
             SessionEvent::SessionData {
                 session: Box::new(Session::new(SessionId::new("b"), 5, 60)),
             },
+            SessionEvent::StateNotReady,
         ];
         for event in events {
             let m = SessionMessage {

@@ -33,6 +33,9 @@ pub struct EventCounts {
     pub get_session: u64,
     /// Full sessions sent in answer (not in Tomcat).
     pub session_data: u64,
+    /// State requests answered "not ready": the node was still receiving its own (not in
+    /// Tomcat).
+    pub state_not_ready: u64,
 }
 
 impl EventCounts {
@@ -49,6 +52,7 @@ impl EventCounts {
             + self.no_context_manager
             + self.get_session
             + self.session_data
+            + self.state_not_ready
     }
 }
 
@@ -107,7 +111,7 @@ pub struct ManagerStats {
     pub store: StoreStats,
 }
 
-const KINDS: usize = 11;
+const KINDS: usize = 12;
 
 pub(crate) fn kind(event: &SessionEvent) -> usize {
     match event {
@@ -122,6 +126,7 @@ pub(crate) fn kind(event: &SessionEvent) -> usize {
         SessionEvent::NoContextManager => 8,
         SessionEvent::GetSession { .. } => 9,
         SessionEvent::SessionData { .. } => 10,
+        SessionEvent::StateNotReady => 11,
     }
 }
 
@@ -177,6 +182,7 @@ impl Counters {
             no_context_manager: load(&c[8]),
             get_session: load(&c[9]),
             session_data: load(&c[10]),
+            state_not_ready: load(&c[11]),
         };
         ManagerStats {
             sent: counts(&self.sent),
@@ -237,6 +243,7 @@ mod tests {
             SessionEvent::SessionData {
                 session: Box::new(crate::session::Session::new(id.clone(), 0, 60)),
             },
+            SessionEvent::StateNotReady,
         ];
         for (i, e) in events.iter().enumerate() {
             for _ in 0..=i {
@@ -258,10 +265,11 @@ mod tests {
                 sent.change_session_id,
                 sent.no_context_manager,
                 sent.get_session,
-                sent.session_data
+                sent.session_data,
+                sent.state_not_ready
             ],
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
         );
-        assert_eq!(s.received.total(), 11);
+        assert_eq!(s.received.total(), 12);
     }
 }

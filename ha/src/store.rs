@@ -353,7 +353,8 @@ impl SessionStore {
             SessionEvent::GetSession { .. }
             | SessionEvent::GetAllSessions
             | SessionEvent::TransferComplete { .. }
-            | SessionEvent::NoContextManager => Applied::Ignored,
+            | SessionEvent::NoContextManager
+            | SessionEvent::StateNotReady => Applied::Ignored,
         };
         match result {
             Applied::Changed | Applied::Behind => self.stats.applied += 1,
