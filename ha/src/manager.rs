@@ -318,7 +318,9 @@ impl DeltaManager {
     /// Creates a session here only; returns its id and the event that tells the members.
     pub(crate) fn create_session_unannounced(&self) -> (SessionId, SessionEvent) {
         let id = self.new_id();
-        let s = Session::new(id.clone(), crate::now_ms(), self.cfg.max_inactive_secs);
+        let now = crate::now_ms();
+        let mut s = Session::new(id.clone(), now, self.cfg.max_inactive_secs);
+        s.mark_replicated(now); // its CREATED goes out with it
         {
             let mut store = self.store.lock();
             store.insert(s);
@@ -736,15 +738,19 @@ impl DeltaManager {
             }
             d
         });
-        match delta {
-            Some(d) => Some(SessionEvent::Delta(d)),
-            None if !was_primary => Some(SessionEvent::Accessed {
+        let now = crate::now_ms();
+        let event = match delta {
+            Some(d) => SessionEvent::Delta(d),
+            // Taken over here, or only read for half its interval: the copies hear of it.
+            None if !was_primary || s.access_due(now) => SessionEvent::Accessed {
                 id: id.clone(),
                 at_ms: s.last_access_ms(),
                 version: s.version(),
-            }),
-            None => None,
-        }
+            },
+            None => return None,
+        };
+        s.mark_replicated(now);
+        Some(event)
     }
 
     /// The end of a request, for async callers: sends the session's delta (or access
@@ -1518,6 +1524,41 @@ mod tests {
             flag.0.load(Ordering::SeqCst),
             "the waiter at v{last} was never woken"
         );
+    }
+
+    #[test]
+    fn a_session_only_read_here_keeps_its_copies_alive() {
+        let node = DeltaManager::new(
+            "/",
+            ManagerConfig {
+                max_inactive_secs: 60,
+                ..ManagerConfig::default()
+            },
+        );
+        let now = crate::now_ms();
+        let id = SessionId::new("s");
+        // Written once 130 s ago (replicated then), then only read on this node (a sticky
+        // balancer), every few seconds: the user is active.
+        let mut s = Session::new(id.clone(), now - 130_000, 60);
+        s.insert("user", &1u32).unwrap();
+        s.access(now - 130_000);
+        let first = s.take_delta().unwrap();
+        s.mark_replicated(now - 130_000);
+        node.store.lock().insert(s);
+        let mut member = SessionStore::new(60);
+        member.apply(&SessionEvent::Delta(first), now - 130_000);
+        node.with_session(&id, |s| s.get::<u32>("user").unwrap());
+        let told = node.completion_event(&id).expect("an access notice");
+        assert!(matches!(told, SessionEvent::Accessed { .. }));
+        member.apply(&told, now);
+        // The member's copy would have gone after 2 x 60 s without news.
+        assert!(
+            member.expire(now).is_empty(),
+            "a copy of a live session expired"
+        );
+        // The next read, just after, tells nobody again.
+        node.with_session(&id, |s| s.get::<u32>("user").unwrap());
+        assert_eq!(node.completion_event(&id), None);
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub struct Session {
     /// placeholder until CREATED brings the real one.
     #[serde(skip)]
     interval_pending: bool,
+    /// When this node last told the members about the session (ms; 0: never). Local only.
+    #[serde(skip)]
+    replicated_ms: i64,
 }
 
 impl Session {
@@ -100,6 +103,7 @@ impl Session {
             primary: true,
             delta: DeltaLog::default(),
             interval_pending: false,
+            replicated_ms: 0,
         }
     }
 
@@ -307,6 +311,20 @@ impl Session {
     /// Refreshes the last access time from a replicated ACCESSED.
     pub(crate) fn touch(&mut self, at_ms: i64) {
         self.last_access_ms = self.last_access_ms.max(at_ms);
+    }
+
+    /// Records that the members were told about the session at `now_ms`.
+    pub(crate) fn mark_replicated(&mut self, now_ms: i64) {
+        self.replicated_ms = now_ms;
+    }
+
+    /// Whether a primary that was only read should tell the members it is in use: nothing
+    /// went out for half its interval, so their copies (which expire after twice the
+    /// interval without news) would otherwise drop a session in use here. Tomcat's
+    /// `DeltaSession.isAccessReplicate` does this after a whole interval.
+    pub(crate) fn access_due(&self, now_ms: i64) -> bool {
+        self.max_inactive_secs > 0
+            && now_ms - self.replicated_ms >= self.max_inactive_secs.saturating_mul(500)
     }
 
     /// Whether the session has expired at `now_ms`: a primary after its max inactive
