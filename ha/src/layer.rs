@@ -573,40 +573,36 @@ impl<S: Send + Sync> FromRequestParts<S> for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Cluster, ManagerConfig};
+    use crate::testing::{deltas_setting, Receiving};
+    use crate::ManagerConfig;
 
-    #[test]
-    fn a_request_follows_its_session_through_a_login_on_another_node() {
-        let cluster = Cluster::new(tribes::GroupChannel::builder().build().unwrap());
-        let manager = DeltaManager::new("/", ManagerConfig::default());
-        cluster.register(&manager).unwrap();
-        let inner = cluster.inner().upgrade().unwrap();
-        let sender = tribes::Member::new(([127, 0, 0, 1], 4000).into());
-        let old = SessionId::new("s");
-        let mut primary = crate::Session::new(old.clone(), 0, 60);
-        primary.insert("user", &1u32).unwrap();
-        let d = primary.take_delta().unwrap();
-        manager
-            .handle(manager.message(SessionEvent::Delta(d)), &sender, &inner)
-            .unwrap();
-        let session = Session {
+    /// The `Session` a handler gets for a request naming `id`.
+    fn request_for(manager: &Arc<DeltaManager>, id: &SessionId) -> Session {
+        Session {
             inner: Arc::new(Mutex::new(Handle {
-                manager: Arc::clone(&manager),
-                id: Some(old.clone()),
+                manager: Arc::clone(manager),
+                id: Some(id.clone()),
                 set_cookie: false,
                 clear_cookie: false,
                 acked: Acked::default(),
             })),
-        };
+        }
+    }
+
+    #[test]
+    fn a_request_follows_its_session_through_a_login_on_another_node() {
+        let rx = Receiving::new(ManagerConfig::default());
+        let manager = &rx.manager;
+        let old = SessionId::new("s");
+        let (_, d) = deltas_setting(&old, &["user"]);
+        rx.deliver(SessionEvent::Delta(d[0].clone()));
+        let session = request_for(manager, &old);
         session.insert("cart", &1u32).unwrap();
         // The client logs in on another node meanwhile: s -> t.
-        let ev = SessionEvent::ChangeSessionId {
+        rx.deliver(SessionEvent::ChangeSessionId {
             old: old.clone(),
             new: SessionId::new("t"),
-        };
-        manager
-            .handle(manager.message(ev), &sender, &inner)
-            .unwrap();
+        });
         session.insert("cart", &2u32).unwrap();
         assert_eq!(manager.len(), 1, "no second, empty session");
         let new = SessionId::new("t");
@@ -622,34 +618,17 @@ mod tests {
 
     #[test]
     fn a_request_follows_its_session_when_a_missed_rename_lands_meanwhile() {
-        // Built, never started: no sockets; the manager only needs it to receive.
-        let cluster = Cluster::new(tribes::GroupChannel::builder().build().unwrap());
-        let manager = DeltaManager::new("/", ManagerConfig::default());
-        cluster.register(&manager).unwrap();
-        let inner = cluster.inner().upgrade().unwrap();
-        let sender = tribes::Member::new(([127, 0, 0, 1], 4000).into());
-        let deliver = |event: SessionEvent| {
-            manager
-                .handle(manager.message(event), &sender, &inner)
-                .unwrap();
-        };
+        let rx = Receiving::new(ManagerConfig::default());
+        let manager = &rx.manager;
         // Another node's session, copied here at v1 under its route n1.
         let old = SessionId::new("s.n1");
         let mut primary = crate::Session::new(old.clone(), 0, 60);
         primary.insert("count", &1u32).unwrap();
         primary.access(1);
-        deliver(SessionEvent::Delta(primary.take_delta().unwrap()));
+        rx.deliver(SessionEvent::Delta(primary.take_delta().unwrap()));
 
         // A request for it runs here and reads it ...
-        let session = Session {
-            inner: Arc::new(Mutex::new(Handle {
-                manager: Arc::clone(&manager),
-                id: Some(old.clone()),
-                set_cookie: false,
-                clear_cookie: false,
-                acked: Acked::default(),
-            })),
-        };
+        let session = request_for(manager, &old);
         assert_eq!(session.get::<u32>("count").unwrap(), Some(1));
         // ... when a change from a node that had moved it to route n3 lands (this node
         // missed the rename): the copy takes that name.
@@ -657,7 +636,7 @@ mod tests {
         let mut moved = primary.take_delta().unwrap();
         let new = SessionId::new("s.n3");
         moved.session_id = new.clone();
-        deliver(SessionEvent::Delta(moved));
+        rx.deliver(SessionEvent::Delta(moved));
 
         // The request goes on with the same session, now named s.n3, and tells its client.
         assert_eq!(session.get::<u32>("count").unwrap(), Some(2));

@@ -34,6 +34,8 @@ pub mod message;
 pub mod session;
 pub mod stats;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod transfer;
 
 pub use cluster::{Cluster, ClusterListener, ClusterMessage};

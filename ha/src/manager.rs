@@ -1356,6 +1356,7 @@ mod tests {
     use std::task::Wake;
 
     use super::*;
+    use crate::testing::{deltas_setting, Receiving};
 
     struct Flag(AtomicBool);
 
@@ -1367,26 +1368,12 @@ mod tests {
 
     #[test]
     fn a_version_wait_is_woken_by_the_change_that_brings_the_version() {
-        // Built, never started: no sockets; the manager only needs it to receive.
-        let channel = tribes::GroupChannel::builder().build().unwrap();
-        let cluster = Cluster::new(channel);
-        let node = DeltaManager::new("/", ManagerConfig::default());
-        cluster.register(&node).unwrap();
-        let inner = cluster.inner().upgrade().unwrap();
-        let sender = Member::new(([127, 0, 0, 1], 4000).into());
-
+        let rx = Receiving::new(ManagerConfig::default());
+        let node = &rx.manager;
         // The primary, elsewhere: v1 and v2 of a session.
         let id = SessionId::new("s");
-        let mut primary = Session::new(id.clone(), 0, 60);
-        let mut deltas = Vec::new();
-        for n in 1..=2u32 {
-            primary.insert("n", &n).unwrap();
-            deltas.push(primary.take_delta().unwrap());
-        }
-        let deliver = |d: &crate::delta::Delta| {
-            let msg = node.message(SessionEvent::Delta(d.clone()));
-            node.handle(msg, &sender, &inner).unwrap();
-        };
+        let (_, deltas) = deltas_setting(&id, &["a", "b"]);
+        let deliver = |d: &crate::delta::Delta| rx.deliver(SessionEvent::Delta(d.clone()));
 
         let flag = Arc::new(Flag(AtomicBool::new(false)));
         let waker = Waker::from(Arc::clone(&flag));
@@ -1412,22 +1399,13 @@ mod tests {
     #[cfg(feature = "axum")]
     #[test]
     fn a_reader_gets_held_back_changes_even_when_their_missing_version_never_comes() {
-        // Built, never started: no sockets and no members to ask.
-        let cluster = Cluster::new(tribes::GroupChannel::builder().build().unwrap());
-        let node = DeltaManager::new("/", ManagerConfig::default());
-        cluster.register(&node).unwrap();
-        let inner = cluster.inner().upgrade().unwrap();
-        let sender = Member::new(([127, 0, 0, 1], 4000).into());
+        // No members to ask.
+        let rx = Receiving::new(ManagerConfig::default());
+        let node = &rx.manager;
         let id = SessionId::new("s");
-        let mut primary = Session::new(id.clone(), 0, 60);
-        let mut deltas = Vec::new();
-        for name in ["a", "b", "c"] {
-            primary.insert(name, &1u32).unwrap();
-            deltas.push(primary.take_delta().unwrap());
-        }
+        let (_, deltas) = deltas_setting(&id, &["a", "b", "c"]);
         for k in [0, 2] {
-            let msg = node.message(SessionEvent::Delta(deltas[k].clone()));
-            node.handle(msg, &sender, &inner).unwrap();
+            rx.deliver(SessionEvent::Delta(deltas[k].clone()));
         }
         // v3 waits for v2: a reader now would see v1 only.
         assert_eq!(node.version(&id), Some(1));
@@ -1445,26 +1423,11 @@ mod tests {
 
     #[test]
     fn a_local_change_goes_out_above_held_back_versions() {
-        let cluster = Cluster::new(tribes::GroupChannel::builder().build().unwrap());
-        let node = DeltaManager::new("/", ManagerConfig::default());
-        cluster.register(&node).unwrap();
-        let inner = cluster.inner().upgrade().unwrap();
-        let sender = Member::new(([127, 0, 0, 1], 4000).into());
+        let rx = Receiving::new(ManagerConfig::default());
+        let node = &rx.manager;
         let id = SessionId::new("s");
-        let mut primary = Session::new(id.clone(), 0, 60);
-        let mut d = Vec::new();
-        for name in ["a", "b", "c"] {
-            primary.insert(name, &1u32).unwrap();
-            d.push(primary.take_delta().unwrap());
-        }
-        let deliver = |d: &crate::delta::Delta| {
-            node.handle(
-                node.message(SessionEvent::Delta(d.clone())),
-                &sender,
-                &inner,
-            )
-            .unwrap();
-        };
+        let (_, d) = deltas_setting(&id, &["a", "b", "c"]);
+        let deliver = |d: &crate::delta::Delta| rx.deliver(SessionEvent::Delta(d.clone()));
         deliver(&d[0]);
         // A request here (already past find_session) writes ...
         node.with_session(&id, |s| s.insert("mine", &1u32).unwrap());
@@ -1489,26 +1452,15 @@ mod tests {
 
     #[test]
     fn version_waiters_are_woken_when_held_back_deltas_go_in_without_their_gap() {
-        let cluster = Cluster::new(tribes::GroupChannel::builder().build().unwrap());
-        let node = DeltaManager::new("/", ManagerConfig::default());
-        cluster.register(&node).unwrap();
-        let inner = cluster.inner().upgrade().unwrap();
-        let sender = Member::new(([127, 0, 0, 1], 4000).into());
+        let rx = Receiving::new(ManagerConfig::default());
+        let node = &rx.manager;
         let id = SessionId::new("s");
-        let mut primary = Session::new(id.clone(), 0, 60);
-        let mut d = Vec::new();
-        for n in 0..crate::store::MAX_EARLY_DELTAS as u32 + 3 {
-            primary.insert("n", &n).unwrap();
-            d.push(primary.take_delta().unwrap());
-        }
-        let deliver = |d: &crate::delta::Delta| {
-            node.handle(
-                node.message(SessionEvent::Delta(d.clone())),
-                &sender,
-                &inner,
-            )
-            .unwrap();
-        };
+        let names: Vec<String> = (0..crate::store::MAX_EARLY_DELTAS + 3)
+            .map(|n| format!("a{n}"))
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (_, d) = deltas_setting(&id, &names);
+        let deliver = |d: &crate::delta::Delta| rx.deliver(SessionEvent::Delta(d.clone()));
         deliver(&d[0]);
         let last = d.last().unwrap().version;
         let flag = Arc::new(Flag(AtomicBool::new(false)));
