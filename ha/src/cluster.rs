@@ -230,6 +230,7 @@ impl Cluster {
                 ));
             }
             managers.insert(manager.context().to_string(), Arc::clone(manager));
+            manager.set_origin(&self.inner.channel.local_member());
         }
         if manager.config().sync && !self.inner.channel.intercepts(SendOptions::ASYNCHRONOUS) {
             warn!(

@@ -28,14 +28,19 @@ pub enum Action {
     SetNew(bool),
 }
 
+/// The name a change of the max inactive interval goes under (Tribes' reserved name).
+pub(crate) const MAX_INTERVAL_KEY: &str = "__SET__MAXINTERVAL__";
+/// The name a change of the is-new flag goes under (Tribes' reserved name).
+pub(crate) const IS_NEW_KEY: &str = "__SET__ISNEW__";
+
 impl Action {
-    /// The name that "last action per name" compacts on (Tribes' reserved names for the
-    /// non-attribute types).
-    fn key(&self) -> &str {
+    /// The name that "last action per name" compacts on, and that a change is stamped
+    /// under (Tribes' reserved names for the non-attribute types).
+    pub(crate) fn key(&self) -> &str {
         match self {
             Self::SetAttribute { name, .. } | Self::RemoveAttribute { name } => name,
-            Self::SetMaxInactive(_) => "__SET__MAXINTERVAL__",
-            Self::SetNew(_) => "__SET__ISNEW__",
+            Self::SetMaxInactive(_) => MAX_INTERVAL_KEY,
+            Self::SetNew(_) => IS_NEW_KEY,
         }
     }
 }
@@ -95,6 +100,12 @@ pub struct Delta {
     pub last_access_ms: i64,
     /// The actions, in order.
     pub actions: Vec<Action>,
+    /// The node that made the change (the first 8 bytes of its member id; 0: not known).
+    /// With the version it orders two changes of the same name made at once on two nodes
+    /// (both the next version of the session), so every copy keeps the same one whatever
+    /// order they arrive in.
+    #[serde(default)]
+    pub origin: u64,
 }
 
 #[cfg(test)]

@@ -155,6 +155,9 @@ pub struct DeltaManager {
     version_wakers: Mutex<HashMap<u64, Waker>>,
     /// Keys of waiting [`VersionReached`] futures in `version_wakers`.
     next_waker_key: AtomicU64,
+    /// This node in the changes it makes ([`crate::Delta::origin`]): the first 8 bytes of
+    /// its member id, once registered with a cluster (0 before).
+    origin: AtomicU64,
 }
 
 impl DeltaManager {
@@ -173,7 +176,16 @@ impl DeltaManager {
             version_waiters: AtomicUsize::new(0),
             version_wakers: Mutex::new(HashMap::new()),
             next_waker_key: AtomicU64::new(0),
+            origin: AtomicU64::new(0),
         })
+    }
+
+    /// Takes this node's identity in the changes it makes from `local` (its member).
+    pub(crate) fn set_origin(&self, local: &Member) {
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&local.unique_id.0[..8]);
+        self.origin
+            .store(u64::from_be_bytes(head), Ordering::Relaxed);
     }
 
     /// The context name messages are routed by.
@@ -194,6 +206,7 @@ impl DeltaManager {
     pub fn start(&self, cluster: &Cluster) -> bool {
         *self.cluster.lock() = cluster.inner();
         let channel = cluster.channel();
+        self.set_origin(&channel.local_member());
         let mut candidates = channel.service_members();
         if candidates.is_empty() {
             candidates = channel.members();
@@ -728,7 +741,7 @@ impl DeltaManager {
         let s = store.get_mut(id)?;
         let was_primary = s.is_primary();
         s.set_primary(true);
-        let delta = s.take_delta().map(|mut d| {
+        let delta = (s.take_delta_from(self.origin.load(Ordering::Relaxed))).map(|mut d| {
             if let Some(keep) = &self.cfg.attribute_filter {
                 d.actions.retain(|a| match a {
                     crate::delta::Action::SetAttribute { name, .. }

@@ -159,6 +159,7 @@ mod tests {
                 version: 3,
                 last_access_ms: 7,
                 actions: vec![Action::SetNew(false)],
+                origin: 0,
             }),
             SessionEvent::TransferComplete { snapshot_ms: 11 },
             SessionEvent::ChangeSessionId {

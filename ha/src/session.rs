@@ -87,7 +87,16 @@ pub struct Session {
     /// When this node last told the members about the session (ms; 0: never). Local only.
     #[serde(skip)]
     replicated_ms: i64,
+    /// Per name (an attribute, or the reserved names of the interval and the is-new flag):
+    /// the version and origin of its last change, removals included. A change applies
+    /// only over an older stamp, so copies that get two changes made at once on two nodes
+    /// end up the same whatever order those arrive in (last writer wins, per name).
+    #[serde(default)]
+    stamps: BTreeMap<String, Stamp>,
 }
+
+/// When a name last changed: (session version, origin node); compared in that order.
+type Stamp = (u64, u64);
 
 impl Session {
     /// A new primary session.
@@ -104,6 +113,7 @@ impl Session {
             delta: DeltaLog::default(),
             interval_pending: false,
             replicated_ms: 0,
+            stamps: BTreeMap::new(),
         }
     }
 
@@ -226,35 +236,119 @@ impl Session {
 
     /// Takes the pending changes as a delta with the next version (None if nothing changed).
     pub fn take_delta(&mut self) -> Option<Delta> {
+        self.take_delta_from(0)
+    }
+
+    /// [`Session::take_delta`] made on node `origin` (see [`Delta::origin`]).
+    pub fn take_delta_from(&mut self, origin: u64) -> Option<Delta> {
         if self.delta.is_empty() {
             return None;
         }
         self.version += 1;
+        let actions = self.delta.take();
+        for a in &actions {
+            self.stamp(a.key(), (self.version, origin));
+        }
         Some(Delta {
             session_id: self.id.clone(),
             version: self.version,
             last_access_ms: self.last_access_ms,
-            actions: self.delta.take(),
+            actions,
+            origin,
         })
     }
 
-    /// Applies a replicated delta (without recording it again) and adopts its version.
-    /// Changes a request here made and has not replicated yet stay on top: they are what
-    /// that request answers, and they go out next, after this version (Tribes lets the
-    /// remote value win here while the local one goes out, so the nodes disagree).
-    pub(crate) fn apply(&mut self, delta: &Delta) {
-        self.apply_actions(&delta.actions);
-        self.version = delta.version;
-        self.last_access_ms = self.last_access_ms.max(delta.last_access_ms);
-        self.reapply_pending();
+    /// Records when `key` changed (without a new `String` when it changed before).
+    fn stamp(&mut self, key: &str, stamp: Stamp) {
+        match self.stamps.get_mut(key) {
+            Some(s) => *s = stamp,
+            None => {
+                self.stamps.insert(key.to_owned(), stamp);
+            }
+        }
     }
 
-    /// Takes over `held`'s unreplicated changes: this is a newer full copy replacing `held`
-    /// while a request here is changing it.
-    pub(crate) fn adopt_pending(&mut self, held: &mut Self) {
-        self.delta = std::mem::take(&mut held.delta);
-        self.last_access_ms = self.last_access_ms.max(held.last_access_ms);
+    /// When `key` last changed here: its stamp, or for an attribute held without one (set
+    /// before stamps, or on a copy made by hand) the session's version; (0, 0) if never.
+    fn stamp_of(&self, key: &str) -> Stamp {
+        match self.stamps.get(key) {
+            Some(s) => *s,
+            None if self.attributes.contains_key(key) => (self.version, 0),
+            None => (0, 0),
+        }
+    }
+
+    /// Applies a replicated delta (without recording it again): each change whose name
+    /// last changed before it (see [`Session::stamps`]), and its version if newer. Returns
+    /// whether anything changed. Changes a request here made and has not replicated yet
+    /// stay on top: they are what that request answers, and they go out next, after this
+    /// version (Tribes lets the remote value win here while the local one goes out, so the
+    /// nodes disagree).
+    pub(crate) fn apply(&mut self, delta: &Delta) -> bool {
+        let stamp = (delta.version, delta.origin);
+        let mut changed = false;
+        for a in &delta.actions {
+            if self.stamp_of(a.key()) >= stamp {
+                continue;
+            }
+            self.apply_actions(std::slice::from_ref(a));
+            self.stamp(a.key(), stamp);
+            changed = true;
+        }
+        if delta.version > self.version {
+            self.version = delta.version;
+            changed = true;
+        }
+        self.last_access_ms = self.last_access_ms.max(delta.last_access_ms);
         self.reapply_pending();
+        changed
+    }
+
+    /// Merges a full copy from another node into this one: per name, the newer stamp wins
+    /// (so a copy that missed a change made here, or made at once elsewhere, takes nothing
+    /// back). Returns whether anything changed. Pending changes stay on top, as in
+    /// [`Session::apply`].
+    pub(crate) fn merge(&mut self, other: &Self) -> bool {
+        let mut changed = false;
+        let names: std::collections::BTreeSet<&str> = (other.stamps.keys())
+            .chain(other.attributes.keys())
+            .map(String::as_str)
+            .collect();
+        for key in names {
+            let theirs = other.stamp_of(key);
+            if theirs <= self.stamp_of(key) {
+                continue;
+            }
+            match key {
+                crate::delta::MAX_INTERVAL_KEY => {
+                    self.max_inactive_secs = other.max_inactive_secs;
+                    self.interval_pending = false;
+                }
+                crate::delta::IS_NEW_KEY => self.is_new = other.is_new,
+                name => match other.attributes.get(name) {
+                    Some(v) => {
+                        self.attributes.insert(name.to_owned(), v.clone());
+                    }
+                    None => {
+                        self.attributes.remove(name);
+                    }
+                },
+            }
+            self.stamp(key, theirs);
+            changed = true;
+        }
+        if other.version > self.version {
+            self.version = other.version;
+            changed = true;
+        }
+        if self.interval_pending && !other.interval_pending {
+            // A copy made from a first delta takes the interval the other one knows.
+            self.max_inactive_secs = other.max_inactive_secs;
+            self.interval_pending = false;
+        }
+        self.last_access_ms = self.last_access_ms.max(other.last_access_ms);
+        self.reapply_pending();
+        changed
     }
 
     /// Applies the pending changes again over state that came from elsewhere.

@@ -232,6 +232,7 @@ mod tests {
                 version: 1,
                 last_access_ms: 1,
                 actions: vec![],
+                origin: 0,
             }),
             SessionEvent::TransferComplete { snapshot_ms: 1 },
             SessionEvent::ChangeSessionId {

@@ -79,7 +79,7 @@ pub struct SessionStore {
     /// Deltas that arrived ahead of a version their copy has not seen, by base id and
     /// version, applied in order once it comes (or a whole copy does). Bounded per session
     /// by [`MAX_EARLY_DELTAS`]; dropped with their session.
-    early: HashMap<String, BTreeMap<u64, Delta>>,
+    early: HashMap<String, BTreeMap<(u64, u64), Delta>>,
 }
 
 /// At most this many deltas wait per session for a version before them; one more and
@@ -366,31 +366,41 @@ impl SessionStore {
         result
     }
 
-    /// Keeps a full copy from another node unless the one held is newer. A copy of the
-    /// version held is taken too: it is the repair of a copy that missed a delta (the
-    /// version came with a later one; see [`Applied::Behind`]). A copy taken while a
-    /// request here is changing the session keeps that request's changes on top, still
-    /// pending (its client is about to see them, and they go out after the copy's
-    /// version), and the name the request runs under. Returns whether the copy was kept.
+    /// Takes a full copy from another node: as is when none is held, else merged into the
+    /// one held, name by name, the newer change winning (see [`Session::merge`]; it is how
+    /// a copy that missed a delta gets it back). A request here changing the session keeps
+    /// its changes on top, still pending (its client is about to see them, and they go
+    /// out after the copy's version), and the name it runs under. Returns whether anything
+    /// changed.
     fn insert_copy(&mut self, incoming: &Session) -> bool {
         if self.is_buried(incoming.id()) {
             debug!(target: "ha::store", "refusing a copy of {}: invalidated or renamed here", incoming.id());
             return false;
         }
-        let held = self.sessions.get_mut(incoming.id().base());
-        let newer = (held.as_ref()).is_none_or(|s| incoming.version() >= s.version());
-        if newer {
-            let mut copy = incoming.clone();
-            copy.set_primary(false);
-            if let Some(held) = held.filter(|s| s.is_dirty()) {
-                copy.rename(held.id().clone());
-                copy.adopt_pending(held);
+        let base = incoming.id().base().to_owned();
+        let changed = match self.sessions.get_mut(&base) {
+            None => {
+                let mut copy = incoming.clone();
+                copy.set_primary(false);
+                self.insert(copy);
+                true
             }
-            let base = copy.id().base().to_owned();
-            self.insert(copy);
+            Some(held) => {
+                let changed = held.merge(incoming);
+                if changed {
+                    held.set_primary(false);
+                    if !held.is_dirty() && held.id() != incoming.id() {
+                        // A rename this node missed.
+                        held.rename(incoming.id().clone());
+                    }
+                }
+                changed
+            }
+        };
+        if changed {
             self.apply_early(&base);
         }
-        newer
+        changed
     }
 
     /// The newest version of `id`'s session known to exist because a delta for it is held
@@ -398,7 +408,7 @@ impl SessionStore {
     /// fetch a whole copy (or [`SessionStore::settle`]) first.
     pub fn held_back(&self, id: &SessionId) -> Option<u64> {
         let early = self.early.get(id.base())?;
-        early.last_key_value().map(|(v, _)| *v)
+        early.keys().map(|(v, _)| *v).max()
     }
 
     /// Applies the deltas held back for `id`'s session without the versions missing before
@@ -412,10 +422,11 @@ impl SessionStore {
             return 0;
         };
         let mut applied = 0;
-        for (version, delta) in early {
-            if version > session.version() {
+        for ((version, _), delta) in early {
+            if version > session.version() + 1 {
                 warn!(target: "ha::store", "applying v{version} of {} without v{}", session.id(), session.version() + 1);
-                session.apply(&delta);
+            }
+            if session.apply(&delta) {
                 session.set_primary(false);
                 applied += 1;
             }
@@ -424,21 +435,19 @@ impl SessionStore {
         applied
     }
 
-    /// Applies the held-back deltas that now follow the copy's version, in order, and drops
-    /// those it has passed.
+    /// Applies the held-back deltas that now follow the copy's version, in order; those it
+    /// has reached are merged (one may be a change made at the same time elsewhere).
     fn apply_early(&mut self, base: &str) {
         let Some(early) = self.early.get_mut(base) else {
             return;
         };
         if let Some(session) = self.sessions.get_mut(base) {
             while let Some(next) = early.first_entry() {
-                let version = *next.key();
+                let (version, _) = *next.key();
                 if version > session.version() + 1 {
                     break;
                 }
-                let delta = next.remove();
-                if version == session.version() + 1 {
-                    session.apply(&delta);
+                if session.apply(&next.remove()) {
                     session.set_primary(false);
                 }
             }
@@ -480,23 +489,31 @@ impl SessionStore {
             return Applied::Unknown;
         };
         if delta.version <= session.version() {
+            // A version this copy has: a duplicate or an older change (nothing to do), or
+            // one made at the same time as another on another node (its names that changed
+            // later here stay as they are; the others take it).
+            if session.apply(delta) {
+                session.set_primary(false);
+                return Applied::Changed;
+            }
             debug!(target: "ha::store", "dropping stale delta v{} for {} (at v{})", delta.version, delta.session_id, session.version());
             return Applied::Stale;
         }
         if delta.version > session.version() + 1 {
             let held = session.version();
+            let key = (delta.version, delta.origin);
             let early = self.early.entry(id.base().to_owned()).or_default();
-            if early.contains_key(&delta.version) {
+            if early.contains_key(&key) {
                 return Applied::Stale;
             }
             if early.len() < MAX_EARLY_DELTAS {
                 debug!(target: "ha::store", "holding back delta v{} for {id}: at v{held}", delta.version);
-                early.insert(delta.version, delta.clone());
+                early.insert(key, delta.clone());
                 self.stats.gaps += 1;
                 return Applied::Early;
             }
             // The versions before them are not coming: apply what is here, in order.
-            early.insert(delta.version, delta.clone());
+            early.insert(key, delta.clone());
             self.settle(id);
             return Applied::Behind;
         }
@@ -551,21 +568,20 @@ mod tests {
         store.apply(&SessionEvent::Delta(d[1].clone()), 2);
         // A request on this node is changing the session (v2) ...
         store.get_mut(&id).unwrap().insert("count", &3u32).unwrap();
-        // ... when a repair's copy of v2 arrives: the copy is taken, the request's change
-        // stays on top.
+        // ... when a repair's copy of v2 arrives: it adds nothing, and the request's change
+        // stays.
         let data = SessionEvent::SessionData {
             session: Box::new(primary.clone()),
         };
-        assert_eq!(store.apply(&data, 3), Applied::Changed);
+        assert_eq!(store.apply(&data, 3), Applied::Stale);
         let held = store.get_mut(&id).unwrap();
         assert_eq!(held.get::<u32>("count").unwrap(), Some(3));
         assert_eq!(held.take_delta().unwrap().version, 3);
-        // Without a change in progress, the same version is taken (it is identical).
         assert_eq!(store.apply(&data, 4), Applied::Stale, "v3 is held now");
-        let mut fresh = SessionStore::default();
-        fresh.apply(&SessionEvent::Delta(d[0].clone()), 1);
-        fresh.apply(&SessionEvent::Delta(d[1].clone()), 2);
-        assert_eq!(fresh.apply(&data, 3), Applied::Changed);
+        assert_eq!(
+            store.get(&id).unwrap().get::<u32>("count").unwrap(),
+            Some(3)
+        );
     }
 
     #[test]
@@ -686,6 +702,7 @@ mod tests {
             version: 5,
             last_access_ms: 9,
             actions: Vec::new(),
+            origin: 0,
         });
         assert_eq!(store.apply(&later, 6), Applied::Changed);
         assert!(store.get(&old).is_some() && store.get(&mine).is_none());
@@ -887,11 +904,11 @@ mod tests {
         );
         assert_eq!(store.held_back(&id), None);
         assert_eq!((store.stats().gaps, store.stats().forced), (2, 1));
-        // A later whole copy of v5 is the same version: taken, nothing held back.
+        // A later whole copy of v5 adds nothing: v4's only change was overwritten by v5.
         let copy = SessionEvent::SessionData {
             session: Box::new(primary),
         };
-        assert_eq!(store.apply(&copy, 4), Applied::Changed);
+        assert_eq!(store.apply(&copy, 4), Applied::Stale);
     }
 
     #[test]
@@ -1035,6 +1052,107 @@ mod tests {
             Applied::Stale
         );
         assert!(other.is_empty());
+    }
+
+    /// Everything a store holds of session `id`, to compare copies.
+    fn contents(store: &SessionStore, id: &SessionId) -> Vec<(String, Option<u32>)> {
+        let s = store.get(id).unwrap();
+        s.names()
+            .map(|n| (n.to_string(), s.get::<u32>(n).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn changes_made_at_once_on_two_nodes_end_the_same_everywhere() {
+        let id = SessionId::new("s");
+        let (_, base) = primary_with_deltas(1);
+        let (mut a, mut b) = (SessionStore::default(), SessionStore::default());
+        for st in [&mut a, &mut b] {
+            st.apply(&SessionEvent::Delta(base[0].clone()), 1);
+        }
+        // Two parallel requests of one client, round robin: one on each node, both making
+        // v2; both write "x", each also its own name.
+        let write = |st: &mut SessionStore, mine: &str, x: u32, origin: u64| {
+            let s = st.get_mut(&id).unwrap();
+            s.insert("x", &x).unwrap();
+            s.insert(mine, &1u32).unwrap();
+            s.take_delta_from(origin).unwrap()
+        };
+        let da = write(&mut a, "from_a", 10, 1);
+        let db = write(&mut b, "from_b", 20, 2);
+        assert_eq!(da.version, db.version);
+        assert_eq!(b.apply(&SessionEvent::Delta(da), 2), Applied::Changed);
+        assert_eq!(a.apply(&SessionEvent::Delta(db), 2), Applied::Changed);
+        assert_eq!(contents(&a, &id), contents(&b, &id));
+        let held = a.get(&id).unwrap();
+        assert_eq!(
+            held.get::<u32>("x").unwrap(),
+            Some(20),
+            "the higher origin wins"
+        );
+        assert_eq!(held.get::<u32>("from_a").unwrap(), Some(1));
+        assert_eq!(held.get::<u32>("from_b").unwrap(), Some(1));
+    }
+
+    #[test]
+    fn concurrent_and_later_changes_arriving_in_any_order_end_the_same() {
+        let id = SessionId::new("s");
+        let (at_v1, base) = primary_with_deltas(1);
+        // v2 made at once on nodes 1 and 2; v3 made on node 1 after its own v2 (removing
+        // what node 2's v2 set, and setting "x" again).
+        let mut on1 = at_v1.clone();
+        on1.insert("x", &1u32).unwrap();
+        on1.insert("one", &1u32).unwrap();
+        let v2_1 = on1.take_delta_from(1).unwrap();
+        let mut on2 = at_v1.clone();
+        on2.insert("x", &2u32).unwrap();
+        on2.insert("two", &2u32).unwrap();
+        on2.remove("count");
+        let v2_2 = on2.take_delta_from(2).unwrap();
+        on1.insert("x", &3u32).unwrap();
+        on1.insert("three", &3u32).unwrap();
+        let v3_1 = on1.take_delta_from(1).unwrap();
+        let deltas = [v2_1, v2_2, v3_1];
+        let orders = [
+            [0, 1, 2],
+            [0, 2, 1],
+            [1, 0, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [2, 1, 0],
+        ];
+        let mut results = Vec::new();
+        for order in orders {
+            let mut st = SessionStore::default();
+            st.apply(&SessionEvent::Delta(base[0].clone()), 1);
+            for k in order {
+                st.apply(&SessionEvent::Delta(deltas[k].clone()), 2);
+            }
+            assert_eq!(st.held_back(&id), None, "{order:?}");
+            assert_eq!(st.get(&id).unwrap().version(), 3, "{order:?}");
+            results.push(contents(&st, &id));
+        }
+        assert!(results.windows(2).all(|w| w[0] == w[1]), "{results:#?}");
+        let expected: Vec<(String, Option<u32>)> = [("one", 1), ("three", 3), ("two", 2), ("x", 3)]
+            .iter()
+            .map(|(n, v)| (n.to_string(), Some(*v)))
+            .collect();
+        assert_eq!(
+            results[0], expected,
+            "node 2's removal of count (v2, origin 2) wins too"
+        );
+        // A whole copy from node 1 (which never saw node 2's v2) merged into any of them
+        // changes nothing: it only has older or equal stamps.
+        let mut st = SessionStore::default();
+        st.apply(&SessionEvent::Delta(base[0].clone()), 1);
+        for d in &deltas {
+            st.apply(&SessionEvent::Delta(d.clone()), 2);
+        }
+        let copy = SessionEvent::SessionData {
+            session: Box::new(on1),
+        };
+        assert_eq!(st.apply(&copy, 3), Applied::Stale);
+        assert_eq!(contents(&st, &id), expected);
     }
 
     #[test]
