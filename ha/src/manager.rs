@@ -986,7 +986,8 @@ impl DeltaManager {
             }
             SessionEvent::GetAllSessions => self.send_state(sender, cluster),
             SessionEvent::GetSession { id } => {
-                let copy = self.store.lock().get_by_base(id.base()).cloned();
+                // As replicated: a running request's unfinished changes stay here.
+                let copy = (self.store.lock().get_by_base(id.base())).map(Session::committed);
                 if let Some(s) = copy {
                     // Sent before this message is acknowledged: the asker finds it in its
                     // store when its request returns.

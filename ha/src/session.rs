@@ -93,10 +93,27 @@ pub struct Session {
     /// end up the same whatever order those arrive in (last writer wins, per name).
     #[serde(default)]
     stamps: BTreeMap<String, Stamp>,
+    /// For each name with a pending change: its committed state before that change, which
+    /// [`Session::committed`] puts back (a full copy for another node carries only what
+    /// was replicated, never what a running request has not finished).
+    #[serde(skip)]
+    before: BTreeMap<String, Before>,
 }
 
 /// When a name last changed: (session version, origin node); compared in that order.
 type Stamp = (u64, u64);
+
+/// Removal stamps older than this many versions are forgotten (a delta that much older
+/// than the session could then bring a removed attribute back; none is that late).
+const REMOVAL_STAMP_VERSIONS: u64 = 64;
+
+/// A name's committed state before a pending change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Before {
+    Attribute(Option<Bytes>),
+    Interval(i64),
+    New(bool),
+}
 
 impl Session {
     /// A new primary session.
@@ -114,6 +131,7 @@ impl Session {
             interval_pending: false,
             replicated_ms: 0,
             stamps: BTreeMap::new(),
+            before: BTreeMap::new(),
         }
     }
 
@@ -196,6 +214,7 @@ impl Session {
                     reason: e.to_string(),
                 })?,
             );
+        self.remember(name);
         self.attributes.insert(name.to_string(), bytes.clone());
         self.delta.record(Action::SetAttribute {
             name: name.to_string(),
@@ -206,6 +225,9 @@ impl Session {
 
     /// Removes an attribute; returns whether it existed.
     pub fn remove(&mut self, name: &str) -> bool {
+        if self.attributes.contains_key(name) {
+            self.remember(name);
+        }
         let existed = self.attributes.remove(name).is_some();
         if existed {
             self.delta
@@ -216,6 +238,7 @@ impl Session {
 
     /// Changes the max inactive interval.
     pub fn set_max_inactive_secs(&mut self, secs: i64) {
+        self.remember(crate::delta::MAX_INTERVAL_KEY);
         self.max_inactive_secs = secs;
         self.delta.record(Action::SetMaxInactive(secs));
     }
@@ -224,9 +247,82 @@ impl Session {
     pub fn access(&mut self, now_ms: i64) {
         self.last_access_ms = now_ms;
         if self.is_new {
+            self.remember(crate::delta::IS_NEW_KEY);
             self.is_new = false;
             self.delta.record(Action::SetNew(false));
         }
+    }
+
+    /// The committed state of `key` now.
+    fn state_of(&self, key: &str) -> Before {
+        match key {
+            crate::delta::MAX_INTERVAL_KEY => Before::Interval(self.max_inactive_secs),
+            crate::delta::IS_NEW_KEY => Before::New(self.is_new),
+            name => Before::Attribute(self.attributes.get(name).cloned()),
+        }
+    }
+
+    /// Keeps `key`'s committed state before its first pending change.
+    fn remember(&mut self, key: &str) {
+        if !self.before.contains_key(key) {
+            let state = self.state_of(key);
+            self.before.insert(key.to_owned(), state);
+        }
+    }
+
+    /// A name's committed state changed under a pending change (another node's change
+    /// landed): that is the state to put back now.
+    fn rebase(&mut self, key: &str) {
+        if self.before.contains_key(key) {
+            let state = self.state_of(key);
+            self.before.insert(key.to_owned(), state);
+        }
+    }
+
+    /// The session as replicated: without the changes a running request has made and not
+    /// yet sent. Full copies for other nodes are made from it.
+    pub fn committed(&self) -> Self {
+        let mut c = self.clone();
+        for (key, state) in std::mem::take(&mut c.before) {
+            match state {
+                Before::Interval(s) => c.max_inactive_secs = s,
+                Before::New(n) => c.is_new = n,
+                Before::Attribute(Some(v)) => {
+                    c.attributes.insert(key, v);
+                }
+                Before::Attribute(None) => {
+                    c.attributes.remove(&key);
+                }
+            }
+        }
+        c.delta = DeltaLog::default();
+        c
+    }
+
+    /// Gives every attribute held without a stamp the session's version (a copy from
+    /// elsewhere), so that stamp does not move when the version does.
+    pub(crate) fn freeze_stamps(&mut self) {
+        for name in self.attributes.keys() {
+            if !self.stamps.contains_key(name) {
+                self.stamps.insert(name.clone(), (self.version, 0));
+            }
+        }
+    }
+
+    /// Forgets removal stamps [`REMOVAL_STAMP_VERSIONS`] behind the session's version, so
+    /// sessions that use many short-lived names do not grow for ever.
+    fn prune_removals(&mut self) {
+        if self.stamps.len() <= self.attributes.len() + 2 + REMOVAL_STAMP_VERSIONS as usize {
+            return;
+        }
+        let floor = self.version.saturating_sub(REMOVAL_STAMP_VERSIONS);
+        let attributes = &self.attributes;
+        self.stamps.retain(|name, (v, _)| {
+            *v >= floor
+                || attributes.contains_key(name)
+                || name == crate::delta::MAX_INTERVAL_KEY
+                || name == crate::delta::IS_NEW_KEY
+        });
     }
 
     /// True when changes wait to be replicated.
@@ -246,9 +342,11 @@ impl Session {
         }
         self.version += 1;
         let actions = self.delta.take();
+        self.before.clear();
         for a in &actions {
             self.stamp(a.key(), (self.version, origin));
         }
+        self.prune_removals();
         Some(Delta {
             session_id: self.id.clone(),
             version: self.version,
@@ -293,6 +391,7 @@ impl Session {
             }
             self.apply_actions(std::slice::from_ref(a));
             self.stamp(a.key(), stamp);
+            self.rebase(a.key());
             changed = true;
         }
         if delta.version > self.version {
@@ -335,6 +434,7 @@ impl Session {
                 },
             }
             self.stamp(key, theirs);
+            self.rebase(key);
             changed = true;
         }
         if other.version > self.version {
@@ -442,6 +542,41 @@ mod tests {
         fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
             Err(S::Error::custom("not today"))
         }
+    }
+
+    #[test]
+    fn the_committed_session_leaves_out_pending_changes_and_removal_stamps_are_bounded() {
+        let mut s = Session::new(SessionId::new("s"), 0, 60);
+        s.insert("kept", &1u32).unwrap();
+        s.insert("gone", &1u32).unwrap();
+        s.take_delta_from(1).unwrap();
+        s.insert("kept", &2u32).unwrap();
+        s.insert("new", &2u32).unwrap();
+        s.remove("gone");
+        s.set_max_inactive_secs(5);
+        s.access(9);
+        let c = s.committed();
+        assert!(!c.is_dirty());
+        assert_eq!(c.get::<u32>("kept").unwrap(), Some(1));
+        assert_eq!(c.get::<u32>("gone").unwrap(), Some(1));
+        assert_eq!(c.get::<u32>("new").unwrap(), None);
+        assert_eq!((c.max_inactive_secs(), c.is_new()), (60, true));
+        // Sent, the changes are committed.
+        s.take_delta_from(1).unwrap();
+        assert_eq!(s.committed(), s);
+        // Names set and removed once each, many times over: their removal stamps go.
+        for n in 0..500 {
+            let name = format!("flash{n}");
+            s.insert(&name, &1u32).unwrap();
+            s.take_delta_from(1).unwrap();
+            s.remove(&name);
+            s.take_delta_from(1).unwrap();
+        }
+        assert!(
+            s.stamps.len() < 3 * REMOVAL_STAMP_VERSIONS as usize,
+            "{}",
+            s.stamps.len()
+        );
     }
 
     #[test]

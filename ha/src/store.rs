@@ -264,9 +264,10 @@ impl SessionStore {
         self.sessions.values()
     }
 
-    /// All sessions (for state transfer), cloned.
+    /// All sessions (for state transfer) as replicated: without what running requests
+    /// changed and have not sent yet ([`Session::committed`]).
     pub fn snapshot(&self) -> Vec<Session> {
-        self.sessions.values().cloned().collect()
+        self.sessions.values().map(Session::committed).collect()
     }
 
     /// Counters.
@@ -382,17 +383,19 @@ impl SessionStore {
             None => {
                 let mut copy = incoming.clone();
                 copy.set_primary(false);
+                copy.freeze_stamps();
                 self.insert(copy);
                 true
             }
             Some(held) => {
-                let changed = held.merge(incoming);
+                let mut changed = held.merge(incoming);
                 if changed {
                     held.set_primary(false);
-                    if !held.is_dirty() && held.id() != incoming.id() {
-                        // A rename this node missed.
-                        held.rename(incoming.id().clone());
-                    }
+                }
+                if !held.is_dirty() && held.id() != incoming.id() {
+                    // A rename this node missed (the copy may bring nothing else).
+                    held.rename(incoming.id().clone());
+                    changed = true;
                 }
                 changed
             }
@@ -1153,6 +1156,63 @@ mod tests {
         };
         assert_eq!(st.apply(&copy, 3), Applied::Stale);
         assert_eq!(contents(&st, &id), expected);
+    }
+
+    /// A full copy as it travels (the delta log of a running request is not sent).
+    fn wire(s: &Session) -> Box<Session> {
+        let bytes = rmp_serde::to_vec_named(&s.committed()).unwrap();
+        Box::new(rmp_serde::from_slice(&bytes).unwrap())
+    }
+
+    /// Session `s` at v1 (`count` = 1, made on node 9).
+    fn at_v1() -> (Session, Delta) {
+        let mut s = Session::new(SessionId::new("s"), 0, 60);
+        s.insert("count", &1u32).unwrap();
+        let d = s.take_delta_from(9).unwrap();
+        (s, d)
+    }
+
+    #[test]
+    fn a_full_copy_carries_only_what_was_replicated() {
+        let id = SessionId::new("s");
+        let (v1, d1) = at_v1();
+        // A request on A sets x = 1 and count = 99; C fetches the session meanwhile.
+        let mut a = v1.clone();
+        a.insert("x", &1u32).unwrap();
+        a.insert("count", &99u32).unwrap();
+        let mut c = SessionStore::default();
+        c.apply(&SessionEvent::SessionData { session: wire(&a) }, 1);
+        let held = c.get(&id).unwrap();
+        assert_eq!(held.get::<u32>("x").unwrap(), None);
+        assert_eq!(held.get::<u32>("count").unwrap(), Some(1));
+        // A's request then sets x = 2 and finishes; B made v2 and v3 meanwhile.
+        a.insert("x", &2u32).unwrap();
+        let mut b = v1.clone();
+        b.insert("y", &1u32).unwrap();
+        let b2 = b.take_delta_from(2).unwrap();
+        b.insert("y", &2u32).unwrap();
+        let b3 = b.take_delta_from(2).unwrap();
+        let a2 = a.take_delta_from(1).unwrap();
+        let mut d = SessionStore::default();
+        d.apply(&SessionEvent::Delta(d1), 1);
+        for st in [&mut c, &mut d] {
+            for x in [&b2, &b3, &a2] {
+                st.apply(&SessionEvent::Delta(x.clone()), 2);
+            }
+        }
+        assert_eq!(contents(&c, &id), contents(&d, &id));
+        assert_eq!(c.get(&id).unwrap().get::<u32>("x").unwrap(), Some(2));
+    }
+
+    #[test]
+    fn a_rename_an_identical_full_copy_brings_is_taken() {
+        let (mut p, d1) = at_v1();
+        let mut c = SessionStore::default();
+        c.apply(&SessionEvent::Delta(d1), 1);
+        p.rename(SessionId::new("s.n2"));
+        let copy = SessionEvent::SessionData { session: wire(&p) };
+        assert_eq!(c.apply(&copy, 2), Applied::Changed);
+        assert!(c.get(&SessionId::new("s.n2")).is_some());
     }
 
     #[test]
