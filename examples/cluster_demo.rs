@@ -21,8 +21,9 @@
 //! cargo run --release --example cluster_demo -- node --id 0 --http 127.0.0.1:8080 \
 //!     --port 4000 --peers 4001,4002 [--async [--read-your-writes]] [--route]  # one node
 //!     [--store memory|redis://127.0.0.1:6379]   # a baseline node on tower-sessions instead
-//! cargo run --release --example cluster_demo -- redis --port 6379  # the baseline's Redis,
-//!                                           # until stdin closes (needs redis-server)
+//!     [--lifetime SECS]                         # exits after that long (default 300)
+//! cargo run --release --example cluster_demo -- redis --port 6379 [--lifetime SECS]
+//!                          # the baseline's Redis, until stdin closes (needs redis-server)
 //! ```
 //!
 //! Each node serves `GET /counter`: it increments the integer in the session and answers with
@@ -121,8 +122,15 @@ const BENCH_ROUNDS: usize = 7;
 /// With `--read-your-writes`: how long a request waits for its session's change in flight
 /// before the node asks the other members.
 const READ_YOUR_WRITES_WAIT: Duration = Duration::from_millis(20);
-/// A node process never outlives this, even if the demo's parent died.
+/// A node process never outlives this, even if the demo's parent died (the benchmark gives
+/// its nodes more: [`bench_lifetime`]).
 const NODE_LIFETIME: Duration = Duration::from_secs(300);
+
+/// How long the benchmark's processes may live: [`NODE_LIFETIME`] and 20 s per round, far
+/// more than a round takes, so a long `--rounds` run is not cut short.
+fn bench_lifetime(rounds: usize) -> Duration {
+    NODE_LIFETIME + Duration::from_secs(20).saturating_mul(rounds as u32)
+}
 /// The whole load never runs longer than this.
 const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
@@ -271,6 +279,7 @@ fn node_main(args: &[String]) -> Res<()> {
     let mut route = false;
     let mut read_your_writes = false;
     let mut store = None;
+    let mut lifetime = NODE_LIFETIME;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -289,13 +298,14 @@ fn node_main(args: &[String]) -> Res<()> {
             "--read-your-writes" => read_your_writes = true,
             "--route" => route = true,
             "--store" => store = Some(value()?.clone()),
+            "--lifetime" => lifetime = Duration::from_secs(value()?.parse()?),
             other => return Err(format!("unknown node argument {other}").into()),
         }
     }
     let http = http.ok_or("--http is required")?;
     // Ends the process whatever happens, so nothing is left running.
-    std::thread::spawn(|| {
-        std::thread::sleep(NODE_LIFETIME);
+    std::thread::spawn(move || {
+        std::thread::sleep(lifetime);
         std::process::exit(3);
     });
     if let Some(store) = store {
@@ -422,6 +432,7 @@ fn start_nodes(
     replication: Replication,
     route: bool,
     redis: Option<SocketAddr>,
+    lifetime: Duration,
 ) -> Res<Vec<NodeProc>> {
     let cluster_ports: Vec<u16> = (0..count).map(|_| free_port()).collect::<Res<_>>()?;
     let mut nodes = Vec::new();
@@ -462,6 +473,7 @@ fn start_nodes(
         if route {
             cmd.arg("--route");
         }
+        cmd.args(["--lifetime", &lifetime.as_secs().to_string()]);
         let mut child = cmd.spawn()?;
         let mut out = BufReader::new(child.stdout.take().ok_or("no stdout")?);
         let mut line = String::new();
@@ -477,14 +489,18 @@ fn start_nodes(
     Ok(nodes)
 }
 
-/// `cluster_demo redis --port P`: runs `redis-server` on 127.0.0.1:P for the benchmark's
-/// Redis baseline, prints `ready ADDR PID` once it accepts connections, and stops it when
-/// the demo closes this process's stdin (also when the demo dies) or after
-/// [`NODE_LIFETIME`], so the server never outlives the benchmark.
+/// `cluster_demo redis --port P [--lifetime SECS]`: runs `redis-server` on 127.0.0.1:P for
+/// the benchmark's Redis baseline, prints `ready ADDR PID` once it accepts connections, and
+/// stops it when the demo closes this process's stdin (also when the demo dies) or after
+/// the lifetime (default [`NODE_LIFETIME`]), so the server never outlives the benchmark.
 fn redis_main(args: &[String]) -> Res<()> {
-    let port: u16 = match args {
-        [flag, p] if flag == "--port" => p.parse()?,
-        _ => return Err("usage: cluster_demo redis --port P".into()),
+    let usage = "usage: cluster_demo redis --port P [--lifetime SECS]";
+    let (port, lifetime): (u16, Duration) = match args {
+        [flag, p] if flag == "--port" => (p.parse()?, NODE_LIFETIME),
+        [flag, p, l, secs] if flag == "--port" && l == "--lifetime" => {
+            (p.parse()?, Duration::from_secs(secs.parse()?))
+        }
+        _ => return Err(usage.into()),
     };
     let mut server = Command::new("redis-server")
         // Memory only, loopback only: nothing to save, nobody else to serve.
@@ -517,7 +533,7 @@ fn redis_main(args: &[String]) -> Res<()> {
             let _ = std::io::stdin().read_to_end(&mut Vec::new());
             let _ = closed.send(());
         })?;
-    let _ = stdin_closed.recv_timeout(NODE_LIFETIME);
+    let _ = stdin_closed.recv_timeout(lifetime);
     // Our own child, by its handle.
     let _ = server.kill();
     let _ = server.wait();
@@ -566,9 +582,10 @@ struct RedisServer {
 }
 
 impl RedisServer {
-    fn start() -> Res<Self> {
+    fn start(lifetime: Duration) -> Res<Self> {
         let mut supervisor = Command::new(std::env::current_exe()?)
             .args(["redis", "--port", &free_port()?.to_string()])
+            .args(["--lifetime", &lifetime.as_secs().to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -848,8 +865,11 @@ struct Summary {
 }
 
 fn run_demo(replication: Replication, sticky: bool, load: Load) -> Res<()> {
-    let r =
-        Deployment::start(NODES, replication, sticky)?.drive(load, Clients::ViaBalancer, true)?;
+    let r = Deployment::start(NODES, replication, sticky, NODE_LIFETIME)?.drive(
+        load,
+        Clients::ViaBalancer,
+        true,
+    )?;
     println!("{}", r.line());
     // With synchronous replication every answer a client got is on the other nodes before
     // it got it, and the balancer retries a request whose node died before answering (the
@@ -924,7 +944,12 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool, load: Load) -> Res
             );
             continue;
         }
-        deployments.push(Deployment::start(count, replication, false)?);
+        deployments.push(Deployment::start(
+            count,
+            replication,
+            false,
+            bench_lifetime(rounds),
+        )?);
         ran.push(case);
     }
     let cases = ran;
@@ -1063,11 +1088,17 @@ struct Deployment {
 }
 
 impl Deployment {
-    fn start(count: NodeCount, replication: Replication, sticky: bool) -> Res<Self> {
+    fn start(
+        count: NodeCount,
+        replication: Replication,
+        sticky: bool,
+        lifetime: Duration,
+    ) -> Res<Self> {
         let redis = (replication == Replication::Redis)
-            .then(RedisServer::start)
+            .then(|| RedisServer::start(lifetime))
             .transpose()?;
-        let nodes = start_nodes(count, replication, sticky, redis.as_ref().map(|r| r.addr))?;
+        let redis_addr = redis.as_ref().map(|r| r.addr);
+        let nodes = start_nodes(count, replication, sticky, redis_addr, lifetime)?;
         let stop = Arc::new(AtomicBool::new(false));
         let lb = start_balancer(
             nodes.iter().map(|n| n.http).collect(),
