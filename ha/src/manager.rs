@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -158,6 +158,9 @@ pub struct DeltaManager {
     /// This node in the changes it makes ([`crate::Delta::origin`]): the first 8 bytes of
     /// its member id, once registered with a cluster (0 before).
     origin: AtomicU64,
+    /// [`DeltaManager::start`] has finished: until then a state request gets
+    /// [`SessionEvent::StateNotReady`] (what is here is not the cluster's state yet).
+    ready: AtomicBool,
 }
 
 impl DeltaManager {
@@ -177,6 +180,7 @@ impl DeltaManager {
             version_wakers: Mutex::new(HashMap::new()),
             next_waker_key: AtomicU64::new(0),
             origin: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
         })
     }
 
@@ -202,7 +206,9 @@ impl DeltaManager {
     /// then replays what arrived meanwhile. A member that is itself still receiving its
     /// state says so, and the next one is asked; if every member asked was starting too,
     /// nobody has sessions yet and the transfer is complete. Returns false when no member
-    /// answered in time (the manager still starts, as in Tribes).
+    /// answered in time (the manager still starts, as in Tribes). Until this returns, other
+    /// nodes' state requests are answered "not ready": call it once the cluster runs, before
+    /// serving requests.
     pub fn start(&self, cluster: &Cluster) -> bool {
         *self.cluster.lock() = cluster.inner();
         let channel = cluster.channel();
@@ -212,6 +218,7 @@ impl DeltaManager {
             candidates = channel.members();
         }
         if candidates.is_empty() {
+            self.ready.store(true, Ordering::Release);
             return true;
         }
         let now = crate::now_ms();
@@ -289,6 +296,7 @@ impl DeltaManager {
                 self.repair(&id, donor, &inner);
             }
         }
+        self.ready.store(true, Ordering::Release);
         complete
     }
 
@@ -730,7 +738,8 @@ impl DeltaManager {
     /// nothing. Marks the copy primary.
     fn completion_event(&self, id: &SessionId) -> Option<SessionEvent> {
         let mut store = self.store.lock();
-        store.get(id)?;
+        // Where the session is now: a rename may have landed since the caller looked.
+        let id = &store.follow(id)?;
         // This request's change goes out above every version known to exist; changes held
         // back for a version that has not come go under it, without that version (the
         // layer asked the members for a whole copy before this, in `settle_acked`).
@@ -977,7 +986,9 @@ impl DeltaManager {
             }
         };
         match &msg.event {
-            SessionEvent::GetAllSessions if self.transfer.lock().is_some() => {
+            SessionEvent::GetAllSessions
+                if self.transfer.lock().is_some() || !self.ready.load(Ordering::Acquire) =>
+            {
                 // Starting too: whatever is here is not the cluster's state yet.
                 let reply = self.message(SessionEvent::StateNotReady);
                 if let Err(e) = self.send_via(cluster, &reply, Some(sender), self.options()) {
@@ -1525,6 +1536,27 @@ mod tests {
         // The next read, just after, tells nobody again.
         node.with_session(&id, |s| s.get::<u32>("user").unwrap());
         assert_eq!(node.completion_event(&id), None);
+    }
+
+    #[test]
+    fn a_request_completed_under_an_id_renamed_meanwhile_still_sends_its_change() {
+        let rx = Receiving::new(ManagerConfig::default());
+        let m = &rx.manager;
+        let (s, t) = (SessionId::new("s"), SessionId::new("t"));
+        let (_, d) = deltas_setting(&s, &["user"]);
+        rx.deliver(SessionEvent::Delta(d[0].clone()));
+        m.with_session(&s, |x| x.insert("cart", &1u32).unwrap());
+        // The layer has read the id (`Handle::current`, s); a login elsewhere lands before
+        // `complete_request` takes the store lock (or while `settle_acked` awaits).
+        rx.deliver(SessionEvent::ChangeSessionId {
+            old: s.clone(),
+            new: t.clone(),
+        });
+        let _ = m.request_completed(&s);
+        assert!(
+            !m.session(&t).unwrap().is_dirty(),
+            "the request's change was never sent"
+        );
     }
 
     #[test]

@@ -240,6 +240,8 @@ impl Session {
     pub fn set_max_inactive_secs(&mut self, secs: i64) {
         self.remember(crate::delta::MAX_INTERVAL_KEY);
         self.max_inactive_secs = secs;
+        // Chosen here: a late CREATED must not put its own back.
+        self.interval_pending = false;
         self.delta.record(Action::SetMaxInactive(secs));
     }
 
@@ -316,10 +318,11 @@ impl Session {
             return;
         }
         let floor = self.version.saturating_sub(REMOVAL_STAMP_VERSIONS);
-        let attributes = &self.attributes;
+        let (attributes, before) = (&self.attributes, &self.before);
         self.stamps.retain(|name, (v, _)| {
             *v >= floor
                 || attributes.contains_key(name)
+                || before.contains_key(name)
                 || name == crate::delta::MAX_INTERVAL_KEY
                 || name == crate::delta::IS_NEW_KEY
         });
@@ -400,6 +403,7 @@ impl Session {
         }
         self.last_access_ms = self.last_access_ms.max(delta.last_access_ms);
         self.reapply_pending();
+        self.prune_removals();
         changed
     }
 
@@ -448,7 +452,18 @@ impl Session {
         }
         self.last_access_ms = self.last_access_ms.max(other.last_access_ms);
         self.reapply_pending();
+        self.prune_removals();
         changed
+    }
+
+    /// Takes over `other`'s pending changes: the same session, held here under another id
+    /// (a request was changing it under its old one).
+    pub(crate) fn adopt_pending(&mut self, other: &Self) {
+        for a in other.delta.actions() {
+            self.remember(a.key());
+            self.apply_actions(std::slice::from_ref(a));
+            self.delta.record(a.clone());
+        }
     }
 
     /// Applies the pending changes again over state that came from elsewhere.
@@ -577,6 +592,34 @@ mod tests {
             "{}",
             s.stamps.len()
         );
+    }
+
+    #[test]
+    fn copies_forget_old_removal_stamps_too() {
+        let mut p = Session::new(SessionId::new("s"), 0, 60);
+        let mut c = Session::replica(SessionId::new("s"), 0, 60);
+        for n in 0..500 {
+            let name = format!("flash{n}");
+            p.insert(&name, &1u32).unwrap();
+            c.apply(&p.take_delta_from(1).unwrap());
+            p.remove(&name);
+            c.apply(&p.take_delta_from(1).unwrap());
+        }
+        assert!(p.stamps.len() < 3 * REMOVAL_STAMP_VERSIONS as usize);
+        assert!(
+            c.stamps.len() < 3 * REMOVAL_STAMP_VERSIONS as usize,
+            "copy holds {} stamps",
+            c.stamps.len()
+        );
+    }
+
+    #[test]
+    fn a_late_created_does_not_undo_a_local_interval_change() {
+        let mut c = Session::replica_awaiting_created(SessionId::new("s"), 0, 1800);
+        c.set_max_inactive_secs(120);
+        c.take_delta_from(1).unwrap(); // sent: every other node now has 120
+        c.created_arrived(60);
+        assert_eq!(c.max_inactive_secs(), 120);
     }
 
     #[test]

@@ -198,8 +198,14 @@ impl SessionStore {
     pub fn rename(&mut self, old: &SessionId, new: &SessionId, now_ms: i64) -> bool {
         let moved = old.base() != new.base();
         if self.get(new).is_some() {
-            // Fetched under its new id before the rename arrived: the old id goes.
-            if moved && self.sessions.remove(old.base()).is_some() {
+            // Fetched under its new id before the rename arrived: the old id goes, and what
+            // a request here was changing under it goes along.
+            if let Some(gone) = moved.then(|| self.sessions.remove(old.base())).flatten() {
+                if gone.is_dirty() {
+                    if let Some(s) = self.sessions.get_mut(new.base()) {
+                        s.adopt_pending(&gone);
+                    }
+                }
                 self.early.remove(old.base());
                 self.bury_as(old, Some(new.clone()), now_ms);
             }
@@ -1213,6 +1219,43 @@ mod tests {
         let copy = SessionEvent::SessionData { session: wire(&p) };
         assert_eq!(c.apply(&copy, 2), Applied::Changed);
         assert!(c.get(&SessionId::new("s.n2")).is_some());
+    }
+
+    #[test]
+    fn a_rename_onto_a_fetched_copy_keeps_a_running_request_s_changes() {
+        let (s, t) = (SessionId::new("s"), SessionId::new("t"));
+        let mut p = Session::new(s.clone(), 0, 60);
+        p.insert("user", &1u32).unwrap();
+        let d1 = p.take_delta_from(9).unwrap();
+        let mut store = SessionStore::default();
+        store.apply(&SessionEvent::Delta(d1), 1);
+        // A request here is changing s ...
+        store.get_mut(&s).unwrap().insert("cart", &2u32).unwrap();
+        // ... the user logged in elsewhere (s -> t); a parallel request with the new cookie
+        // fetched t here before the rename arrived.
+        let mut fetched = p.committed();
+        fetched.rename(t.clone());
+        store.apply(
+            &SessionEvent::SessionData {
+                session: Box::new(fetched),
+            },
+            2,
+        );
+        store.apply(
+            &SessionEvent::ChangeSessionId {
+                old: s.clone(),
+                new: t.clone(),
+            },
+            3,
+        );
+        // The running request follows s to t; its write must still be there and go out.
+        assert_eq!(store.follow(&s), Some(t.clone()));
+        let held = store.get_mut(&t).unwrap();
+        assert_eq!(
+            held.get::<u32>("cart").unwrap(),
+            Some(2),
+            "the request's write is lost"
+        );
     }
 
     #[test]
