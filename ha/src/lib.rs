@@ -9,7 +9,7 @@
 //! `SimpleTcpCluster` and `ClusterSessionListener`), the [`DeltaManager`] (all-to-all delta
 //! replication, state transfer on join, route rebinding, fetching unknown sessions from the
 //! cluster, repairing copies a dying node left behind), and with the `axum` feature the
-//! tower layer that replicates at request end ([`layer`]).
+//! tower layer that replicates at request end (module `layer`).
 //!
 //! ```no_run
 //! use ha::{Cluster, DeltaManager, ManagerConfig};
