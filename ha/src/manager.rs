@@ -1061,12 +1061,10 @@ impl DeltaManager {
     /// `sendAllSessions=false` behaviour, never one unbounded message).
     fn send_state(&self, to: &Member, cluster: &ClusterInner) {
         let snapshot_ms = crate::now_ms();
-        let sessions = self.store.lock().snapshot();
+        let batches = (self.store.lock()).state_batches(self.cfg.send_all_sessions_size);
         let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
-        for batch in sessions.chunks(self.cfg.send_all_sessions_size.max(1)) {
-            let msg = self.message(SessionEvent::AllSessionData {
-                sessions: batch.to_vec(),
-            });
+        for batch in batches {
+            let msg = self.message(batch);
             if let Err(e) = self.send_via(cluster, &msg, Some(to), sync) {
                 warn!(target: "ha::manager", "state transfer to {to} failed: {e}");
                 return;

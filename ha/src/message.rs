@@ -35,10 +35,19 @@ pub enum SessionEvent {
     },
     /// `EVT_GET_ALL_SESSIONS` (4): a joining node asks for the state.
     GetAllSessions,
-    /// `EVT_ALL_SESSION_DATA` (12): one bounded batch of full sessions.
+    /// `EVT_ALL_SESSION_DATA` (12): one bounded batch of the state: full sessions, and
+    /// (not in Tomcat) what the sender knows about them beyond their copies.
     AllSessionData {
         /// The sessions of this batch.
         sessions: Vec<Session>,
+        /// Changes the sender holds back until a version before them arrives (they wait
+        /// here too, rather than be lost to a node that joined meanwhile).
+        #[serde(default)]
+        held_back: Vec<Delta>,
+        /// Ids the sender invalidated or renamed away recently, with where a renamed one
+        /// went: refused here too, as there.
+        #[serde(default)]
+        buried: Vec<(SessionId, Option<SessionId>)>,
     },
     /// `EVT_SESSION_DELTA` (13): the changes of one request.
     Delta(Delta),
@@ -153,7 +162,11 @@ mod tests {
                 version: 4,
             },
             SessionEvent::GetAllSessions,
-            SessionEvent::AllSessionData { sessions: vec![s] },
+            SessionEvent::AllSessionData {
+                sessions: vec![s],
+                held_back: Vec::new(),
+                buried: vec![(SessionId::new("gone"), Some(SessionId::new("there")))],
+            },
             SessionEvent::Delta(Delta {
                 session_id: SessionId::new("a"),
                 version: 3,

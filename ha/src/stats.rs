@@ -226,7 +226,11 @@ mod tests {
                 version: 1,
             },
             SessionEvent::GetAllSessions,
-            SessionEvent::AllSessionData { sessions: vec![] },
+            SessionEvent::AllSessionData {
+                sessions: vec![],
+                held_back: vec![],
+                buried: vec![],
+            },
             SessionEvent::Delta(crate::delta::Delta {
                 session_id: id.clone(),
                 version: 1,

@@ -276,6 +276,41 @@ impl SessionStore {
         self.sessions.values().map(Session::committed).collect()
     }
 
+    /// The state for a joining node, as [`SessionEvent::AllSessionData`] batches of at most
+    /// `batch` items each (never one unbounded message): the sessions as replicated, then
+    /// the changes held back here, then the recent burials.
+    pub fn state_batches(&self, batch: usize) -> Vec<SessionEvent> {
+        let batch = batch.max(1);
+        let data = |sessions, held_back, buried| SessionEvent::AllSessionData {
+            sessions,
+            held_back,
+            buried,
+        };
+        let sessions = self.snapshot();
+        let held_back: Vec<Delta> = self
+            .early
+            .values()
+            .flat_map(|e| e.values().cloned())
+            .collect();
+        let buried: Vec<(SessionId, Option<SessionId>)> = (self.buried.iter())
+            .map(|(base, b)| (SessionId::new(base.clone()), b.to.clone()))
+            .collect();
+        let mut out: Vec<SessionEvent> = (sessions.chunks(batch))
+            .map(|c| data(c.to_vec(), Vec::new(), Vec::new()))
+            .collect();
+        out.extend(
+            held_back
+                .chunks(batch)
+                .map(|c| data(Vec::new(), c.to_vec(), Vec::new())),
+        );
+        out.extend(
+            buried
+                .chunks(batch)
+                .map(|c| data(Vec::new(), Vec::new(), c.to_vec())),
+        );
+        out
+    }
+
     /// Counters.
     pub fn stats(&self) -> &StoreStats {
         &self.stats
@@ -344,9 +379,21 @@ impl SessionStore {
                     Applied::Unknown
                 }
             }
-            SessionEvent::AllSessionData { sessions } => {
+            SessionEvent::AllSessionData {
+                sessions,
+                held_back,
+                buried,
+            } => {
                 for incoming in sessions {
                     self.insert_copy(incoming);
+                }
+                for delta in held_back {
+                    self.apply_delta(delta, sent_ms);
+                }
+                for (id, to) in buried {
+                    if !self.sessions.contains_key(id.base()) {
+                        self.bury_as(id, to.clone(), sent_ms);
+                    }
                 }
                 Applied::Changed
             }
@@ -556,6 +603,7 @@ impl SessionStore {
 mod tests {
     use super::*;
     use crate::delta::Action;
+    use crate::testing::deltas_setting;
 
     fn primary_with_deltas(n: u32) -> (Session, Vec<Delta>) {
         let mut s = Session::new(SessionId::new("s"), 0, 60);
@@ -1259,6 +1307,52 @@ mod tests {
     }
 
     #[test]
+    fn the_state_for_a_joiner_carries_held_back_changes_and_burials() {
+        let id = SessionId::new("s");
+        let (_, d) = deltas_setting(&id, &["a", "b", "c"]);
+        let mut donor = SessionStore::default();
+        donor.apply(&SessionEvent::Delta(d[0].clone()), 1);
+        // v3 waits for v2 on the donor; "gone" was invalidated there, "old" renamed.
+        assert_eq!(
+            donor.apply(&SessionEvent::Delta(d[2].clone()), 1),
+            Applied::Early
+        );
+        donor.apply(
+            &SessionEvent::Expired {
+                id: SessionId::new("gone"),
+            },
+            1,
+        );
+        for n in 0..3 {
+            let other = SessionId::new(format!("x{n}"));
+            donor.apply(
+                &SessionEvent::Delta(deltas_setting(&other, &["a"]).1[0].clone()),
+                1,
+            );
+        }
+        donor.rename(&SessionId::new("x0"), &SessionId::new("y0"), 1);
+        // Batches of two: 4 sessions, 1 held-back change, 2 burials.
+        let batches = donor.state_batches(2);
+        assert_eq!(batches.len(), 2 + 1 + 1);
+        let mut joiner = SessionStore::default();
+        for b in &batches {
+            joiner.apply(b, 2);
+        }
+        assert_eq!(joiner.held_back(&id), Some(3));
+        assert!(joiner.is_buried(&SessionId::new("gone")));
+        assert_eq!(
+            joiner.follow(&SessionId::new("x0")),
+            Some(SessionId::new("y0"))
+        );
+        // The late v2 reaches both (the joiner is a member now): both end at v3.
+        for st in [&mut donor, &mut joiner] {
+            st.apply(&SessionEvent::Delta(d[1].clone()), 3);
+        }
+        assert_eq!(contents(&donor, &id), contents(&joiner, &id));
+        assert_eq!(joiner.get(&id).unwrap().version(), 3);
+    }
+
+    #[test]
     fn first_delta_creates_the_copy_but_later_ones_for_unknown_sessions_do_not() {
         let (_, d) = primary_with_deltas(2);
         let mut store = SessionStore::default();
@@ -1383,6 +1477,8 @@ mod tests {
         store.apply(
             &SessionEvent::AllSessionData {
                 sessions: vec![older],
+                held_back: vec![],
+                buried: vec![],
             },
             0,
         );
@@ -1392,6 +1488,8 @@ mod tests {
         store.apply(
             &SessionEvent::AllSessionData {
                 sessions: vec![newer.clone()],
+                held_back: vec![],
+                buried: vec![],
             },
             0,
         );

@@ -181,7 +181,11 @@ mod tests {
         assert!(matches!(
             t.offer(msg(
                 1_600,
-                SessionEvent::AllSessionData { sessions: vec![] }
+                SessionEvent::AllSessionData {
+                    sessions: vec![],
+                    held_back: vec![],
+                    buried: vec![]
+                }
             )),
             Offer::Apply(_)
         ));
@@ -218,6 +222,8 @@ mod tests {
                     1_003,
                     SessionEvent::AllSessionData {
                         sessions: vec![Session::new(id.clone(), 0, 60)],
+                        held_back: vec![],
+                        buried: vec![],
                     },
                 ),
                 msg(1_004, SessionEvent::TransferComplete { snapshot_ms: 1_002 }),
@@ -249,6 +255,8 @@ mod tests {
                     1_003,
                     SessionEvent::AllSessionData {
                         sessions: vec![at_v1],
+                        held_back: vec![],
+                        buried: vec![],
                     },
                 ),
                 msg(1_004, SessionEvent::TransferComplete { snapshot_ms: 1_002 }),
