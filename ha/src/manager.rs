@@ -373,7 +373,10 @@ impl DeltaManager {
     fn announce_with(self: &Arc<Self>, event: SessionEvent, acked: &mut Acked, lazy: bool) {
         let msg = self.message(event);
         if self.cfg.sync {
-            if let Some(cluster) = self.cluster.lock().upgrade() {
+            // Bound first: an `if let` on the guard would hold the lock for the whole send
+            // (up to the send timeout when the dispatch queue is full).
+            let cluster = self.cluster.lock().upgrade();
+            if let Some(cluster) = cluster {
                 self.send_acked(&cluster, &msg, None, acked, None);
             }
         } else {
