@@ -230,14 +230,20 @@ where
             .as_ref()
             .is_some_and(|re| re.is_match(req.uri().path()));
         let requested = cookie(&req, &cfg.cookie).map(SessionId::new);
-        // With read-your-writes: the version of this session its client last saw.
+        // With read-your-writes: the change of this session its client last saw, as
+        // (version, origin): `<base>-<version>-<origin hex>` (or `<base>-<version>`).
         let seen_version = requested
             .as_ref()
             .filter(|_| cfg.read_your_writes.is_some())
             .and_then(|id| {
                 let value = cookie(&req, &cfg.version_cookie)?;
-                let (base, version) = value.rsplit_once('-')?;
-                (base == id.base()).then(|| version.parse::<u64>().ok())?
+                let mut parts = value.split('-');
+                let (base, version) = (parts.next()?, parts.next()?.parse::<u64>().ok()?);
+                let origin = match parts.next() {
+                    Some(o) => u64::from_str_radix(o, 16).ok()?,
+                    None => 0,
+                };
+                (base == id.base()).then_some((version, origin))
             });
         // Tower's rule: call the service that was polled ready, keep a fresh clone.
         let clone = self.inner.clone();
@@ -333,11 +339,11 @@ where
                 }
                 let changed_version = cfg
                     .read_your_writes
-                    .and_then(|_| cfg.manager.version(&id))
+                    .and_then(|_| cfg.manager.last_change(&id))
                     .filter(|v| set_cookie || seen_version != Some(*v));
-                if let Some(version) = changed_version {
+                if let Some((version, origin)) = changed_version {
                     let value = format!(
-                        "{}={}-{version}; Path=/; HttpOnly",
+                        "{}={}-{version}-{origin:x}; Path=/; HttpOnly",
                         cfg.version_cookie,
                         id.base()
                     );
@@ -360,23 +366,23 @@ impl Config {
     async fn find_session(
         self: &Arc<Self>,
         id: SessionId,
-        seen_version: Option<u64>,
+        seen_version: Option<(u64, u64)>,
         acked: &mut Acked,
     ) -> (Option<SessionId>, bool) {
         let manager = &self.manager;
         let mut asked = false;
         if let (Some(seen), Some(wait)) = (seen_version, self.read_your_writes) {
-            if manager.version(&id) < Some(seen) {
-                let arrived = tokio::time::timeout(wait, manager.version_reached(&id, seen))
+            if !manager.holds(&id, seen) {
+                let arrived = tokio::time::timeout(wait, manager.change_reached(&id, seen))
                     .await
                     .unwrap_or(false);
                 if !arrived {
                     asked = true;
-                    if !bounded(manager.fetch_version_acked(&id, seen))
+                    if !bounded(manager.fetch_change_acked(&id, seen))
                         .await
                         .unwrap_or(false)
                     {
-                        warn!(target: "ha::layer", "session {id}: this node's copy is still older than v{seen}, which its client saw");
+                        warn!(target: "ha::layer", "session {id}: this node's copy still lacks v{} (from {:x}), which its client saw", seen.0, seen.1);
                     }
                 }
             }

@@ -591,12 +591,37 @@ impl DeltaManager {
     /// assert_eq!(later.as_mut().poll(&mut cx), Poll::Pending);
     /// ```
     pub fn version_reached<'a>(&'a self, id: &'a SessionId, version: u64) -> VersionReached<'a> {
+        self.change_reached(id, (version, 0))
+    }
+
+    /// [`DeltaManager::version_reached`] for one change: `change` is its (version, origin)
+    /// ([`Session::last_change`]), so a copy that holds another node's change of that
+    /// version (two nodes wrote at once) does not count.
+    pub(crate) fn change_reached<'a>(
+        &'a self,
+        id: &'a SessionId,
+        change: (u64, u64),
+    ) -> VersionReached<'a> {
         VersionReached {
             manager: self,
             id,
-            version,
+            change,
             waiting: None,
         }
+    }
+
+    /// The newest change of session `id` held here: (version, origin), see
+    /// [`Session::last_change`].
+    #[cfg(feature = "axum")]
+    pub(crate) fn last_change(&self, id: &SessionId) -> Option<(u64, u64)> {
+        let store = self.store.lock();
+        store.get_by_base(id.base()).map(Session::last_change)
+    }
+
+    /// Whether the copy of `id` here has the change `change` ((version, origin)).
+    #[cfg(feature = "axum")]
+    pub(crate) fn holds(&self, id: &SessionId, change: (u64, u64)) -> bool {
+        holds_change(&self.store.lock(), id, change)
     }
 
     /// Asks the members for a copy of `id` at `version` or newer (the end of
@@ -616,10 +641,19 @@ impl DeltaManager {
         id: &SessionId,
         version: u64,
     ) -> bool {
+        self.fetch_change_acked(id, (version, 0)).await
+    }
+
+    /// [`DeltaManager::fetch_version_acked`] for one change ((version, origin)).
+    pub(crate) async fn fetch_change_acked(
+        self: &Arc<Self>,
+        id: &SessionId,
+        change: (u64, u64),
+    ) -> bool {
         self.counters
             .version_fetches
             .fetch_add(1, Ordering::Relaxed);
-        self.ask_members_acked(id, |m| holds_version(&m.store.lock(), id, version))
+        self.ask_members_acked(id, |m| holds_change(&m.store.lock(), id, change))
             .await
     }
 
@@ -1318,17 +1352,20 @@ fn block_on<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
 }
 
 /// Whether `store` holds `id` (any route) at `version` or newer.
-fn holds_version(store: &SessionStore, id: &SessionId, version: u64) -> bool {
+/// Whether the copy of `id` here has the change `change` (version, origin; origin 0: any
+/// change at that version or later will do).
+fn holds_change(store: &SessionStore, id: &SessionId, (version, origin): (u64, u64)) -> bool {
     store
         .get_by_base(id.base())
-        .is_some_and(|s| s.version() >= version)
+        .is_some_and(|s| s.holds(version, origin))
 }
 
 /// The future of [`DeltaManager::version_reached`].
 pub struct VersionReached<'a> {
     manager: &'a DeltaManager,
     id: &'a SessionId,
-    version: u64,
+    /// (version, origin) of the change waited for; origin 0: the version will do.
+    change: (u64, u64),
     /// Its key in `version_wakers` once it waits (counted in `version_waiters`; both undone
     /// on drop).
     waiting: Option<u64>,
@@ -1342,7 +1379,7 @@ impl Future for VersionReached<'_> {
         // The waker is registered under the store lock: a change applied after this check
         // takes the lock after us, and then wakes what is registered.
         let store = m.store.lock();
-        if holds_version(&store, self.id, self.version) {
+        if holds_change(&store, self.id, self.change) {
             return Poll::Ready(true);
         }
         let key = match self.waiting {
@@ -1558,6 +1595,40 @@ mod tests {
             !m.session(&t).unwrap().is_dirty(),
             "the request's change was never sent"
         );
+    }
+
+    #[test]
+    fn a_read_your_writes_wait_is_for_the_change_not_just_its_version() {
+        let rx = Receiving::new(ManagerConfig::default());
+        let node = &rx.manager;
+        let id = SessionId::new("s");
+        let (at_v1, base) = deltas_setting(&id, &["a"]);
+        rx.deliver(SessionEvent::Delta(base[0].clone()));
+        // Nodes 1 and 2 both make v2 (two parallel requests); node 2's arrives here first.
+        let v2 = |name: &str, origin: u64| {
+            let mut s = at_v1.clone();
+            s.insert(name, &1u32).unwrap();
+            s.take_delta_from(origin).unwrap()
+        };
+        let (from_1, from_2) = (v2("one", 1), v2("two", 2));
+        rx.deliver(SessionEvent::Delta(from_2));
+        assert_eq!(node.last_change(&id), Some((2, 2)));
+        // A client that saw node 1's v2 waits for that one; the version alone is there.
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(Arc::clone(&flag));
+        let mut cx = Context::from_waker(&waker);
+        let mut theirs = std::pin::pin!(node.change_reached(&id, (2, 1)));
+        assert_eq!(theirs.as_mut().poll(&mut cx), Poll::Pending);
+        let mut any = std::pin::pin!(node.version_reached(&id, 2));
+        assert_eq!(any.as_mut().poll(&mut cx), Poll::Ready(true));
+        rx.deliver(SessionEvent::Delta(from_1));
+        assert!(flag.0.load(Ordering::SeqCst), "woken by node 1's v2");
+        assert_eq!(theirs.as_mut().poll(&mut cx), Poll::Ready(true));
+        let held = node.session(&id).unwrap();
+        assert_eq!(held.get::<u32>("one").unwrap(), Some(1));
+        assert!(held.holds(2, 1) && held.holds(2, 2) && held.holds(1, 0));
+        assert!(!held.holds(1, 77), "another node's v1, never seen here");
+        assert!(!held.holds(3, 0));
     }
 
     #[test]

@@ -98,7 +98,15 @@ pub struct Session {
     /// was replicated, never what a running request has not finished).
     #[serde(skip)]
     before: BTreeMap<String, Before>,
+    /// The last [`RECENT_CHANGES`] changes this copy has (their version and origin, in
+    /// order): with two nodes writing at once, a version number alone no longer says which
+    /// changes a copy holds (see [`Session::holds`]).
+    #[serde(default)]
+    recent: Vec<Stamp>,
 }
+
+/// How many changes a session remembers by (version, origin).
+const RECENT_CHANGES: usize = 16;
 
 /// When a name last changed: (session version, origin node); compared in that order.
 type Stamp = (u64, u64);
@@ -132,6 +140,7 @@ impl Session {
             replicated_ms: 0,
             stamps: BTreeMap::new(),
             before: BTreeMap::new(),
+            recent: Vec::new(),
         }
     }
 
@@ -346,6 +355,7 @@ impl Session {
         self.version += 1;
         let actions = self.delta.take();
         self.before.clear();
+        self.note_change((self.version, origin));
         for a in &actions {
             self.stamp(a.key(), (self.version, origin));
         }
@@ -367,6 +377,34 @@ impl Session {
                 self.stamps.insert(key.to_owned(), stamp);
             }
         }
+    }
+
+    /// Remembers that this copy has the change `stamp`.
+    fn note_change(&mut self, stamp: Stamp) {
+        if let Err(at) = self.recent.binary_search(&stamp) {
+            self.recent.insert(at, stamp);
+            if self.recent.len() > RECENT_CHANGES {
+                self.recent.remove(0);
+            }
+        }
+    }
+
+    /// The newest change this copy has: (version, origin); origin 0 when not known.
+    pub fn last_change(&self) -> (u64, u64) {
+        (self.recent.last().copied()).unwrap_or((self.version, 0))
+    }
+
+    /// Whether this copy has the change made as `version` on node `origin` (0: any node).
+    /// A copy at a version has every change before it, except when two nodes made the same
+    /// version at once: then only the ones it has merged. Changes older than what it
+    /// remembers count as held.
+    pub fn holds(&self, version: u64, origin: u64) -> bool {
+        if version > self.version {
+            return false;
+        }
+        origin == 0
+            || self.recent.contains(&(version, origin))
+            || self.recent.first().is_none_or(|oldest| oldest.0 > version)
     }
 
     /// When `key` last changed here: its stamp, or for an attribute held without one (set
@@ -401,6 +439,7 @@ impl Session {
             self.version = delta.version;
             changed = true;
         }
+        self.note_change((delta.version, delta.origin));
         self.last_access_ms = self.last_access_ms.max(delta.last_access_ms);
         self.reapply_pending();
         self.prune_removals();
@@ -444,6 +483,9 @@ impl Session {
         if other.version > self.version {
             self.version = other.version;
             changed = true;
+        }
+        for stamp in &other.recent {
+            self.note_change(*stamp);
         }
         if self.interval_pending && !other.interval_pending {
             // A copy made from a first delta takes the interval the other one knows.
