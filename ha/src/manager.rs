@@ -804,7 +804,8 @@ impl DeltaManager {
             None if !was_primary || s.access_due(now) => SessionEvent::Accessed {
                 id: id.clone(),
                 at_ms: s.last_access_ms(),
-                version: s.version(),
+                version: s.last_change().0,
+                origin: s.last_change().1,
             },
             None => return None,
         };

@@ -32,6 +32,10 @@ pub enum SessionEvent {
         /// The sender's version of the session (not in Tomcat): a copy that is older asks
         /// the sender for the session.
         version: u64,
+        /// The node that made that version (not in Tomcat; 0: not known): a copy that has
+        /// another node's change of the same version asks too.
+        #[serde(default)]
+        origin: u64,
     },
     /// `EVT_GET_ALL_SESSIONS` (4): a joining node asks for the state.
     GetAllSessions,
@@ -160,6 +164,7 @@ mod tests {
                 id: SessionId::new("a"),
                 at_ms: 9,
                 version: 4,
+                origin: 0,
             },
             SessionEvent::GetAllSessions,
             SessionEvent::AllSessionData {

@@ -391,7 +391,10 @@ impl Session {
 
     /// The newest change this copy has: (version, origin); origin 0 when not known.
     pub fn last_change(&self) -> (u64, u64) {
-        (self.recent.last().copied()).unwrap_or((self.version, 0))
+        match self.recent.last() {
+            Some(&(version, origin)) if version == self.version => (version, origin),
+            _ => (self.version, 0),
+        }
     }
 
     /// Whether this copy has the change made as `version` on node `origin` (0: any node).

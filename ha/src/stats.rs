@@ -224,6 +224,7 @@ mod tests {
                 id: id.clone(),
                 at_ms: 1,
                 version: 1,
+                origin: 0,
             },
             SessionEvent::GetAllSessions,
             SessionEvent::AllSessionData {

@@ -347,13 +347,18 @@ impl SessionStore {
                     None => Applied::Unknown,
                 }
             }
-            SessionEvent::Accessed { id, at_ms, version } => {
+            SessionEvent::Accessed {
+                id,
+                at_ms,
+                version,
+                origin,
+            } => {
                 let buried = self.is_buried(id);
                 match self.resolve(id) {
                     Some(s) => {
                         s.touch(*at_ms);
                         s.set_primary(false);
-                        if s.version() < *version {
+                        if !s.holds(*version, *origin) {
                             debug!(target: "ha::store", "{id} is at v{}, the sender at v{version}", s.version());
                             Applied::Behind
                         } else {
@@ -812,6 +817,7 @@ mod tests {
             id: id.clone(),
             at_ms: 2,
             version: 2,
+            origin: 0,
         };
         assert_eq!(store.apply(&notice, 2), Applied::Stale);
         assert!(store.get(&id).is_none());
@@ -861,6 +867,7 @@ mod tests {
             id: id.clone(),
             at_ms: 9,
             version,
+            origin: 0,
         };
         assert_eq!(store.apply(&notice(1), 9), Applied::Changed);
         // The sender has v2, which never reached this node (it died part-way through).
@@ -875,7 +882,8 @@ mod tests {
                 &SessionEvent::Accessed {
                     id: SessionId::new("other"),
                     at_ms: 9,
-                    version: 1
+                    version: 1,
+                    origin: 0,
                 },
                 9
             ),
@@ -1353,6 +1361,26 @@ mod tests {
     }
 
     #[test]
+    fn an_access_notice_for_another_node_s_change_of_the_same_version_reports_behind() {
+        let id = SessionId::new("s");
+        let (at_v1, base) = at_v1();
+        let mut store = SessionStore::default();
+        store.apply(&SessionEvent::Delta(base), 1);
+        let mut on2 = at_v1.clone();
+        on2.insert("two", &1u32).unwrap();
+        store.apply(&SessionEvent::Delta(on2.take_delta_from(2).unwrap()), 2);
+        let notice = |origin| SessionEvent::Accessed {
+            id: id.clone(),
+            at_ms: 3,
+            version: 2,
+            origin,
+        };
+        assert_eq!(store.apply(&notice(2), 3), Applied::Changed);
+        // Node 1 made a v2 too, which this copy has not seen: ask for the session.
+        assert_eq!(store.apply(&notice(1), 3), Applied::Behind);
+    }
+
+    #[test]
     fn first_delta_creates_the_copy_but_later_ones_for_unknown_sessions_do_not() {
         let (_, d) = primary_with_deltas(2);
         let mut store = SessionStore::default();
@@ -1409,6 +1437,7 @@ mod tests {
                 id: a.clone(),
                 at_ms: 5_000,
                 version: 0,
+                origin: 0,
             },
             5_000,
         );
