@@ -292,6 +292,7 @@ where
             if filtered && id.is_some() {
                 cfg.stats.filtered.fetch_add(1, Ordering::Relaxed);
             }
+            let mut sent = None;
             if let Some(id) = &delta_of {
                 // Changes held back for a version that has not come (another node changed
                 // this session meanwhile): a whole copy first, so this change goes out
@@ -302,7 +303,7 @@ where
                 // change of a new (or renamed) session, which another node's request may be
                 // waiting for (`fetch_grace`).
                 let lazy = cfg.read_your_writes.is_none() && !set_cookie;
-                cfg.manager.complete_request(id, &mut acked, lazy);
+                sent = cfg.manager.complete_request(id, &mut acked, lazy);
             }
             if acked.sent() > 0 {
                 let start = Instant::now();
@@ -337,9 +338,20 @@ where
                         resp.headers_mut().append(header::SET_COOKIE, v);
                     }
                 }
+                // The change this request made; without one, the newest here, unless the
+                // client's is of that same version (another node's change of it must not
+                // stand in for the client's own).
                 let changed_version = cfg
                     .read_your_writes
-                    .and_then(|_| cfg.manager.last_change(&id))
+                    .and_then(|_| {
+                        sent.or_else(|| {
+                            let last = cfg.manager.last_change(&id)?;
+                            match seen_version {
+                                Some(seen) if seen.0 == last.0 && !set_cookie => Some(seen),
+                                _ => Some(last),
+                            }
+                        })
+                    })
                     .filter(|v| set_cookie || seen_version != Some(*v));
                 if let Some((version, origin)) = changed_version {
                     let value = format!(

@@ -818,15 +818,20 @@ impl DeltaManager {
     /// `lazy`: with asynchronous replication, no reader waits for this change (no
     /// read-your-writes), so it may travel with the changes of concurrent requests.
     #[cfg(feature = "axum")]
+    /// Returns the (version, origin) of the change it sent, if it sent one.
     pub(crate) fn complete_request(
         self: &Arc<Self>,
         id: &SessionId,
         acked: &mut Acked,
         lazy: bool,
-    ) {
-        if let Some(event) = self.completion_event(id) {
-            self.announce_with(event, acked, lazy);
-        }
+    ) -> Option<(u64, u64)> {
+        let event = self.completion_event(id)?;
+        let sent = match &event {
+            SessionEvent::Delta(d) => Some((d.version, d.origin)),
+            _ => None,
+        };
+        self.announce_with(event, acked, lazy);
+        sent
     }
 
     /// Sends `msg` with a handler that reports to `acked`: queued for the dispatch threads,
@@ -1630,6 +1635,33 @@ mod tests {
         assert!(held.holds(2, 1) && held.holds(2, 2) && held.holds(1, 0));
         assert!(!held.holds(1, 77), "another node's v1, never seen here");
         assert!(!held.holds(3, 0));
+    }
+
+    #[test]
+    fn a_wait_for_a_change_that_lost_on_every_name_still_ends_when_it_lands() {
+        let rx = Receiving::new(ManagerConfig::default());
+        let node = &rx.manager;
+        let id = SessionId::new("s");
+        let (at_v1, base) = deltas_setting(&id, &["a"]);
+        rx.deliver(SessionEvent::Delta(base[0].clone()));
+        // Nodes 1 and 2 both set x as v2; node 2's lands first and wins x for good.
+        let v2 = |x: u32, origin: u64| {
+            let mut s = at_v1.clone();
+            s.insert("x", &x).unwrap();
+            s.take_delta_from(origin).unwrap()
+        };
+        let (from_1, from_2) = (v2(1, 1), v2(2, 2));
+        rx.deliver(SessionEvent::Delta(from_2));
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(Arc::clone(&flag));
+        let mut cx = Context::from_waker(&waker);
+        let mut wait = std::pin::pin!(node.change_reached(&id, (2, 1)));
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Pending);
+        rx.deliver(SessionEvent::Delta(from_1));
+        assert!(flag.0.load(Ordering::SeqCst), "woken although x stays 2");
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(true));
+        let held = node.session(&id).unwrap();
+        assert_eq!(held.get::<u32>("x").unwrap(), Some(2));
     }
 
     #[test]

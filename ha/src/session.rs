@@ -103,6 +103,10 @@ pub struct Session {
     /// changes a copy holds (see [`Session::holds`]).
     #[serde(default)]
     recent: Vec<Stamp>,
+    /// The highest version of a change dropped from `recent` to keep it bounded: changes of
+    /// that version or older count as held.
+    #[serde(default)]
+    recent_floor: u64,
 }
 
 /// How many changes a session remembers by (version, origin).
@@ -141,6 +145,7 @@ impl Session {
             stamps: BTreeMap::new(),
             before: BTreeMap::new(),
             recent: Vec::new(),
+            recent_floor: 0,
         }
     }
 
@@ -355,7 +360,7 @@ impl Session {
         self.version += 1;
         let actions = self.delta.take();
         self.before.clear();
-        self.note_change((self.version, origin));
+        let _ = self.note_change((self.version, origin));
         for a in &actions {
             self.stamp(a.key(), (self.version, origin));
         }
@@ -379,14 +384,20 @@ impl Session {
         }
     }
 
-    /// Remembers that this copy has the change `stamp`.
-    fn note_change(&mut self, stamp: Stamp) {
-        if let Err(at) = self.recent.binary_search(&stamp) {
-            self.recent.insert(at, stamp);
-            if self.recent.len() > RECENT_CHANGES {
-                self.recent.remove(0);
-            }
+    /// Remembers that this copy has the change `stamp`; returns whether that is news.
+    fn note_change(&mut self, stamp: Stamp) -> bool {
+        if stamp.0 <= self.recent_floor {
+            return false;
         }
+        let Err(at) = self.recent.binary_search(&stamp) else {
+            return false;
+        };
+        self.recent.insert(at, stamp);
+        if self.recent.len() > RECENT_CHANGES {
+            let dropped = self.recent.remove(0);
+            self.recent_floor = self.recent_floor.max(dropped.0);
+        }
+        true
     }
 
     /// The newest change this copy has: (version, origin); origin 0 when not known.
@@ -406,6 +417,7 @@ impl Session {
             return false;
         }
         origin == 0
+            || version <= self.recent_floor
             || self.recent.contains(&(version, origin))
             || self.recent.first().is_none_or(|oldest| oldest.0 > version)
     }
@@ -442,7 +454,9 @@ impl Session {
             self.version = delta.version;
             changed = true;
         }
-        self.note_change((delta.version, delta.origin));
+        // A change every name of which lost to later ones is still news for whoever waits
+        // for it (read-your-writes).
+        changed |= self.note_change((delta.version, delta.origin));
         self.last_access_ms = self.last_access_ms.max(delta.last_access_ms);
         self.reapply_pending();
         self.prune_removals();
@@ -487,8 +501,13 @@ impl Session {
             self.version = other.version;
             changed = true;
         }
+        if other.recent_floor > self.recent_floor {
+            self.recent_floor = other.recent_floor;
+            self.recent.retain(|s| s.0 > other.recent_floor);
+            changed = true;
+        }
         for stamp in &other.recent {
-            self.note_change(*stamp);
+            changed |= self.note_change(*stamp);
         }
         if self.interval_pending && !other.interval_pending {
             // A copy made from a first delta takes the interval the other one knows.
@@ -665,6 +684,30 @@ mod tests {
         c.take_delta_from(1).unwrap(); // sent: every other node now has 120
         c.created_arrived(60);
         assert_eq!(c.max_inactive_secs(), 120);
+    }
+
+    #[test]
+    fn changes_dropped_from_the_recent_list_still_count_as_held() {
+        let mut base = Session::new(SessionId::new("s"), 0, 60);
+        base.insert("a", &0u32).unwrap();
+        base.take_delta_from(9).unwrap();
+        let mut copy = base.clone();
+        for origin in [1u64, 2] {
+            let mut s = base.clone();
+            s.insert(&format!("n{origin}"), &1u32).unwrap();
+            copy.apply(&s.take_delta_from(origin).unwrap());
+        }
+        for i in 0..RECENT_CHANGES as u32 {
+            copy.insert("c", &i).unwrap();
+            copy.take_delta_from(3).unwrap();
+        }
+        assert!(copy.holds(2, 1) && copy.holds(2, 2));
+        assert!(copy.recent.len() <= RECENT_CHANGES);
+        // Through a full copy too.
+        let mut other = base.clone();
+        assert!(!other.holds(2, 1));
+        other.merge(&copy.committed());
+        assert!(other.holds(2, 1));
     }
 
     #[test]

@@ -969,11 +969,17 @@ mod tests {
         );
         assert_eq!(store.held_back(&id), None);
         assert_eq!((store.stats().gaps, store.stats().forced), (2, 1));
-        // A later whole copy of v5 adds nothing: v4's only change was overwritten by v5.
+        // A later whole copy of v5 changes no attribute (v4's only change was overwritten
+        // by v5), but tells this copy that it holds v4 now (a reader waiting for v4 goes on).
         let copy = SessionEvent::SessionData {
             session: Box::new(primary),
         };
-        assert_eq!(store.apply(&copy, 4), Applied::Stale);
+        assert_eq!(store.apply(&copy, 4), Applied::Changed);
+        assert_eq!(
+            store.apply(&copy, 5),
+            Applied::Stale,
+            "nothing new the second time"
+        );
     }
 
     #[test]
