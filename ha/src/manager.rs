@@ -801,12 +801,15 @@ impl DeltaManager {
         let event = match delta {
             Some(d) => SessionEvent::Delta(d),
             // Taken over here, or only read for half its interval: the copies hear of it.
-            None if !was_primary || s.access_due(now) => SessionEvent::Accessed {
-                id: id.clone(),
-                at_ms: s.last_access_ms(),
-                version: s.last_change().0,
-                origin: s.last_change().1,
-            },
+            None if !was_primary || s.access_due(now) => {
+                let (version, origin) = s.last_change();
+                SessionEvent::Accessed {
+                    id: id.clone(),
+                    at_ms: s.last_access_ms(),
+                    version,
+                    origin,
+                }
+            }
             None => return None,
         };
         s.mark_replicated(now);
@@ -1429,6 +1432,13 @@ mod tests {
 
     struct Flag(AtomicBool);
 
+    /// A waker that sets its flag when woken.
+    fn flag_waker() -> (Arc<Flag>, Waker) {
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(Arc::clone(&flag));
+        (flag, waker)
+    }
+
     impl Wake for Flag {
         fn wake(self: Arc<Self>) {
             self.0.store(true, Ordering::SeqCst);
@@ -1444,8 +1454,7 @@ mod tests {
         let (_, deltas) = deltas_setting(&id, &["a", "b"]);
         let deliver = |d: &crate::delta::Delta| rx.deliver(SessionEvent::Delta(d.clone()));
 
-        let flag = Arc::new(Flag(AtomicBool::new(false)));
-        let waker = Waker::from(Arc::clone(&flag));
+        let (flag, waker) = flag_waker();
         let mut cx = Context::from_waker(&waker);
         let mut wait = std::pin::pin!(node.version_reached(&id, 2));
         assert_eq!(wait.as_mut().poll(&mut cx), Poll::Pending);
@@ -1532,8 +1541,7 @@ mod tests {
         let deliver = |d: &crate::delta::Delta| rx.deliver(SessionEvent::Delta(d.clone()));
         deliver(&d[0]);
         let last = d.last().unwrap().version;
-        let flag = Arc::new(Flag(AtomicBool::new(false)));
-        let waker = Waker::from(Arc::clone(&flag));
+        let (flag, waker) = flag_waker();
         let mut cx = Context::from_waker(&waker);
         let mut wait = std::pin::pin!(node.version_reached(&id, last));
         assert_eq!(wait.as_mut().poll(&mut cx), Poll::Pending);
@@ -1620,8 +1628,7 @@ mod tests {
         rx.deliver(SessionEvent::Delta(from_2));
         assert_eq!(node.last_change(&id), Some((2, 2)));
         // A client that saw node 1's v2 waits for that one; the version alone is there.
-        let flag = Arc::new(Flag(AtomicBool::new(false)));
-        let waker = Waker::from(Arc::clone(&flag));
+        let (flag, waker) = flag_waker();
         let mut cx = Context::from_waker(&waker);
         let mut theirs = std::pin::pin!(node.change_reached(&id, (2, 1)));
         assert_eq!(theirs.as_mut().poll(&mut cx), Poll::Pending);
@@ -1652,8 +1659,7 @@ mod tests {
         };
         let (from_1, from_2) = (v2(1, 1), v2(2, 2));
         rx.deliver(SessionEvent::Delta(from_2));
-        let flag = Arc::new(Flag(AtomicBool::new(false)));
-        let waker = Waker::from(Arc::clone(&flag));
+        let (flag, waker) = flag_waker();
         let mut cx = Context::from_waker(&waker);
         let mut wait = std::pin::pin!(node.change_reached(&id, (2, 1)));
         assert_eq!(wait.as_mut().poll(&mut cx), Poll::Pending);

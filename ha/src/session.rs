@@ -295,21 +295,26 @@ impl Session {
         }
     }
 
+    /// Sets `key` to `state` (the inverse of [`Session::state_of`]).
+    fn put_state(&mut self, key: &str, state: Before) {
+        match state {
+            Before::Interval(s) => self.max_inactive_secs = s,
+            Before::New(n) => self.is_new = n,
+            Before::Attribute(Some(v)) => {
+                self.attributes.insert(key.to_owned(), v);
+            }
+            Before::Attribute(None) => {
+                self.attributes.remove(key);
+            }
+        }
+    }
+
     /// The session as replicated: without the changes a running request has made and not
     /// yet sent. Full copies for other nodes are made from it.
     pub fn committed(&self) -> Self {
         let mut c = self.clone();
         for (key, state) in std::mem::take(&mut c.before) {
-            match state {
-                Before::Interval(s) => c.max_inactive_secs = s,
-                Before::New(n) => c.is_new = n,
-                Before::Attribute(Some(v)) => {
-                    c.attributes.insert(key, v);
-                }
-                Before::Attribute(None) => {
-                    c.attributes.remove(&key);
-                }
-            }
+            c.put_state(&key, state);
         }
         c.delta = DeltaLog::default();
         c
@@ -478,20 +483,9 @@ impl Session {
             if theirs <= self.stamp_of(key) {
                 continue;
             }
-            match key {
-                crate::delta::MAX_INTERVAL_KEY => {
-                    self.max_inactive_secs = other.max_inactive_secs;
-                    self.interval_pending = false;
-                }
-                crate::delta::IS_NEW_KEY => self.is_new = other.is_new,
-                name => match other.attributes.get(name) {
-                    Some(v) => {
-                        self.attributes.insert(name.to_owned(), v.clone());
-                    }
-                    None => {
-                        self.attributes.remove(name);
-                    }
-                },
+            self.put_state(key, other.state_of(key));
+            if key == crate::delta::MAX_INTERVAL_KEY {
+                self.interval_pending = false;
             }
             self.stamp(key, theirs);
             self.rebase(key);
