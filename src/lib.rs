@@ -340,6 +340,39 @@ pub fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
+/// A TCP address on 127.0.0.1 where nothing listens, held for as long as the value lives.
+///
+/// The port is bound but never put into the listening state, so a connection to it is
+/// refused at once, and no other socket in the machine can take the port meanwhile. (A port
+/// merely "free a moment ago" can be reused by a parallel test's listener, after which the
+/// "dead" member answers: that made a failure-detector test flaky.)
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    addr: SocketAddr,
+}
+
+impl ClosedPort {
+    /// Binds a fresh port on 127.0.0.1 without listening on it.
+    pub fn new() -> std::io::Result<Self> {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())?;
+        let addr = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("bound socket has no inet address"))?;
+        Ok(Self {
+            _socket: socket,
+            addr,
+        })
+    }
+
+    /// The refused address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 /// The README's code, compiled as doctests so it stays true.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

@@ -10,7 +10,7 @@ use tribes::interceptors::{
     FailureDetectorConfig, Interceptor, StackHandle, TcpFailureDetector, PROBE_PAYLOAD,
 };
 use tribes::{ChannelError, ChannelMessage, GroupChannel, Levels, Member, UniqueId};
-use tribes_suite::{static_group, wait_until, GroupOptions};
+use tribes_suite::{static_group, wait_until, ClosedPort, GroupOptions};
 
 /// Plays the membership service: raises events from its position in the stack.
 #[derive(Default)]
@@ -113,16 +113,12 @@ fn a_member_whose_beacons_are_lost_but_whose_port_answers_is_kept() {
 #[test]
 fn an_unreachable_new_member_is_not_reported_and_probes_do_not_block_events() {
     let (a, _fd, inj) = detector_channel();
-    // Twenty members that do not exist (nothing listens on their ports).
-    let dead: Vec<Member> = (0..20)
-        .map(|_| {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            Member::with_id(([127, 0, 0, 1], port).into(), UniqueId::random())
-        })
+    // Twenty members that do not exist: their ports are held without a listener, so no
+    // parallel test can start answering on one of them.
+    let closed: Vec<ClosedPort> = (0..20).map(|_| ClosedPort::new().unwrap()).collect();
+    let dead: Vec<Member> = closed
+        .iter()
+        .map(|c| Member::with_id(c.addr(), UniqueId::random()))
         .collect();
     let b = plain_node("b2");
     let start = Instant::now();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tribes::interceptors::DispatchConfig;
 use tribes::wire::{encode_frame, AckCommand};
 use tribes::{ChannelMessage, Failure, Member, ProcessError, SendError, SendOptions, UniqueId};
-use tribes_suite::{static_group, wait_until, GroupOptions};
+use tribes_suite::{static_group, wait_until, ClosedPort, GroupOptions};
 
 #[test]
 fn failing_listener_gives_fail_ack_naming_the_member() {
@@ -38,11 +38,9 @@ fn failing_listener_gives_fail_ack_naming_the_member() {
 #[test]
 fn send_to_a_member_not_listening_fails_within_the_timeout() {
     let g = static_group(1, &GroupOptions::fast_failing()).unwrap();
-    // A port that was free a moment ago and has no listener now.
-    let dead = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // A port held without a listener, so no parallel test can take it.
+    let closed = ClosedPort::new().unwrap();
+    let dead = closed.addr();
     let ghost = Member::with_id(dead, UniqueId::random());
     let live = g[0].local_member();
     let start = Instant::now();

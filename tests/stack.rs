@@ -298,9 +298,8 @@ fn a_send_handler_hears_once_how_each_send_ended_async_or_not() {
     assert_eq!(got.load(Ordering::SeqCst), 4);
 
     // A member that is gone: the synchronous send fails and its handler hears it once.
-    let gone = [Member::new(
-        ([127, 0, 0, 1], tribes_suite::free_port()).into(),
-    )];
+    let closed = tribes_suite::ClosedPort::new().unwrap();
+    let gone = [Member::new(closed.addr())];
     let failures = Arc::new(Outcomes::default());
     assert!(g[0]
         .send_with_handler(&gone, vec![2u8], sync_ack, failures.clone())
