@@ -373,6 +373,44 @@ impl ClosedPort {
     }
 }
 
+/// A TCP address on 127.0.0.1 where a connect hangs until its timeout, as to a host that is
+/// down behind a firewall that drops packets.
+///
+/// The listener has a backlog of 0 and its accept queue is filled by connections this value
+/// holds and never accepts, so Linux drops every further SYN instead of refusing it.
+pub struct HangingPort {
+    _listener: socket2::Socket,
+    _fill: socket2::Socket,
+    addr: SocketAddr,
+}
+
+impl HangingPort {
+    /// Binds, listens with a full accept queue, and returns the address.
+    pub fn new() -> std::io::Result<Self> {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        listener.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())?;
+        listener.listen(0)?;
+        let addr = listener
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("bound socket has no inet address"))?;
+        // This connection completes and fills the queue (a backlog of 0 holds one).
+        let fill = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        fill.connect_timeout(&addr.into(), Duration::from_secs(1))?;
+        Ok(Self {
+            _listener: listener,
+            _fill: fill,
+            addr,
+        })
+    }
+
+    /// The address whose connects hang.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 /// The README's code, compiled as doctests so it stays true.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

@@ -10,7 +10,7 @@ use tribes::interceptors::{
     FailureDetectorConfig, Interceptor, StackHandle, TcpFailureDetector, PROBE_PAYLOAD,
 };
 use tribes::{ChannelError, ChannelMessage, GroupChannel, Levels, Member, UniqueId};
-use tribes_suite::{static_group, wait_until, ClosedPort, GroupOptions};
+use tribes_suite::{static_group, wait_until, ClosedPort, GroupOptions, HangingPort};
 
 /// Plays the membership service: raises events from its position in the stack.
 #[derive(Default)]
@@ -113,12 +113,17 @@ fn a_member_whose_beacons_are_lost_but_whose_port_answers_is_kept() {
 #[test]
 fn an_unreachable_new_member_is_not_reported_and_probes_do_not_block_events() {
     let (a, _fd, inj) = detector_channel();
-    // Twenty members that do not exist: their ports are held without a listener, so no
-    // parallel test can start answering on one of them.
-    let closed: Vec<ClosedPort> = (0..20).map(|_| ClosedPort::new().unwrap()).collect();
+    // Twenty members that do not exist. Ten refuse connections; their ports are held without
+    // a listener, so no parallel test can start answering on one. Ten drop them, so a probe
+    // hangs for the whole 300 ms connect timeout: raising their events in a blocking way
+    // would take seconds.
+    let closed: Vec<ClosedPort> = (0..10).map(|_| ClosedPort::new().unwrap()).collect();
+    let hanging: Vec<HangingPort> = (0..10).map(|_| HangingPort::new().unwrap()).collect();
     let dead: Vec<Member> = closed
         .iter()
-        .map(|c| Member::with_id(c.addr(), UniqueId::random()))
+        .map(ClosedPort::addr)
+        .chain(hanging.iter().map(HangingPort::addr))
+        .map(|addr| Member::with_id(addr, UniqueId::random()))
         .collect();
     let b = plain_node("b2");
     let start = Instant::now();
@@ -126,16 +131,17 @@ fn an_unreachable_new_member_is_not_reported_and_probes_do_not_block_events() {
         inj.added(d);
     }
     inj.added(&b.local_member());
-    // Raising events never waits for a probe.
+    // Raising events never waits for a probe (one hanging probe alone takes 300 ms).
     assert!(
-        start.elapsed() < Duration::from_millis(100),
+        start.elapsed() < Duration::from_millis(250),
         "{:?}",
         start.elapsed()
     );
-    assert!(wait_until(Duration::from_secs(3), || a
+    // Four probe threads work through the hanging probes first: about 0.9 s.
+    assert!(wait_until(Duration::from_secs(10), || a
         .members()
         .contains(&b.local_member())));
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(400));
     assert_eq!(a.members().len(), 1, "only the live member was reported");
 }
 
