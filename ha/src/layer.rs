@@ -338,21 +338,14 @@ where
                         resp.headers_mut().append(header::SET_COOKIE, v);
                     }
                 }
-                // The change this request made; without one, the newest here, unless the
-                // client's is of that same version (another node's change of it must not
-                // stand in for the client's own).
-                let changed_version = cfg
-                    .read_your_writes
-                    .and_then(|_| {
-                        sent.or_else(|| {
-                            let last = cfg.manager.last_change(&id)?;
-                            match seen_version {
-                                Some(seen) if seen.0 == last.0 && !set_cookie => Some(seen),
-                                _ => Some(last),
-                            }
-                        })
-                    })
-                    .filter(|v| set_cookie || seen_version != Some(*v));
+                let changed_version = cfg.read_your_writes.and_then(|_| {
+                    cookie_change(
+                        sent,
+                        || cfg.manager.last_change(&id),
+                        seen_version,
+                        set_cookie,
+                    )
+                });
                 if let Some((version, origin)) = changed_version {
                     let value = format!(
                         "{}={}-{version}-{origin:x}; Path=/; HttpOnly",
@@ -452,6 +445,30 @@ async fn bounded<F: Future>(question: F) -> Option<F::Output> {
         warn!(target: "ha::layer", "no answer from the members after {ACK_WAIT_LIMIT:?} (a message dropped on its way down?); going on without it");
     }
     answer
+}
+
+/// The change (version, origin) the version cookie names after a request, or `None` when
+/// the client's cookie stays as it is.
+///
+/// The change this request `sent`; without one, the newest here (`last`), unless the
+/// client `seen` one of that same version: another node's change of it must not stand in
+/// for the client's own. Nor may it when the request sent one: by the time the response
+/// goes out, another node's change of the same version may have merged here and be the
+/// copy's `last`. A new session cookie (`set_cookie`) always gets a version cookie.
+fn cookie_change(
+    sent: Option<(u64, u64)>,
+    last: impl FnOnce() -> Option<(u64, u64)>,
+    seen: Option<(u64, u64)>,
+    set_cookie: bool,
+) -> Option<(u64, u64)> {
+    let change = sent.or_else(|| {
+        let last = last()?;
+        match seen {
+            Some(seen) if seen.0 == last.0 && !set_cookie => Some(seen),
+            _ => Some(last),
+        }
+    })?;
+    (set_cookie || seen != Some(change)).then_some(change)
 }
 
 fn cookie<B>(req: &Request<B>, name: &str) -> Option<String> {
@@ -605,6 +622,69 @@ mod tests {
                 acked: Acked::default(),
             })),
         }
+    }
+
+    #[test]
+    fn the_version_cookie_names_the_requests_own_change_after_a_concurrent_one_merges() {
+        let rx = Receiving::new(ManagerConfig::default());
+        let manager = &rx.manager;
+        let id = SessionId::new("s");
+        let (at_v1, base) = deltas_setting(&id, &["a"]);
+        rx.deliver(SessionEvent::Delta(base[0].clone()));
+        // A request here sets x, making v2 from this node.
+        let session = request_for(manager, &id);
+        session.insert("x", &1u32).unwrap();
+        let mut acked = std::mem::take(&mut session.inner.lock().acked);
+        let sent = manager
+            .complete_request(&id, &mut acked, false)
+            .expect("the request's change went out");
+        assert_eq!(sent.0, 2);
+        // Before its response is written, another node's v2 merges here.
+        let mut other = at_v1.clone();
+        other.insert("y", &2u32).unwrap();
+        let theirs = other.take_delta_from(sent.1 + 1).unwrap();
+        rx.deliver(SessionEvent::Delta(theirs));
+        let last = manager.last_change(&id).unwrap();
+        assert_eq!(last.0, 2);
+        assert_ne!(last, sent, "the copy's newest is the other node's change");
+        // The client is told its own change, which another node may lack, not the other.
+        assert_eq!(
+            cookie_change(Some(sent), || Some(last), None, false),
+            Some(sent)
+        );
+        assert!(manager.holds(&id, sent));
+    }
+
+    #[test]
+    fn the_version_cookie_stays_when_nothing_newer_than_the_clients_change_is_here() {
+        let never = || -> Option<(u64, u64)> { unreachable!("not asked when a change went out") };
+        // A read-only request: the copy's newest of the client's version is another
+        // node's change; the client keeps naming its own.
+        assert_eq!(
+            cookie_change(None, || Some((3, 9)), Some((3, 7)), false),
+            None
+        );
+        // Something newer landed: the client is told.
+        assert_eq!(
+            cookie_change(None, || Some((4, 9)), Some((3, 7)), false),
+            Some((4, 9))
+        );
+        // Same change as the client's: no new cookie.
+        assert_eq!(
+            cookie_change(None, || Some((3, 7)), Some((3, 7)), false),
+            None
+        );
+        // A new session id always comes with a version cookie.
+        assert_eq!(
+            cookie_change(None, || Some((3, 9)), Some((3, 7)), true),
+            Some((3, 9))
+        );
+        assert_eq!(
+            cookie_change(Some((5, 1)), never, Some((4, 1)), false),
+            Some((5, 1))
+        );
+        // No session here at all: nothing to name.
+        assert_eq!(cookie_change(None, || None, None, false), None);
     }
 
     #[test]
