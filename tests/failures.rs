@@ -218,6 +218,38 @@ fn full_async_queue_is_an_error_not_a_hang() {
 }
 
 #[test]
+fn the_async_queue_is_bounded_by_message_count_too() {
+    let opts = GroupOptions {
+        dispatch: DispatchConfig {
+            max_queue_messages: 4,
+            threads: 1,
+            ..DispatchConfig::default()
+        },
+        ..GroupOptions::fast_failing()
+    };
+    let g = static_group(1, &opts).unwrap();
+    // A peer that accepts and never answers: the dispatch thread waits for ACKs of what it
+    // took, and the queue behind it fills.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let m = Member::with_id(silent.local_addr().unwrap(), UniqueId::random());
+    let mut accepted = 0;
+    for _ in 0..50 {
+        match g[0].send(
+            std::slice::from_ref(&m),
+            vec![0u8; 10],
+            SendOptions::ASYNCHRONOUS | SendOptions::USE_ACK,
+        ) {
+            Ok(_) => accepted += 1,
+            Err(SendError::QueueFull { .. }) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    // What the thread took in its one batch (at most the 4 queued) and 4 queued behind it.
+    assert!((4..=8).contains(&accepted), "accepted {accepted} of 50");
+    drop(silent);
+}
+
+#[test]
 fn a_slow_listener_does_not_hold_up_other_connections() {
     let opts = GroupOptions {
         receiver: tribes::transport::ReceiverConfig {

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 use parking_lot::Mutex;
 
@@ -36,7 +36,8 @@ pub struct DispatchConfig {
     pub max_queue_bytes: usize,
     /// Dispatch threads. Default 10 (Tribes `maxThreads`).
     pub threads: usize,
-    /// Messages queued per thread. Default 65536.
+    /// Messages queued per thread. Default 65536. Memory is taken as messages are queued,
+    /// not reserved for the whole bound.
     pub max_queue_messages: usize,
     /// Messages a thread takes from its queue for one batched write. Default 256.
     pub batch: usize,
@@ -169,20 +170,22 @@ impl Interceptor for MessageDispatchInterceptor {
                 max,
             });
         }
-        match queue.try_send(out) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(out)) => {
-                self.queued.fetch_sub(size, Ordering::AcqRel);
-                if self.cfg.always_send {
-                    return next.send(out);
-                }
-                warn!(target: "tribes::dispatch", "async queue full ({} messages); refusing message", self.cfg.max_queue_messages);
-                Err(SendError::QueueFull {
-                    queued: self.queued.load(Ordering::Acquire),
-                    max,
-                })
+        // The count bound is checked before the send, so senders racing for the last place
+        // can pass it by at most their number; the byte budget above is exact.
+        if queue.len() >= self.cfg.max_queue_messages.max(1) {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            if self.cfg.always_send {
+                return next.send(out);
             }
-            Err(TrySendError::Disconnected(_)) => {
+            warn!(target: "tribes::dispatch", "async queue full ({} messages); refusing message", self.cfg.max_queue_messages);
+            return Err(SendError::QueueFull {
+                queued: self.queued.load(Ordering::Acquire),
+                max,
+            });
+        }
+        match queue.send(out) {
+            Ok(()) => Ok(()),
+            Err(_) => {
                 self.queued.fetch_sub(size, Ordering::AcqRel);
                 Err(SendError::NotStarted)
             }
@@ -202,7 +205,11 @@ impl Interceptor for MessageDispatchInterceptor {
         let mut handles = Vec::with_capacity(threads);
         let idle = Arc::new(IdleWait::new(self.cfg.idle_yields));
         for n in 0..threads {
-            let (tx, rx) = crossbeam_channel::bounded(self.cfg.max_queue_messages.max(1));
+            // Bounded by `max_queue_messages` in `send`, not by the channel: a bounded
+            // channel allocates and touches every slot up front (10 threads × 65536 slots
+            // were 160 MB per node before a single message), where this one grows in
+            // small blocks with what is queued.
+            let (tx, rx) = crossbeam_channel::unbounded();
             let worker = DispatchWorker {
                 rx,
                 handle: handle.clone(),
