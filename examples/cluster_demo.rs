@@ -1025,8 +1025,13 @@ fn run_bench(only: Option<&str>, rounds: usize, sticky: bool, load: Load) -> Res
             (Some(c), Some(b)) => format!(" cpu={c:.1}us/req ({:.2}x)", c / b),
             _ => String::new(),
         };
+        // Memory: the largest peak resident size of one node process over all rounds.
+        let rss = match d.peak_rss_kib() {
+            Some(k) => format!(" rss={:.1}MiB/node", k as f64 / 1024.0),
+            None => String::new(),
+        };
         println!(
-            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us{cpu} [{ratio:.2}x local-only{own_cost}; {checks}; median of {} interleaved rounds of {} requests]",
+            "replication-bench mode={label} nodes={count} balance={balance} -> {:.0} req/s p50={}us p99={}us{cpu}{rss} [{ratio:.2}x local-only{own_cost}; {checks}; median of {} interleaved rounds of {} requests]",
             r.rate,
             r.p50,
             r.p99,
@@ -1145,6 +1150,17 @@ impl Deployment {
             .sum()
     }
 
+    /// The largest peak resident set (`VmHWM`) of one node process so far, in KiB; `None`
+    /// where `/proc` does not tell. The Redis server of that baseline is not a node.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        self.nodes
+            .iter()
+            .map(|n| process_peak_rss_kib(n.child.id()))
+            .collect::<Option<Vec<u64>>>()?
+            .into_iter()
+            .max()
+    }
+
     /// The nodes' summed `/stats` when they replicate, once they stop changing: right after
     /// a load, asynchronous changes are still on their way (up to 2 s).
     fn stats(&self) -> Option<String> {
@@ -1179,6 +1195,13 @@ fn process_cpu_ns(pid: u32) -> Option<u64> {
         total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(total)
+}
+
+/// Peak resident set size of process `pid` (Linux: `VmHWM` in `/proc/PID/status`, KiB).
+fn process_peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The route of the node the demo kills (node 1).
