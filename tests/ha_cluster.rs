@@ -58,7 +58,7 @@ fn howto_scenario_state_transfer_failover_restart_invalidate_expire() {
     // A starts alone.
     let a = node(pa, &[pb]);
     assert!(a.manager.start(&a.cluster));
-    let s1 = a.manager.create_session();
+    let s1 = a.manager.create_session().unwrap();
     assert_eq!(bump(&a, &s1), 1);
 
     // B starts and pulls A's sessions.
@@ -106,7 +106,7 @@ fn howto_scenario_state_transfer_failover_restart_invalidate_expire() {
     assert!(b.manager.session(&s1).is_none());
 
     // An idle session expires on both.
-    let s2 = a.manager.create_session();
+    let s2 = a.manager.create_session().unwrap();
     a.manager.with_session(&s2, |s| s.set_max_inactive_secs(1));
     a.manager.request_completed(&s2).unwrap();
     assert_eq!(b.manager.session(&s2).unwrap().max_inactive_secs(), 1);
@@ -178,7 +178,7 @@ fn two_nodes_starting_together_both_end_with_every_session() {
     let mut ids = Vec::new();
     for n in [&c, &d] {
         for _ in 0..20 {
-            let id = n.manager.create_session();
+            let id = n.manager.create_session().unwrap();
             bump(n, &id);
             ids.push(id);
         }
@@ -202,7 +202,7 @@ fn two_nodes_joining_together_both_get_the_sessions_of_the_node_already_up() {
     assert!(a.manager.start(&a.cluster));
     let ids: Vec<SessionId> = (0..5)
         .map(|_| {
-            let id = a.manager.create_session();
+            let id = a.manager.create_session().unwrap();
             bump(&a, &id);
             id
         })
@@ -247,7 +247,7 @@ fn route_rebinding_moves_the_session_to_the_surviving_node() {
         .wait_for_members(1, Duration::from_secs(5)));
     a.manager.start(&a.cluster);
     b.manager.start(&b.cluster);
-    let id = a.manager.create_session();
+    let id = a.manager.create_session().unwrap();
     assert_eq!(id.route(), Some("a"));
     assert_eq!(bump(&a, &id), 1);
     // A dies; the sticky balancer sends the client (cookie "<id>.a") to B.
@@ -278,7 +278,7 @@ fn attribute_filter_and_expire_on_shutdown() {
         ..ha::ManagerConfig::default()
     };
     let [(_ca, ma), (_cb, mb)] = tribes_suite::started_ha_pair([cfg.clone(), cfg]).unwrap();
-    let id = ma.create_session();
+    let id = ma.create_session().unwrap();
     ma.with_session(&id, |s| {
         s.insert("shared", &1u8).unwrap();
         s.insert("local.cache", &2u8).unwrap();
@@ -328,7 +328,7 @@ fn a_cluster_with_tribes_defaults_replicates_over_multicast() {
     assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
     ma.start(&ca);
     mb.start(&cb);
-    let id = ma.create_session();
+    let id = ma.create_session().unwrap();
     ma.with_session(&id, |s| s.insert("k", &7u8).unwrap());
     ma.request_completed(&id).unwrap();
     assert_eq!(mb.session(&id).unwrap().get::<u8>("k").unwrap(), Some(7));
@@ -346,7 +346,7 @@ fn a_request_for_an_unknown_session_asks_the_cluster() {
         .channel()
         .wait_for_members(1, Duration::from_secs(5)));
     assert!(b.manager.start(&b.cluster), "state transfer (empty) from A");
-    let s = a.manager.create_session();
+    let s = a.manager.create_session().unwrap();
     assert_eq!(bump(&a, &s), 1);
     assert!(!b.manager.knows(&s), "A did not replicate to B");
 
@@ -382,7 +382,7 @@ fn fetching_can_be_switched_off() {
         .channel()
         .wait_for_members(1, Duration::from_secs(5)));
     assert!(manager.start(&cluster));
-    let s = a.manager.create_session();
+    let s = a.manager.create_session().unwrap();
     assert!(!manager.fetch(&s));
     assert_eq!(manager.stats().sent.get_session, 0);
     assert_eq!(a.manager.stats().received.get_session, 0);
@@ -406,7 +406,7 @@ fn a_copy_left_behind_by_a_partial_replication_is_repaired() {
     for n in [&a, &b, &c] {
         assert!(n.manager.start(&n.cluster));
     }
-    let s = b.manager.create_session();
+    let s = b.manager.create_session().unwrap();
     assert_eq!(bump(&b, &s), 1);
     assert_eq!(counter(&c, &s), Some(1));
     // A's change also sets an attribute that later changes do not touch.
@@ -487,7 +487,7 @@ fn cluster_messages_reach_the_listeners_that_accept_them() {
         "the filtered listener saw only its kind, bytes intact"
     );
     // Session traffic is unaffected and cluster messages never reach a manager.
-    let s = a.manager.create_session();
+    let s = a.manager.create_session().unwrap();
     assert_eq!(bump(&a, &s), 1);
     assert_eq!(counter(&b, &s), Some(1));
     let r = b.manager.stats().received;
@@ -512,7 +512,7 @@ fn fetching_asks_the_next_member_when_the_first_does_not_have_it() {
         .wait_for_members(2, Duration::from_secs(5)));
     assert!(b.manager.start(&b.cluster));
     for i in 0..6 {
-        let s = a.manager.create_session();
+        let s = a.manager.create_session().unwrap();
         assert_eq!(bump(&a, &s), 1);
         assert!(b.manager.fetch(&s), "session {i}");
         assert_eq!(counter(&b, &s), Some(1));
@@ -535,11 +535,11 @@ fn idle_sessions_expire_by_themselves_on_every_node() {
             .set_expire_interval(Duration::from_millis(50))
             .unwrap();
     }
-    let idle = a.manager.create_session();
+    let idle = a.manager.create_session().unwrap();
     a.manager
         .with_session(&idle, |s| s.set_max_inactive_secs(1));
     a.manager.request_completed(&idle).unwrap();
-    let busy = a.manager.create_session();
+    let busy = a.manager.create_session().unwrap();
     assert!(b.manager.session(&idle).is_some());
     // Nobody calls expire: the clusters' threads do.
     let t0 = Instant::now();

@@ -710,7 +710,7 @@ async fn a_question_dropped_on_its_way_down_does_not_hang_the_request() {
     mb.start(&cb);
     cut.on.store(true, std::sync::atomic::Ordering::SeqCst);
     // A session only B has; A's question to B about it is dropped.
-    let id = mb.create_session();
+    let id = mb.create_session().unwrap();
     let (a, _) = app(Arc::clone(&ma));
     let cookie = format!("JSESSIONID={}", id.as_str());
     let answered = tokio::time::timeout(
@@ -729,4 +729,58 @@ async fn a_question_dropped_on_its_way_down_does_not_hang_the_request() {
     assert_eq!(body, "1");
     ca.stop().unwrap();
     cb.stop().unwrap();
+}
+
+/// A handler that answers 503 when no new session may be created.
+async fn counter_or_busy(session: Session) -> (StatusCode, String) {
+    let n = session.get::<u64>("counter").unwrap().unwrap_or(0) + 1;
+    match session.insert("counter", &n) {
+        Ok(()) => (StatusCode::OK, n.to_string()),
+        Err(e @ ha::SessionError::TooManySessions { .. }) => {
+            (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_limit_refuses_new_sessions_but_keeps_old_ones_and_copies() {
+    let cfg = |limit| ha::ManagerConfig {
+        sync: true,
+        max_active_sessions: limit,
+        ..ha::ManagerConfig::default()
+    };
+    let [(_ca, ma), (_cb, mb)] = started_ha_pair([cfg(Some(2)), cfg(None)]).unwrap();
+    let app_a = Router::new()
+        .route("/counter", get(counter_or_busy))
+        .layer(ReplicationLayer::new(Arc::clone(&ma)));
+    let app_b = Router::new()
+        .route("/counter", get(counter_or_busy))
+        .layer(ReplicationLayer::new(Arc::clone(&mb)));
+
+    let mut cookies = Vec::new();
+    for _ in 0..2 {
+        let (status, body, set) = get_with(&app_a, "/counter", None).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "1"));
+        cookies.push(set.expect("a new session's cookie"));
+    }
+    // A third client: refused, with no cookie, and nothing sent for it.
+    let (status, body, set) = get_with(&app_a, "/counter", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("max_active_sessions"), "{body}");
+    assert_eq!(set, None);
+    assert_eq!(ma.stats().rejected_sessions, 1);
+    assert_eq!(mb.len(), 2, "B got copies of the two sessions only");
+
+    // The sessions A holds keep working.
+    let (status, body, _) = get_with(&app_a, "/counter", Some(&cookies[0])).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "2"));
+
+    // B has no limit; its new session's copy reaches A although A is at its limit.
+    let (status, _, set) = get_with(&app_b, "/counter", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let from_b = set.unwrap();
+    assert_eq!(ma.len(), 3, "copies are taken over the limit");
+    let (status, body, _) = get_with(&app_a, "/counter", Some(&from_b)).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "2"));
 }

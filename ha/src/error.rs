@@ -33,6 +33,13 @@ pub enum SessionError {
     },
     /// A manager for this context is registered already.
     DuplicateContext(String),
+    /// No new session: this node holds
+    /// [`ManagerConfig::max_active_sessions`](crate::ManagerConfig::max_active_sessions)
+    /// already (Tomcat `TooManyActiveSessionsException`).
+    TooManySessions {
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl fmt::Display for SessionError {
@@ -59,6 +66,10 @@ impl fmt::Display for SessionError {
             Self::DuplicateContext(context) => {
                 write!(f, "a manager for {context:?} is registered already")
             }
+            Self::TooManySessions { limit } => write!(
+                f,
+                "no new session: {limit} are held, the limit (max_active_sessions)"
+            ),
         }
     }
 }

@@ -541,13 +541,15 @@ impl Session {
             .unwrap_or(Ok(None))
     }
 
-    /// Sets an attribute, creating the session (and its cookie) if needed.
+    /// Sets an attribute, creating the session (and its cookie) if needed. Creating one
+    /// fails with [`SessionError::TooManySessions`] when the node holds
+    /// [`ManagerConfig::max_active_sessions`](crate::ManagerConfig::max_active_sessions).
     pub fn insert<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<(), SessionError> {
         let mut h = self.inner.lock();
         if let Some(done) = h.with(|s| s.insert(name, value)) {
             return done;
         }
-        let (id, created) = h.manager.create_session_unannounced();
+        let (id, created) = h.manager.create_session_unannounced()?;
         h.announce(created);
         h.id = Some(id.clone());
         h.set_cookie = true;

@@ -18,7 +18,7 @@
 //! cluster.register(&manager)?;
 //! cluster.start()?;
 //! manager.start(&cluster); // pulls the sessions of the oldest member
-//! let id = manager.create_session();
+//! let id = manager.create_session().unwrap();
 //! manager.with_session(&id, |s| s.insert("user", &"ada"));
 //! manager.request_completed(&id)?; // replicated to every member before this returns
 //! # Ok::<(), Box<dyn std::error::Error>>(())

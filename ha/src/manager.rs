@@ -56,6 +56,13 @@ pub struct ManagerConfig {
     /// Also bounds the requests that wait for a change in flight
     /// ([`DeltaManager::catch_up`]; 0 = they do not wait either).
     pub max_concurrent_fetches: usize,
+    /// Most sessions this node holds (primaries and copies) before it refuses to create
+    /// one more ([`SessionError::TooManySessions`], counted as
+    /// [`ManagerStats::rejected_sessions`](crate::ManagerStats::rejected_sessions)); `None` =
+    /// no limit. Default none (Tomcat `maxActiveSessions=-1`). Copies from members are
+    /// always taken, even over the limit: refusing them would lose sessions on a failover.
+    /// It bounds the memory a flood of new clients (or of cookie-less requests) can take.
+    pub max_active_sessions: Option<usize>,
 }
 
 /// A predicate on attribute names, for [`ManagerConfig::attribute_filter`].
@@ -73,6 +80,7 @@ impl Default for ManagerConfig {
             attribute_filter: None,
             expire_sessions_on_shutdown: false,
             max_concurrent_fetches: 32,
+            max_active_sessions: None,
         }
     }
 }
@@ -329,21 +337,50 @@ impl DeltaManager {
 
     /// Creates a session, replicates its creation, and returns its id. A member that could
     /// not be told is logged and counted ([`DeltaManager::stats`]); the session's first
-    /// delta creates its copy there later.
-    pub fn create_session(&self) -> SessionId {
-        let (id, created) = self.create_session_unannounced();
+    /// delta creates its copy there later. Fails only when this node holds
+    /// [`ManagerConfig::max_active_sessions`] already.
+    ///
+    /// ```
+    /// use ha::{DeltaManager, ManagerConfig, SessionError};
+    /// let m = DeltaManager::new("/", ManagerConfig { max_active_sessions: Some(1), ..Default::default() });
+    /// let id = m.create_session()?;
+    /// assert!(matches!(m.create_session(), Err(SessionError::TooManySessions { limit: 1 })));
+    /// assert_eq!(m.stats().rejected_sessions, 1);
+    /// m.invalidate(&id);
+    /// assert!(m.create_session().is_ok());
+    /// # Ok::<(), SessionError>(())
+    /// ```
+    pub fn create_session(&self) -> Result<SessionId, SessionError> {
+        let (id, created) = self.create_session_unannounced()?;
         let _ = self.send(&self.message(created), None, self.options());
-        id
+        Ok(id)
     }
 
     /// Creates a session here only; returns its id and the event that tells the members.
-    pub(crate) fn create_session_unannounced(&self) -> (SessionId, SessionEvent) {
+    pub(crate) fn create_session_unannounced(
+        &self,
+    ) -> Result<(SessionId, SessionEvent), SessionError> {
         let id = self.new_id();
         let now = crate::now_ms();
         let mut s = Session::new(id.clone(), now, self.cfg.max_inactive_secs);
         s.mark_replicated(now); // its CREATED goes out with it
         {
             let mut store = self.store.lock();
+            if let Some(limit) = self.cfg.max_active_sessions {
+                if store.len() >= limit {
+                    drop(store);
+                    let n = self
+                        .counters
+                        .rejected_sessions
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
+                    // The 1st, 2nd, 4th, 8th ... refusal: a flood must not flood the log.
+                    if n.is_power_of_two() {
+                        warn!(target: "ha::manager", "context {}: {limit} sessions held, the limit (max_active_sessions); refusing a new one ({n} refused so far)", self.context);
+                    }
+                    return Err(SessionError::TooManySessions { limit });
+                }
+            }
             store.insert(s);
             self.counters.held(store.len());
         }
@@ -354,7 +391,7 @@ impl DeltaManager {
             id: id.clone(),
             max_inactive_secs: self.cfg.max_inactive_secs,
         };
-        (id, created)
+        Ok((id, created))
     }
 
     /// Sends an event a request produced with [`Self::create_session_unannounced`] and the
@@ -405,7 +442,7 @@ impl DeltaManager {
     /// ```
     /// # use ha::{DeltaManager, ManagerConfig};
     /// let m = DeltaManager::new("/", ManagerConfig::default());
-    /// let old = m.create_session();
+    /// let old = m.create_session().unwrap();
     /// let new = m.cycle_id(&old).unwrap();
     /// assert!(m.session(&old).is_none() && m.session(&new).is_some());
     /// ```
@@ -552,14 +589,14 @@ impl DeltaManager {
     /// use std::time::Duration;
     /// use ha::{DeltaManager, ManagerConfig};
     /// let m = DeltaManager::new("/", ManagerConfig::default());
-    /// let id = m.create_session();
+    /// let id = m.create_session().unwrap();
     /// assert!(m.catch_up(&id, 0, Duration::from_millis(5)));
     /// // Nobody will ever bring version 5: waits 5 ms, asks the (absent) members, gives up.
     /// assert!(!m.catch_up(&id, 5, Duration::from_millis(5)));
     ///
     /// // With asking switched off, nobody waits either.
     /// let off = DeltaManager::new("/", ManagerConfig { max_concurrent_fetches: 0, ..Default::default() });
-    /// let id = off.create_session();
+    /// let id = off.create_session().unwrap();
     /// let asked_at = std::time::Instant::now();
     /// assert!(!off.catch_up(&id, 5, Duration::from_secs(30)));
     /// assert!(asked_at.elapsed() < Duration::from_secs(10));
@@ -583,7 +620,7 @@ impl DeltaManager {
     /// # use std::task::{Context, Poll, Waker};
     /// use std::future::Future;
     /// let m = DeltaManager::new("/", ManagerConfig::default());
-    /// let id = m.create_session();
+    /// let id = m.create_session().unwrap();
     /// let mut now = std::pin::pin!(m.version_reached(&id, 0));
     /// let mut later = std::pin::pin!(m.version_reached(&id, 1));
     /// let mut cx = Context::from_waker(Waker::noop());

@@ -61,7 +61,7 @@ impl EventCounts {
 /// ```
 /// use ha::{DeltaManager, ManagerConfig};
 /// let m = DeltaManager::new("/", ManagerConfig::default());
-/// let id = m.create_session(); // no cluster attached: nothing is sent
+/// let id = m.create_session().unwrap(); // no cluster attached: nothing is sent
 /// let st = m.stats();
 /// assert_eq!((st.sessions_created, st.active, st.max_active), (1, 1, 1));
 /// assert_eq!(st.sent.total(), 0);
@@ -86,6 +86,9 @@ pub struct ManagerStats {
     pub active: usize,
     /// Most sessions held at once (Tomcat `maxActive`).
     pub max_active: usize,
+    /// New sessions refused because [`ManagerConfig::max_active_sessions`]
+    /// (crate::ManagerConfig::max_active_sessions) were held (Tomcat `rejectedSessions`).
+    pub rejected_sessions: u64,
     /// Starts that got no complete state from the asked member in time (Tomcat
     /// `counterNoStateTransfered`).
     pub state_transfers_failed: u64,
@@ -139,6 +142,7 @@ pub(crate) struct Counters {
     pub(crate) sessions_created: AtomicU64,
     pub(crate) sessions_expired: AtomicU64,
     pub(crate) max_active: AtomicU64,
+    pub(crate) rejected_sessions: AtomicU64,
     pub(crate) state_transfers_failed: AtomicU64,
     pub(crate) state_transfer_ms: AtomicU64,
     pub(crate) transfer_dropped: AtomicU64,
@@ -192,6 +196,7 @@ impl Counters {
             sessions_expired: load(&self.sessions_expired),
             active,
             max_active: load(&self.max_active) as usize,
+            rejected_sessions: load(&self.rejected_sessions),
             state_transfers_failed: load(&self.state_transfers_failed),
             state_transfer_ms: load(&self.state_transfer_ms),
             transfer_dropped: load(&self.transfer_dropped),
