@@ -1153,11 +1153,10 @@ impl Deployment {
     /// The largest peak resident set (`VmHWM`) of one node process so far, in KiB; `None`
     /// where `/proc` does not tell. The Redis server of that baseline is not a node.
     fn peak_rss_kib(&self) -> Option<u64> {
+        // A node that has exited (the demo kills one) no longer tells; the others do.
         self.nodes
             .iter()
-            .map(|n| process_peak_rss_kib(n.child.id()))
-            .collect::<Option<Vec<u64>>>()?
-            .into_iter()
+            .filter_map(|n| process_peak_rss_kib(n.child.id()))
             .max()
     }
 

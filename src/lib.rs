@@ -376,11 +376,13 @@ impl ClosedPort {
 /// A TCP address on 127.0.0.1 where a connect hangs until its timeout, as to a host that is
 /// down behind a firewall that drops packets.
 ///
-/// The listener has a backlog of 0 and its accept queue is filled by connections this value
-/// holds and never accepts, so Linux drops every further SYN instead of refusing it.
+/// The listener has a backlog of 0 and its queue is filled by connections this value holds
+/// and never accepts, so Linux drops every further SYN instead of refusing it. How many
+/// connections fill it depends on the kernel (one since Linux 6.12, none before), so they
+/// are opened until one hangs.
 pub struct HangingPort {
     _listener: socket2::Socket,
-    _fill: socket2::Socket,
+    _fill: Vec<socket2::Socket>,
     addr: SocketAddr,
 }
 
@@ -395,14 +397,24 @@ impl HangingPort {
             .local_addr()?
             .as_socket()
             .ok_or_else(|| std::io::Error::other("bound socket has no inet address"))?;
-        // This connection completes and fills the queue (a backlog of 0 holds one).
-        let fill = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-        fill.connect_timeout(&addr.into(), Duration::from_secs(1))?;
-        Ok(Self {
-            _listener: listener,
-            _fill: fill,
-            addr,
-        })
+        let mut fill = Vec::new();
+        for _ in 0..4 {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            match socket.connect_timeout(&addr.into(), Duration::from_millis(200)) {
+                Ok(()) => fill.push(socket),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    return Ok(Self {
+                        _listener: listener,
+                        _fill: fill,
+                        addr,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other(
+            "the listener's queue took 4 connections and still accepts",
+        ))
     }
 
     /// The address whose connects hang.

@@ -685,6 +685,13 @@ mod tests {
             cookie_change(Some((5, 1)), never, Some((4, 1)), false),
             Some((5, 1))
         );
+        // This copy is older than the client's change, and asking the members did not
+        // bring it (it was lost with a node): the cookie names what this answer was
+        // served from, so later requests stop waiting for a change that may never come.
+        assert_eq!(
+            cookie_change(None, || Some((2, 9)), Some((3, 7)), false),
+            Some((2, 9))
+        );
         // No session here at all: nothing to name.
         assert_eq!(cookie_change(None, || None, None, false), None);
     }

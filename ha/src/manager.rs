@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -61,7 +61,9 @@ pub struct ManagerConfig {
     /// [`ManagerStats::rejected_sessions`](crate::ManagerStats::rejected_sessions)); `None` =
     /// no limit. Default none (Tomcat `maxActiveSessions=-1`). Copies from members are
     /// always taken, even over the limit: refusing them would lose sessions on a failover.
-    /// It bounds the memory a flood of new clients (or of cookie-less requests) can take.
+    /// With a limit on every node, it bounds the memory a flood of new clients (or of
+    /// cookie-less requests) can take. At the limit, sessions that timed out are swept at
+    /// once (at most once a second) rather than at the next periodic sweep.
     pub max_active_sessions: Option<usize>,
 }
 
@@ -169,6 +171,9 @@ pub struct DeltaManager {
     /// [`DeltaManager::start`] has finished: until then a state request gets
     /// [`SessionEvent::StateNotReady`] (what is here is not the cluster's state yet).
     ready: AtomicBool,
+    /// When a new session at [`ManagerConfig::max_active_sessions`] last swept expired
+    /// sessions (ms; see `create_session_unannounced`).
+    limit_sweep_ms: AtomicI64,
 }
 
 impl DeltaManager {
@@ -189,6 +194,7 @@ impl DeltaManager {
             next_waker_key: AtomicU64::new(0),
             origin: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            limit_sweep_ms: AtomicI64::new(i64::MIN / 2),
         })
     }
 
@@ -364,11 +370,26 @@ impl DeltaManager {
         let now = crate::now_ms();
         let mut s = Session::new(id.clone(), now, self.cfg.max_inactive_secs);
         s.mark_replicated(now); // its CREATED goes out with it
+        let mut swept = Vec::new();
         {
             let mut store = self.store.lock();
             if let Some(limit) = self.cfg.max_active_sessions {
+                // Sessions that timed out but wait for the next expiry sweep (every 60 s)
+                // must not hold places: at the limit, sweep now (at most once a second, so
+                // a flood of refused clients does not scan the store each time).
+                let last = self.limit_sweep_ms.load(Ordering::Relaxed);
+                if store.len() >= limit
+                    && now - last >= 1000
+                    && self
+                        .limit_sweep_ms
+                        .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    swept = self.sweep(&mut store, now).0;
+                }
                 if store.len() >= limit {
                     drop(store);
+                    self.announce_expired(swept, SendOptions::ASYNCHRONOUS);
                     let n = self
                         .counters
                         .rejected_sessions
@@ -384,6 +405,9 @@ impl DeltaManager {
             store.insert(s);
             self.counters.held(store.len());
         }
+        // Asynchronously even with sync replication: this runs on a request's thread, and a
+        // copy that misses the word expires by itself.
+        self.announce_expired(swept, SendOptions::ASYNCHRONOUS);
         self.counters
             .sessions_created
             .fetch_add(1, Ordering::Relaxed);
@@ -995,26 +1019,31 @@ impl DeltaManager {
 
     /// Expires idle sessions at `now_ms`; expiries of primaries are replicated.
     pub fn expire(&self, now_ms: i64) -> Vec<SessionId> {
-        let (primaries, gone) = {
-            let mut store = self.store.lock();
-            let primaries: Vec<SessionId> = store
-                .iter()
-                .filter(|s| s.is_primary() && s.is_expired(now_ms))
-                .map(|s| s.id().clone())
-                .collect();
-            (primaries, store.expire(now_ms))
-        };
+        let (primaries, gone) = self.sweep(&mut self.store.lock(), now_ms);
+        self.announce_expired(primaries, self.options());
+        gone
+    }
+
+    /// Expires idle sessions in `store` at `now_ms` (counted); returns the primaries among
+    /// them, whose expiry the members are to hear, and all of them.
+    fn sweep(&self, store: &mut SessionStore, now_ms: i64) -> (Vec<SessionId>, Vec<SessionId>) {
+        let primaries: Vec<SessionId> = store
+            .iter()
+            .filter(|s| s.is_primary() && s.is_expired(now_ms))
+            .map(|s| s.id().clone())
+            .collect();
+        let gone = store.expire(now_ms);
         self.counters
             .sessions_expired
             .fetch_add(gone.len() as u64, Ordering::Relaxed);
+        (primaries, gone)
+    }
+
+    /// Tells the members that these primaries expired.
+    fn announce_expired(&self, primaries: Vec<SessionId>, options: SendOptions) {
         for id in primaries {
-            let _ = self.send(
-                &self.message(SessionEvent::Expired { id }),
-                None,
-                self.options(),
-            );
+            let _ = self.send(&self.message(SessionEvent::Expired { id }), None, options);
         }
-        gone
     }
 
     /// Stops the manager: with `expire_sessions_on_shutdown` this node's primary sessions are
@@ -1705,6 +1734,31 @@ mod tests {
         assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(true));
         let held = node.session(&id).unwrap();
         assert_eq!(held.get::<u32>("x").unwrap(), Some(2));
+    }
+
+    #[test]
+    fn at_the_session_limit_timed_out_sessions_make_room_at_once() {
+        let m = DeltaManager::new(
+            "/",
+            ManagerConfig {
+                max_active_sessions: Some(1),
+                ..ManagerConfig::default()
+            },
+        );
+        let idle = m.create_session().unwrap();
+        m.with_session(&idle, |s| s.set_max_inactive_secs(0));
+        std::thread::sleep(Duration::from_millis(5));
+        // `idle` timed out but the periodic sweep has not run: it must not hold the place.
+        let fresh = m.create_session().unwrap();
+        assert!(m.session(&idle).is_none());
+        assert_eq!(m.stats().sessions_expired, 1);
+        // A live session does hold it.
+        assert_eq!(
+            m.create_session(),
+            Err(SessionError::TooManySessions { limit: 1 })
+        );
+        assert!(m.session(&fresh).is_some());
+        assert_eq!(m.stats().rejected_sessions, 1);
     }
 
     #[test]

@@ -86,8 +86,9 @@ pub struct ManagerStats {
     pub active: usize,
     /// Most sessions held at once (Tomcat `maxActive`).
     pub max_active: usize,
-    /// New sessions refused because [`ManagerConfig::max_active_sessions`]
-    /// (crate::ManagerConfig::max_active_sessions) were held (Tomcat `rejectedSessions`).
+    /// New sessions refused because this node held
+    /// [`max_active_sessions`](crate::ManagerConfig::max_active_sessions) already (Tomcat
+    /// `rejectedSessions`).
     pub rejected_sessions: u64,
     /// Starts that got no complete state from the asked member in time (Tomcat
     /// `counterNoStateTransfered`).

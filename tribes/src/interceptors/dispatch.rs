@@ -36,8 +36,8 @@ pub struct DispatchConfig {
     pub max_queue_bytes: usize,
     /// Dispatch threads. Default 10 (Tribes `maxThreads`).
     pub threads: usize,
-    /// Messages queued per thread. Default 65536. Memory is taken as messages are queued,
-    /// not reserved for the whole bound.
+    /// Messages queued per thread (not counting those its thread is sending). Default
+    /// 65536. Memory is taken as messages are queued, not reserved for the whole bound.
     pub max_queue_messages: usize,
     /// Messages a thread takes from its queue for one batched write. Default 256.
     pub batch: usize,
@@ -98,8 +98,16 @@ pub struct MessageDispatchInterceptor {
     failures: Arc<AtomicU64>,
 }
 
+/// One dispatch thread's queue, and how many messages wait in it: the channel is
+/// unbounded, the count bounds it.
+#[derive(Clone)]
+struct Queue {
+    tx: Sender<Outgoing>,
+    len: Arc<AtomicUsize>,
+}
+
 struct Running {
-    queues: Vec<Sender<Outgoing>>,
+    queues: Vec<Queue>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -170,9 +178,9 @@ impl Interceptor for MessageDispatchInterceptor {
                 max,
             });
         }
-        // The count bound is checked before the send, so senders racing for the last place
-        // can pass it by at most their number; the byte budget above is exact.
-        if queue.len() >= self.cfg.max_queue_messages.max(1) {
+        // A place in the queue is taken before the send and given back if there is none.
+        if queue.len.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_queue_messages.max(1) {
+            queue.len.fetch_sub(1, Ordering::AcqRel);
             self.queued.fetch_sub(size, Ordering::AcqRel);
             if self.cfg.always_send {
                 return next.send(out);
@@ -183,9 +191,10 @@ impl Interceptor for MessageDispatchInterceptor {
                 max,
             });
         }
-        match queue.send(out) {
+        match queue.tx.send(out) {
             Ok(()) => Ok(()),
             Err(_) => {
+                queue.len.fetch_sub(1, Ordering::AcqRel);
                 self.queued.fetch_sub(size, Ordering::AcqRel);
                 Err(SendError::NotStarted)
             }
@@ -210,8 +219,10 @@ impl Interceptor for MessageDispatchInterceptor {
             // were 160 MB per node before a single message), where this one grows in
             // small blocks with what is queued.
             let (tx, rx) = crossbeam_channel::unbounded();
+            let len = Arc::new(AtomicUsize::new(0));
             let worker = DispatchWorker {
                 rx,
+                len: Arc::clone(&len),
                 handle: handle.clone(),
                 queued: Arc::clone(&self.queued),
                 failures: Arc::clone(&self.failures),
@@ -224,7 +235,7 @@ impl Interceptor for MessageDispatchInterceptor {
                 .name(format!("tribes-dispatch-{n}"))
                 .spawn(move || worker.run())
                 .map_err(ChannelError::Io)?;
-            queues.push(tx);
+            queues.push(Queue { tx, len });
             handles.push(h);
         }
         *running = Some(Running {
@@ -251,6 +262,8 @@ impl Interceptor for MessageDispatchInterceptor {
 
 struct DispatchWorker {
     rx: Receiver<Outgoing>,
+    /// Messages in `rx` (see `Queue`).
+    len: Arc<AtomicUsize>,
     handle: StackHandle,
     queued: Arc<AtomicUsize>,
     failures: Arc<AtomicU64>,
@@ -286,6 +299,8 @@ impl DispatchWorker {
                     }
                 }
             }
+            // Taken out of the queue: their places are free for new messages.
+            self.len.fetch_sub(jobs.len(), Ordering::AcqRel);
             self.send_batch(&mut jobs);
         }
     }
