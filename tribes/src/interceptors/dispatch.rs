@@ -46,7 +46,8 @@ pub struct DispatchConfig {
     /// reused memory instead of fresh pages for every batch.
     pub batch_bytes: usize,
     /// Send on the caller's thread instead of refusing when the queue is full. Default false
-    /// (Tribes `alwaysSend` is true; see the module docs).
+    /// (Tribes `alwaysSend` is true; see the module docs). Such a message can overtake
+    /// messages to the same members that are still queued, as in Tribes.
     pub always_send: bool,
     /// Times a thread that ran out of messages looks again, yielding the core before each
     /// look, before it goes to sleep; one idle thread looks at a time. Default 100 (not a
