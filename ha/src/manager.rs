@@ -366,48 +366,37 @@ impl DeltaManager {
     pub(crate) fn create_session_unannounced(
         &self,
     ) -> Result<(SessionId, SessionEvent), SessionError> {
-        let id = self.new_id();
         let now = crate::now_ms();
-        let mut s = Session::new(id.clone(), now, self.cfg.max_inactive_secs);
-        s.mark_replicated(now); // its CREATED goes out with it
-        let mut swept = Vec::new();
-        {
+        let (created, swept) = {
             let mut store = self.store.lock();
-            if let Some(limit) = self.cfg.max_active_sessions {
-                // Sessions that timed out but wait for the next expiry sweep (every 60 s)
-                // must not hold places: at the limit, sweep now (at most once a second, so
-                // a flood of refused clients does not scan the store each time).
-                let last = self.limit_sweep_ms.load(Ordering::Relaxed);
-                if store.len() >= limit
-                    && now - last >= 1000
-                    && self
-                        .limit_sweep_ms
-                        .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    swept = self.sweep(&mut store, now).0;
-                }
-                if store.len() >= limit {
-                    drop(store);
-                    self.announce_expired(swept, SendOptions::ASYNCHRONOUS);
-                    let n = self
-                        .counters
-                        .rejected_sessions
-                        .fetch_add(1, Ordering::Relaxed)
-                        + 1;
-                    // The 1st, 2nd, 4th, 8th ... refusal: a flood must not flood the log.
-                    if n.is_power_of_two() {
-                        warn!(target: "ha::manager", "context {}: {limit} sessions held, the limit (max_active_sessions); refusing a new one ({n} refused so far)", self.context);
-                    }
-                    return Err(SessionError::TooManySessions { limit });
-                }
-            }
-            store.insert(s);
-            self.counters.held(store.len());
-        }
+            let swept = self.sweep_at_limit(&mut store, now);
+            let room = self.cfg.max_active_sessions.is_none_or(|l| store.len() < l);
+            let created = room.then(|| {
+                let id = self.new_id();
+                let mut s = Session::new(id.clone(), now, self.cfg.max_inactive_secs);
+                s.mark_replicated(now); // its CREATED goes out with it
+                store.insert(s);
+                self.counters.held(store.len());
+                id
+            });
+            (created, swept)
+        };
         // Asynchronously even with sync replication: this runs on a request's thread, and a
         // copy that misses the word expires by itself.
         self.announce_expired(swept, SendOptions::ASYNCHRONOUS);
+        let Some(id) = created else {
+            let limit = self.cfg.max_active_sessions.unwrap_or_default();
+            let n = self
+                .counters
+                .rejected_sessions
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            // The 1st, 2nd, 4th, 8th ... refusal: a flood must not flood the log.
+            if n.is_power_of_two() {
+                warn!(target: "ha::manager", "context {}: {limit} sessions held, the limit (max_active_sessions); refusing a new one ({n} refused so far)", self.context);
+            }
+            return Err(SessionError::TooManySessions { limit });
+        };
         self.counters
             .sessions_created
             .fetch_add(1, Ordering::Relaxed);
@@ -416,6 +405,25 @@ impl DeltaManager {
             max_inactive_secs: self.cfg.max_inactive_secs,
         };
         Ok((id, created))
+    }
+
+    /// At [`ManagerConfig::max_active_sessions`], expires the sessions that timed out but
+    /// wait for the next periodic sweep (every 60 s), so they hold no place; at most once a
+    /// second, so a flood of refused clients does not scan the store each time. Returns the
+    /// primaries expired.
+    fn sweep_at_limit(&self, store: &mut SessionStore, now_ms: i64) -> Vec<SessionId> {
+        let at_limit = self
+            .cfg
+            .max_active_sessions
+            .is_some_and(|l| store.len() >= l);
+        let last = self.limit_sweep_ms.load(Ordering::Relaxed);
+        if at_limit && now_ms - last >= 1000 {
+            // Under the store lock: no other thread sweeps meanwhile.
+            self.limit_sweep_ms.store(now_ms, Ordering::Relaxed);
+            self.sweep(store, now_ms).0
+        } else {
+            Vec::new()
+        }
     }
 
     /// Sends an event a request produced with [`Self::create_session_unannounced`] and the

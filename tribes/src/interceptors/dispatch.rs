@@ -100,15 +100,14 @@ pub struct MessageDispatchInterceptor {
 }
 
 /// One dispatch thread's queue, and how many messages wait in it: the channel is
-/// unbounded, the count bounds it.
-#[derive(Clone)]
+/// unbounded, the count bounds it. Shared by `Arc`, so a send clones one pointer.
 struct Queue {
     tx: Sender<Outgoing>,
     len: Arc<AtomicUsize>,
 }
 
 struct Running {
-    queues: Vec<Queue>,
+    queues: Vec<Arc<Queue>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -167,28 +166,24 @@ impl Interceptor for MessageDispatchInterceptor {
             };
             r.queues[self.shard(&out, r.queues.len())].clone()
         };
+        // The message's bytes and its place in the queue are taken before the send, and
+        // both given back if either does not fit.
         let before = self.queued.fetch_add(size, Ordering::AcqRel);
-        if before + size > max && before > 0 {
-            self.queued.fetch_sub(size, Ordering::AcqRel);
-            if self.cfg.always_send {
-                return next.send(out);
-            }
-            warn!(target: "tribes::dispatch", "async queue full ({before} of {max} bytes); refusing message");
-            return Err(SendError::QueueFull {
-                queued: before,
-                max,
-            });
-        }
-        // A place in the queue is taken before the send and given back if there is none.
-        if queue.len.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_queue_messages.max(1) {
+        let waiting = queue.len.fetch_add(1, Ordering::AcqRel);
+        let bytes_full = before + size > max && before > 0;
+        if bytes_full || waiting >= self.cfg.max_queue_messages.max(1) {
             queue.len.fetch_sub(1, Ordering::AcqRel);
             self.queued.fetch_sub(size, Ordering::AcqRel);
             if self.cfg.always_send {
                 return next.send(out);
             }
-            warn!(target: "tribes::dispatch", "async queue full ({} messages); refusing message", self.cfg.max_queue_messages);
+            if bytes_full {
+                warn!(target: "tribes::dispatch", "async queue full ({before} of {max} bytes); refusing message");
+            } else {
+                warn!(target: "tribes::dispatch", "async queue full ({waiting} messages); refusing message");
+            }
             return Err(SendError::QueueFull {
-                queued: self.queued.load(Ordering::Acquire),
+                queued: before,
                 max,
             });
         }
@@ -236,7 +231,7 @@ impl Interceptor for MessageDispatchInterceptor {
                 .name(format!("tribes-dispatch-{n}"))
                 .spawn(move || worker.run())
                 .map_err(ChannelError::Io)?;
-            queues.push(Queue { tx, len });
+            queues.push(Arc::new(Queue { tx, len }));
             handles.push(h);
         }
         *running = Some(Running {
