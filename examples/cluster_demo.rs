@@ -624,32 +624,60 @@ impl Drop for RedisServer {
 
 /// A dumb TCP load balancer: each client connection goes to the next backend in turn
 /// (round robin, non-sticky), or with `sticky` to the backend named by the session cookie's
-/// route; a backend that refuses the connection is skipped.
-fn start_balancer(
-    backends: Vec<SocketAddr>,
-    sticky: bool,
+/// route; a backend that refuses the connection is skipped. It runs until dropped.
+struct Balancer {
+    addr: SocketAddr,
     stop: Arc<AtomicBool>,
-) -> Res<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
-    let next = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new()
-        .name("demo-lb".into())
-        .spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                let Ok((client, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                };
-                let backends = backends.clone();
-                let next = Arc::clone(&next);
-                std::thread::spawn(move || {
-                    let _ = proxy(client, &backends, &next, sticky);
-                });
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Balancer {
+    fn start(backends: Vec<SocketAddr>, sticky: bool) -> Res<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicUsize::new(0));
+        let stopping = Arc::clone(&stop);
+        // A blocking accept, not a polling one: the benchmark keeps one balancer per case
+        // idle beside the nodes it measures, and a loop that woke every millisecond took a
+        // few percent of the machine's two cores. Drop wakes it with a connection.
+        let accept = std::thread::Builder::new()
+            .name("demo-lb".into())
+            .spawn(move || {
+                for client in listener.incoming() {
+                    if stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(client) = client else { continue };
+                    let backends = backends.clone();
+                    let next = Arc::clone(&next);
+                    // Ends by itself: every read and write has a timeout.
+                    let _ = std::thread::Builder::new()
+                        .name("demo-lb-conn".into())
+                        .spawn(move || {
+                            let _ = proxy(client, &backends, &next, sticky);
+                        });
+                }
+            })?;
+        Ok(Self {
+            addr,
+            stop,
+            accept: Some(accept),
+        })
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept; if even that fails the thread is left to the process's end
+        // rather than joined forever.
+        if TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok() {
+            if let Some(t) = self.accept.take() {
+                let _ = t.join();
             }
-        })?;
-    Ok(addr)
+        }
+    }
 }
 
 fn proxy(
@@ -658,7 +686,6 @@ fn proxy(
     next: &AtomicUsize,
     sticky: bool,
 ) -> Res<()> {
-    client.set_nonblocking(false)?;
     client.set_read_timeout(Some(Duration::from_secs(10)))?;
     // Read the request head (our client sends no body).
     let mut head = Vec::new();
@@ -1085,8 +1112,7 @@ struct Deployment {
     nodes: Vec<NodeProc>,
     /// Nodes have routes and the balancer follows them.
     sticky: bool,
-    lb: SocketAddr,
-    stop: Arc<AtomicBool>,
+    lb: Balancer,
     replication: Replication,
     /// The shared store of the Redis baseline (dropped after the nodes).
     redis: Option<RedisServer>,
@@ -1104,22 +1130,17 @@ impl Deployment {
             .transpose()?;
         let redis_addr = redis.as_ref().map(|r| r.addr);
         let nodes = start_nodes(count, replication, sticky, redis_addr, lifetime)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let lb = start_balancer(
-            nodes.iter().map(|n| n.http).collect(),
-            sticky,
-            Arc::clone(&stop),
-        )?;
+        let lb = Balancer::start(nodes.iter().map(|n| n.http).collect(), sticky)?;
         println!(
-            "cluster demo: {count} node(s) ({} replication), {} balancer at {lb}",
+            "cluster demo: {count} node(s) ({} replication), {} balancer at {}",
             replication.label(),
-            if sticky { "sticky" } else { "round-robin" }
+            if sticky { "sticky" } else { "round-robin" },
+            lb.addr
         );
         Ok(Self {
             nodes,
             sticky,
             lb,
-            stop,
             replication,
             redis,
         })
@@ -1130,7 +1151,7 @@ impl Deployment {
         let addrs: Vec<SocketAddr> = self.nodes.iter().map(|n| n.http).collect();
         let before = self.cpu_ns();
         let victim = (kill && self.nodes.len() > 1).then_some(&mut self.nodes);
-        let mut report = drive(self.lb, &addrs, load, clients, victim, self.sticky)?;
+        let mut report = drive(self.lb.addr, &addrs, load, clients, victim, self.sticky)?;
         if !kill {
             if let (Some(a), Some(b)) = (before, self.cpu_ns()) {
                 report.cpu_us = Some(b.saturating_sub(a) as f64 / 1e3 / report.sent.max(1) as f64);
@@ -1176,12 +1197,6 @@ impl Deployment {
             }
             last
         })
-    }
-}
-
-impl Drop for Deployment {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
