@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tribes::interceptors::DispatchConfig;
 use tribes::wire::{encode_frame, AckCommand};
 use tribes::{ChannelMessage, Failure, Member, ProcessError, SendError, SendOptions, UniqueId};
-use tribes_suite::{static_group, wait_until, ClosedPort, GroupOptions};
+use tribes_suite::{static_group, wait_until, ClosedPort, GroupOptions, HangingPort};
 
 #[test]
 fn failing_listener_gives_fail_ack_naming_the_member() {
@@ -59,6 +59,42 @@ fn send_to_a_member_not_listening_fails_within_the_timeout() {
         err.to_string().contains(&dead.to_string()),
         "error names the member: {err}"
     );
+}
+
+#[test]
+fn a_member_whose_connect_hangs_does_not_fail_the_healthy_ones() {
+    // One deadline for the whole send used to be eaten by the hanging connect: the healthy
+    // member, written to after it, was reported as timed out although it applied the
+    // message (and its connection was torn down).
+    let g = static_group(2, &GroupOptions::fast_failing()).unwrap();
+    let got = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&got);
+    g[1].add_channel_listener(move |_: &ChannelMessage| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    });
+    let hanging = HangingPort::new().unwrap();
+    let stuck = Member::with_id(hanging.addr(), UniqueId::random());
+    let live = g[1].local_member();
+    let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+    let start = Instant::now();
+    let err = g[0]
+        .send(&[stuck.clone(), live.clone()], &b"x"[..], sync)
+        .unwrap_err();
+    let faulty = err.faulty_members();
+    assert_eq!(faulty.len(), 1, "only the unreachable member fails: {err}");
+    assert_eq!(faulty[0].member, stuck);
+    assert_eq!(got.load(Ordering::SeqCst), 1);
+    // The connect's timeout, then the healthy member's own ACK time at most.
+    assert!(
+        start.elapsed() < Duration::from_millis(2 * 800 + 500),
+        "{:?}",
+        start.elapsed()
+    );
+    // The healthy member's connection is still fine.
+    g[0].send(std::slice::from_ref(&live), &b"y"[..], sync)
+        .unwrap();
+    assert_eq!(got.load(Ordering::SeqCst), 2);
 }
 
 #[test]

@@ -313,6 +313,7 @@ impl Sender {
                         seqs,
                         ack,
                         attempt,
+                        written: Instant::now(),
                     }),
                     Err(f) => {
                         self.release(&peer, &conn);
@@ -334,10 +335,17 @@ impl Sender {
 
     /// Waits for the ticket's ACKs (if any) and releases its connection; on an I/O failure
     /// while waiting, resends once more if retries are left (as Tribes does).
+    ///
+    /// Each member has the whole timeout from when its frames were written to answer: with
+    /// one deadline for the send, a member whose connect hung would have used it up, and
+    /// the healthy members written to after it would have been reported as timed out
+    /// although they got the message (Tribes connects to all members in parallel, so one
+    /// hanging connect does not delay the others there either).
     fn finish(&self, t: &mut Ticket, frames: &[Frame], deadline: Instant) -> Result<(), Failure> {
         loop {
             let res = if t.ack {
-                t.conn.wait_acks(&t.seqs, deadline)
+                t.conn
+                    .wait_acks(&t.seqs, deadline.max(t.written + self.cfg.timeout))
             } else {
                 Ok(())
             };
@@ -374,6 +382,8 @@ struct Ticket {
     seqs: Vec<u64>,
     ack: bool,
     attempt: u32,
+    /// When the frames were written: the member has the send timeout from then to answer.
+    written: Instant,
 }
 
 /// One TCP connection to a peer's receiver.
@@ -389,7 +399,9 @@ struct Conn {
     acks: Mutex<AckState>,
     acked_cv: Condvar,
     /// Only the thread that is the current ACK reader touches it.
-    reply_decoder: Mutex<FrameDecoder>,
+    /// Decodes the peer's replies; with the socket's read timeout as last set (read under
+    /// the same lock, so it is only set when it changes).
+    reply_decoder: Mutex<(FrameDecoder, Duration)>,
     last_used: Mutex<Instant>,
 }
 
@@ -435,7 +447,7 @@ impl Conn {
                 broken: None,
             }),
             acked_cv: Condvar::new(),
-            reply_decoder: Mutex::new(FrameDecoder::new(1024)),
+            reply_decoder: Mutex::new((FrameDecoder::new(1024), cfg.timeout)),
             last_used: Mutex::new(Instant::now()),
         })
     }
@@ -528,6 +540,7 @@ impl Conn {
         let Some(&last) = seqs.last() else {
             return Ok(());
         };
+        let mut looked = false;
         let mut st = self.acks.lock();
         loop {
             if st.acked > last {
@@ -543,7 +556,11 @@ impl Conn {
                 return Err(f.clone());
             }
             let now = Instant::now();
-            if now >= deadline {
+            // Past the deadline, what has already arrived is still read once (this thread
+            // may have been kept off the core until after its deadline while the ACK sat in
+            // the socket); only then is the connection given up.
+            let last_look = now >= deadline;
+            if last_look && (looked || st.reader) {
                 // A late ACK would be matched to the wrong message: the connection is done.
                 drop(st);
                 warn!(target: "tribes::transport", "no ACK from {} within the send timeout", self.addr);
@@ -554,9 +571,10 @@ impl Conn {
                 self.acked_cv.wait_until(&mut st, deadline);
                 continue;
             }
+            looked = last_look;
             st.reader = true;
             drop(st);
-            let read = self.read_replies(deadline - now);
+            let read = self.read_replies(deadline.saturating_duration_since(now));
             st = self.acks.lock();
             st.reader = false;
             match read {
@@ -582,12 +600,20 @@ impl Conn {
 
     /// One blocking read (bounded by `wait`); returns the replies it completed.
     fn read_replies(&self, wait: Duration) -> Result<Vec<AckCommand>, Failure> {
-        let mut decoder = self.reply_decoder.lock();
+        let mut reader = self.reply_decoder.lock();
+        let (decoder, timeout) = &mut *reader;
         let mut buf = [0u8; 512];
-        if wait < Duration::from_secs(1) {
-            let _ = self
-                .stream
-                .set_read_timeout(Some(wait.max(Duration::from_millis(1))));
+        // The timeout set is changed only when it would overshoot the deadline by more
+        // than a little, or is short enough to make the caller's wait a spin of short
+        // reads: the common ACK read then costs no extra system call. Zero would mean
+        // "no timeout".
+        let want = wait.max(Duration::from_millis(1));
+        let overshoots = *timeout > want + Duration::from_millis(50);
+        let spins = *timeout < want && *timeout < Duration::from_millis(500);
+        if overshoots || spins {
+            if self.stream.set_read_timeout(Some(want)).is_ok() {
+                *timeout = want;
+            }
         }
         let n = loop {
             match (&self.stream).read(&mut buf) {
