@@ -610,10 +610,8 @@ impl Conn {
         let want = wait.max(Duration::from_millis(1));
         let overshoots = *timeout > want + Duration::from_millis(50);
         let spins = *timeout < want && *timeout < Duration::from_millis(500);
-        if overshoots || spins {
-            if self.stream.set_read_timeout(Some(want)).is_ok() {
-                *timeout = want;
-            }
+        if (overshoots || spins) && self.stream.set_read_timeout(Some(want)).is_ok() {
+            *timeout = want;
         }
         let n = loop {
             match (&self.stream).read(&mut buf) {
