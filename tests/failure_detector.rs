@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tribes::interceptors::{
-    FailureDetectorConfig, Interceptor, StackHandle, TcpFailureDetector, PROBE_PAYLOAD,
+    FailureDetectorConfig, Interceptor, MessageDispatchInterceptor, StackHandle,
+    TcpFailureDetector, PROBE_PAYLOAD,
 };
-use tribes::{ChannelError, ChannelMessage, GroupChannel, Levels, Member, UniqueId};
+use tribes::{ChannelError, ChannelMessage, GroupChannel, Levels, Member, SendOptions, UniqueId};
 use tribes_suite::{static_group, wait_until, ClosedPort, GroupOptions, HangingPort};
 
 /// Plays the membership service: raises events from its position in the stack.
@@ -255,4 +256,50 @@ fn static_members_are_verified_and_their_goodbye_removes_them_at_once() {
         .contains(&gone)
         && !g[1].members().contains(&gone)));
     assert!(start.elapsed() < Duration::from_millis(500));
+}
+
+#[test]
+fn a_member_that_dies_silently_is_removed_after_a_failed_asynchronous_send() {
+    // The dispatch threads write asynchronous messages in batches, so the detector's `send`
+    // only sees them queued; the failures reach it afterwards (`sends_failed`). Before that,
+    // a member killed without a goodbye stayed a member for good under static membership,
+    // and every asynchronous send to it failed.
+    let fd = Arc::new(TcpFailureDetector::new(FailureDetectorConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..Default::default()
+    }));
+    let inj = Arc::new(Injector::default());
+    let a = GroupChannel::builder()
+        .name("fd-async")
+        .port(0)
+        .heartbeat_interval(None)
+        .interceptor(MessageDispatchInterceptor::default())
+        .interceptor_arc(fd.clone())
+        .interceptor_arc(inj.clone())
+        .build()
+        .unwrap();
+    a.start(Levels::DEFAULT).unwrap();
+    let b = plain_node("b-async");
+    let bm = b.local_member();
+    inj.added(&bm);
+    assert!(wait_until(Duration::from_secs(3), || a
+        .members()
+        .contains(&bm)));
+    // b's process dies: no goodbye, its port refuses connections from now on.
+    b.stop(Levels::ALL).unwrap();
+    drop(b);
+    let removed = wait_until(Duration::from_secs(5), || {
+        let _ = a.send(
+            std::slice::from_ref(&bm),
+            &b"x"[..],
+            SendOptions::ASYNCHRONOUS,
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        !a.members().contains(&bm)
+    });
+    assert!(
+        removed,
+        "the failed asynchronous sends got b checked and removed"
+    );
+    a.stop(Levels::ALL).unwrap();
 }

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 
 use super::{Down, Interceptor, Outgoing, StackHandle, Up};
 use crate::channel::Levels;
-use crate::error::{ChannelError, Failure, ProcessError, SendError};
+use crate::error::{ChannelError, Failure, FaultyMember, ProcessError, SendError};
 use crate::member::{Member, MemberKey};
 use crate::options::SendOptions;
 use crate::wire::ChannelMessage;
@@ -192,15 +192,21 @@ impl Interceptor for TcpFailureDetector {
     fn send(&self, out: Outgoing, next: Down<'_>) -> Result<(), SendError> {
         let result = next.send(out);
         if let Err(SendError::Faulty(faulty)) = &result {
-            for f in faulty {
-                // A FAIL_ACK means the member is alive and answered.
-                if f.failure != Failure::RemoteProcess {
-                    debug!(target: "tribes::failure_detector", "send to {} failed ({}); verifying", f.member, f.failure);
-                    self.enqueue(f.member.clone(), Check::Remove);
-                }
-            }
+            self.sends_failed(faulty);
         }
         result
+    }
+
+    /// Failed sends, on the sender's thread or (asynchronous sends) reported by the
+    /// dispatch thread after its batch: each member is checked.
+    fn sends_failed(&self, failed: &[FaultyMember]) {
+        for f in failed {
+            // A FAIL_ACK means the member is alive and answered.
+            if f.failure != Failure::RemoteProcess {
+                debug!(target: "tribes::failure_detector", "send to {} failed ({}); verifying", f.member, f.failure);
+                self.enqueue(f.member.clone(), Check::Remove);
+            }
+        }
     }
 
     fn received(&self, msg: ChannelMessage, next: Up<'_>) -> Result<(), ProcessError> {

@@ -55,7 +55,7 @@ pub use static_membership::{StaticMembershipInterceptor, GOODBYE_PAYLOAD, HELLO_
 pub use tcp_ping::{TcpPingInterceptor, PING_PAYLOAD};
 
 use crate::channel::Levels;
-use crate::error::{ChannelError, ProcessError, SendError};
+use crate::error::{ChannelError, FaultyMember, ProcessError, SendError};
 use crate::id::UniqueId;
 use crate::member::Member;
 use crate::options::SendOptions;
@@ -112,6 +112,16 @@ pub trait Interceptor: Send + Sync + 'static {
     /// A member left (coming up).
     fn member_disappeared(&self, member: Member, next: Up<'_>) {
         next.member_disappeared(member)
+    }
+
+    /// Members that messages this interceptor passed down failed to reach, reported after
+    /// its [`Interceptor::send`] had returned: the dispatch threads write asynchronous
+    /// messages in batches, so `send` only saw them queued. Each member comes once per
+    /// batch (`failure` is its first failure there), in stack order from just below the
+    /// interceptor that wrote the batch. Default: nothing (there is nothing to pass on;
+    /// every interceptor below is told anyway). A failure detector checks these members.
+    fn sends_failed(&self, failed: &[FaultyMember]) {
+        let _ = failed;
     }
 
     /// The periodic heartbeat (going down).

@@ -1,7 +1,7 @@
 use std::sync::{Arc, Weak};
 
 use super::{Interceptor, Outgoing};
-use crate::error::{ProcessError, SendError};
+use crate::error::{FaultyMember, ProcessError, SendError};
 use crate::member::Member;
 use crate::transport::{Batch, MessageHandler};
 use crate::wire::ChannelMessage;
@@ -219,11 +219,29 @@ impl StackHandle {
     }
 
     /// Runs `f` with transport write batching on for this thread (see
-    /// [`crate::transport::Batch`]); returns the failures by tag.
-    pub fn batch(&self, f: &mut dyn FnMut(&mut Batch)) -> Vec<(usize, crate::error::FaultyMember)> {
-        match self.stack.upgrade() {
-            Some(s) => s.bottom.batch(f),
-            None => Vec::new(),
+    /// [`crate::transport::Batch`]); returns the failures by tag. The interceptors below
+    /// this one hear of the members that failed ([`Interceptor::sends_failed`]): their
+    /// `send` saw the messages only queued.
+    pub fn batch(&self, f: &mut dyn FnMut(&mut Batch)) -> Vec<(usize, FaultyMember)> {
+        let Some(stack) = self.stack.upgrade() else {
+            return Vec::new();
+        };
+        let failures = stack.bottom.batch(f);
+        if !failures.is_empty() {
+            let mut failed: Vec<FaultyMember> = Vec::new();
+            for (_, f) in &failures {
+                if !failed
+                    .iter()
+                    .any(|seen| seen.member.key() == f.member.key())
+                {
+                    failed.push(f.clone());
+                }
+            }
+            let below = stack.interceptors.get(self.index + 1..).unwrap_or_default();
+            for ic in below {
+                ic.sends_failed(&failed);
+            }
         }
+        failures
     }
 }
