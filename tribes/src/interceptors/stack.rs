@@ -19,7 +19,7 @@ pub(crate) trait Bottom: Send + Sync {
     fn send(&self, out: Outgoing) -> Result<(), SendError>;
     fn heartbeat(&self);
     fn local_member(&self) -> Member;
-    fn batch(&self, f: &mut dyn FnMut(&mut Batch)) -> Vec<(usize, crate::error::FaultyMember)>;
+    fn batch(&self, f: &mut dyn FnMut(&mut Batch)) -> Vec<(usize, FaultyMember)>;
 }
 
 pub(crate) struct Stack {
