@@ -303,3 +303,47 @@ fn a_member_that_dies_silently_is_removed_after_a_failed_asynchronous_send() {
     );
     a.stop(Levels::ALL).unwrap();
 }
+
+#[test]
+fn static_members_that_answer_are_members_when_start_returns() {
+    // A session manager asks its members for state right after start; before, the
+    // detector's first probes ran after `start` had returned, and a node could find nobody
+    // and start empty although its peer was up.
+    let peers: Vec<GroupChannel> = (0..2).map(|i| plain_node(&format!("up{i}"))).collect();
+    let up: Vec<Member> = peers.iter().map(GroupChannel::local_member).collect();
+    let closed = ClosedPort::new().unwrap();
+    let hanging = HangingPort::new().unwrap();
+    let down = [
+        Member::with_id(closed.addr(), UniqueId::random()),
+        Member::with_id(hanging.addr(), UniqueId::random()),
+    ];
+    let all: Vec<Member> = up.iter().chain(&down).cloned().collect();
+    let a = GroupChannel::builder()
+        .name("fd-start")
+        .port(0)
+        .heartbeat_interval(None)
+        // The hello notices at start wait for their connects too (in parallel).
+        .sender(tribes::transport::SenderConfig {
+            timeout: Duration::from_millis(500),
+            ..Default::default()
+        })
+        .interceptor(TcpFailureDetector::new(FailureDetectorConfig {
+            connect_timeout: Duration::from_millis(300),
+            ..Default::default()
+        }))
+        .interceptor(tribes::interceptors::StaticMembershipInterceptor::new(all))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    a.start(Levels::DEFAULT).unwrap();
+    let took = start.elapsed();
+    let mut members = a.members();
+    members.sort_by_key(|m| m.port);
+    let mut expected = up.clone();
+    expected.sort_by_key(|m| m.port);
+    assert_eq!(members, expected, "the live peers, and only they, at once");
+    // The hanging peer holds start for its hello's connect timeout and its probe's, not
+    // longer.
+    assert!(took < Duration::from_millis(2000), "{took:?}");
+    a.stop(Levels::ALL).unwrap();
+}

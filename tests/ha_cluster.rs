@@ -560,3 +560,38 @@ fn idle_sessions_expire_by_themselves_on_every_node() {
     a.cluster.stop().unwrap();
     b.cluster.stop().unwrap();
 }
+
+#[test]
+fn a_node_started_right_after_its_multicast_cluster_still_pulls_the_state() {
+    // No `wait_for_members` before `start`: the manager gives multicast membership its
+    // discovery time (two beacon intervals) before taking itself for the first node.
+    use tribes::membership::McastConfig;
+    let mcast = McastConfig {
+        port: 47100 + (std::process::id() % 400) as u16,
+        frequency: Duration::from_millis(100),
+        drop_time: Duration::from_millis(1000),
+        ttl: Some(0),
+        ..McastConfig::default()
+    };
+    let make = || {
+        let c = Cluster::with_defaults(
+            tribes::GroupChannel::builder()
+                .port(0)
+                .heartbeat_interval(None)
+                .multicast(mcast.clone()),
+        )
+        .unwrap();
+        let m = DeltaManager::new("/", ha::ManagerConfig::default());
+        c.register(&m).unwrap();
+        c.start().unwrap();
+        m.start(&c);
+        (c, m)
+    };
+    let (_ca, ma) = make();
+    let id = ma.create_session().unwrap();
+    ma.with_session(&id, |s| s.insert("k", &7u8).unwrap());
+    ma.request_completed(&id).unwrap();
+    let (_cb, mb) = make();
+    let copy = mb.session(&id).expect("B pulled A's session at start");
+    assert_eq!(copy.get::<u8>("k").unwrap(), Some(7));
+}

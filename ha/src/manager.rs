@@ -222,16 +222,33 @@ impl DeltaManager {
     /// nobody has sessions yet and the transfer is complete. Returns false when no member
     /// answered in time (the manager still starts, as in Tribes). Until this returns, other
     /// nodes' state requests are answered "not ready": call it once the cluster runs, before
-    /// serving requests.
+    /// serving requests. It blocks (up to `state_transfer_timeout`): call it from `main`
+    /// or a blocking task, not from async code.
+    ///
+    /// A channel whose membership needs time to find the members that are up (multicast:
+    /// [`GroupChannel::discovery_time`](tribes::GroupChannel::discovery_time), two beacon
+    /// intervals) is given that time when it has no member yet, so a node started right
+    /// after its cluster does not take itself for the first one.
     pub fn start(&self, cluster: &Cluster) -> bool {
         *self.cluster.lock() = cluster.inner();
         let channel = cluster.channel();
         self.set_origin(&channel.local_member());
-        let mut candidates = channel.service_members();
-        if candidates.is_empty() {
-            candidates = channel.members();
+        let members = || {
+            let service = channel.service_members();
+            if service.is_empty() {
+                channel.members()
+            } else {
+                service
+            }
+        };
+        let mut candidates = members();
+        let discovery = channel.discovery_time();
+        if candidates.is_empty() && !discovery.is_zero() {
+            channel.wait_for_members(1, discovery);
+            candidates = members();
         }
         if candidates.is_empty() {
+            info!(target: "ha::manager", "{}: no members; starting as the first node, with no sessions to take over", self.context);
             self.ready.store(true, Ordering::Release);
             return true;
         }

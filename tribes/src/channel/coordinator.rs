@@ -1,6 +1,7 @@
 //! The bottom of the stack: owns the sender and receiver and the local member.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::warn;
 use parking_lot::{Mutex, RwLock};
@@ -58,6 +59,16 @@ impl Coordinator {
     }
 
     /// Members known to the membership service (empty without one).
+    /// How long after start the membership service may take to find the members that are
+    /// up: two beacon intervals with multicast (what Tribes sleeps in start); nothing
+    /// otherwise.
+    pub(crate) fn discovery_time(&self) -> Duration {
+        self.mcast_cfg
+            .as_ref()
+            .map(|c| c.frequency * 2)
+            .unwrap_or_default()
+    }
+
     pub(crate) fn service_members(&self) -> Vec<Member> {
         self.mcast
             .lock()

@@ -234,6 +234,23 @@ impl GroupChannel {
         self.coordinator.service_members()
     }
 
+    /// How long after start membership may take to find the members that are already up:
+    /// twice the beacon interval with multicast (Tribes sleeps that long in every start;
+    /// here only who needs the members at once waits, e.g. a session manager asking for
+    /// state); zero for static and DNS membership, whose members are known when `start`
+    /// returns (and, under a `TcpFailureDetector`, verified).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tribes::GroupChannel;
+    /// let ch = GroupChannel::builder().port(0).build()?;
+    /// assert_eq!(ch.discovery_time(), Duration::ZERO);
+    /// # Ok::<(), tribes::ChannelError>(())
+    /// ```
+    pub fn discovery_time(&self) -> Duration {
+        self.coordinator.discovery_time()
+    }
+
     /// This node as others see it.
     pub fn local_member(&self) -> Member {
         self.coordinator.local_member()

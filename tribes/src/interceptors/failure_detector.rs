@@ -9,7 +9,9 @@
 //! Unlike Tribes, probes never run on the thread that delivered the event (membership
 //! receiver, heartbeat, sender): they run in parallel on a small pool of named threads
 //! (`tribes-fd-<n>`), so one unreachable host cannot stall membership for `connect_timeout`
-//! per member.
+//! per member. Members reported while the channel starts (static and DNS membership) are
+//! checked before `start` returns, in parallel, so the channel comes up with those that
+//! answer.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -108,6 +110,8 @@ enum Check {
 struct Job {
     member: Member,
     check: Check,
+    /// Told once the check is settled and reported (the checks `start` waits for).
+    done: Option<Sender<()>>,
 }
 
 struct Pool {
@@ -156,6 +160,12 @@ impl TcpFailureDetector {
     }
 
     fn enqueue(&self, member: Member, check: Check) {
+        self.enqueue_with(member, check, None);
+    }
+
+    /// As `enqueue`; `done` hears when the check is settled and reported (it is dropped
+    /// unheard when the check is not queued).
+    fn enqueue_with(&self, member: Member, check: Check, done: Option<Sender<()>>) {
         let key = member.key();
         {
             let mut st = self.state.lock();
@@ -176,7 +186,11 @@ impl TcpFailureDetector {
             return;
         };
         if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) =
-            pool.queue.try_send(Job { member, check })
+            pool.queue.try_send(Job {
+                member,
+                check,
+                done,
+            })
         {
             warn!(target: "tribes::failure_detector", "probe queue full; {} will be checked on the next heartbeat", job.member);
             self.state.lock().probing.remove(&key);
@@ -303,9 +317,26 @@ impl Interceptor for TcpFailureDetector {
         }
         *pool = Some(Pool { queue: tx, threads });
         drop(pool);
+        // Members reported before the probe threads ran (static and DNS membership report
+        // theirs as the levels below start) are checked now, and `start` returns once they
+        // are settled: a node that asks its members for state right after start (a
+        // session manager) finds those that answer. Probes run in parallel, so this takes
+        // at most about one connect timeout.
         let deferred = std::mem::take(&mut self.state.lock().deferred);
+        let count = deferred.len();
+        // One place per check: no send ever waits.
+        let (done_tx, done_rx) = crossbeam_channel::bounded(count.max(1));
         for (m, check) in deferred {
-            self.enqueue(m, check);
+            self.enqueue_with(m, check, Some(done_tx.clone()));
+        }
+        drop(done_tx);
+        let deadline = Instant::now() + self.cfg.connect_timeout * 2 + Duration::from_millis(100);
+        for _ in 0..count {
+            // Ends early when every queued check reported (a check not queued dropped its
+            // sender), or at the deadline.
+            if done_rx.recv_deadline(deadline).is_err() {
+                break;
+            }
         }
         Ok(())
     }
@@ -336,9 +367,13 @@ struct Prober {
 
 impl Prober {
     fn run(self) {
-        while let Ok(job) = self.jobs.recv() {
+        while let Ok(mut job) = self.jobs.recv() {
             let alive = self.probe(&job.member);
+            let done = job.done.take();
             self.settle(job, alive);
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
         }
     }
 

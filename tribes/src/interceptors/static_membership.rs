@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use log::{debug, info};
+use log::{debug, info, warn};
 use parking_lot::RwLock;
 
 use super::{Interceptor, Outgoing, StackHandle, Up};
@@ -33,13 +33,20 @@ pub const GOODBYE_PAYLOAD: &[u8] = b"Local StaticMember Shutdown Data";
 /// ```
 pub struct StaticMembershipInterceptor {
     members: RwLock<Vec<Member>>,
+    /// Addresses whose notices were ignored because they are not in the list, each
+    /// logged once (at most [`MAX_STRANGERS`] remembered).
+    strangers: parking_lot::Mutex<Vec<SocketAddr>>,
 }
+
+/// How many unlisted senders of notices are remembered (each is warned about once).
+const MAX_STRANGERS: usize = 64;
 
 impl StaticMembershipInterceptor {
     /// Static membership over `members` (the local node may be in the list; it is skipped).
     pub fn new(members: Vec<Member>) -> Self {
         Self {
             members: RwLock::new(members),
+            strangers: parking_lot::Mutex::new(Vec::new()),
         }
     }
 
@@ -63,6 +70,20 @@ impl StaticMembershipInterceptor {
             .cloned()
     }
 
+    /// A notice from an address not in the list: ignored as Tribes does, but said once,
+    /// since it usually means a node bound another port than its peers expect (its
+    /// configured port was taken and it moved on) and will not get their messages.
+    fn stranger(&self, addr: SocketAddr) {
+        let mut seen = self.strangers.lock();
+        if seen.contains(&addr) {
+            return;
+        }
+        if seen.len() < MAX_STRANGERS {
+            seen.push(addr);
+        }
+        warn!(target: "tribes::membership", "ignoring a membership notice from {addr}, which is not a configured static member (a node on another port than its peers list?)");
+    }
+
     fn others(&self, handle: &StackHandle) -> Vec<Member> {
         let local = handle.local_member();
         self.members
@@ -71,6 +92,24 @@ impl StaticMembershipInterceptor {
             .filter(|m| local.as_ref().is_none_or(|l| l.addr() != m.addr()))
             .cloned()
             .collect()
+    }
+
+    /// Sends a notice to every member, each on its own short-lived thread: a member whose
+    /// host is down holds its notice for the send timeout, and one after another those
+    /// waits would add up in the channel's start and stop.
+    fn notice_all(handle: &StackHandle, to: Vec<Member>, payload: &'static [u8]) {
+        std::thread::scope(|scope| {
+            for m in to {
+                let here = m.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("tribes-static-notice".into())
+                    .spawn_scoped(scope, move || Self::notice(handle, m, payload));
+                if spawned.is_err() {
+                    // No thread to spare: send it from here.
+                    Self::notice(handle, here, payload);
+                }
+            }
+        });
     }
 
     fn notice(handle: &StackHandle, to: Member, payload: &'static [u8]) {
@@ -98,16 +137,18 @@ impl Interceptor for StaticMembershipInterceptor {
     fn received(&self, msg: ChannelMessage, next: Up<'_>) -> Result<(), ProcessError> {
         let payload: &[u8] = &msg.payload;
         if payload == HELLO_PAYLOAD || payload == GOODBYE_PAYLOAD {
-            if let Some(m) = self.configured(msg.sender.addr()) {
-                if payload == HELLO_PAYLOAD {
-                    info!(target: "tribes::membership", "static member {m} says hello");
-                    next.member_added(m);
-                } else {
-                    info!(target: "tribes::membership", "static member {m} is shutting down");
-                    let mut gone = m;
-                    gone.command = Bytes::from_static(SHUTDOWN_COMMAND);
-                    next.member_disappeared(gone);
-                }
+            let Some(m) = self.configured(msg.sender.addr()) else {
+                self.stranger(msg.sender.addr());
+                return Ok(());
+            };
+            if payload == HELLO_PAYLOAD {
+                info!(target: "tribes::membership", "static member {m} says hello");
+                next.member_added(m);
+            } else {
+                info!(target: "tribes::membership", "static member {m} is shutting down");
+                let mut gone = m;
+                gone.command = Bytes::from_static(SHUTDOWN_COMMAND);
+                next.member_disappeared(gone);
             }
             return Ok(());
         }
@@ -118,10 +159,11 @@ impl Interceptor for StaticMembershipInterceptor {
         if !levels.contains(Levels::SND_TX) {
             return Ok(());
         }
-        for m in self.others(handle) {
+        let others = self.others(handle);
+        for m in &others {
             handle.member_added(m.clone());
-            Self::notice(handle, m, HELLO_PAYLOAD);
         }
+        Self::notice_all(handle, others, HELLO_PAYLOAD);
         Ok(())
     }
 
@@ -129,8 +171,6 @@ impl Interceptor for StaticMembershipInterceptor {
         if !levels.contains(Levels::SND_TX) {
             return;
         }
-        for m in self.others(handle) {
-            Self::notice(handle, m, GOODBYE_PAYLOAD);
-        }
+        Self::notice_all(handle, self.others(handle), GOODBYE_PAYLOAD);
     }
 }

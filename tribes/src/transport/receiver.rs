@@ -207,7 +207,14 @@ fn bind(cfg: &ReceiverConfig) -> Result<std::net::TcpListener, ChannelError> {
         };
         let addr = SocketAddr::new(cfg.address, port);
         match bind_one(addr, cfg) {
-            Ok(l) => return Ok(l),
+            Ok(l) => {
+                if i > 0 {
+                    // Tribes' autoBind moves on quietly; peers that list this node by its
+                    // configured port (static membership) will not reach it here.
+                    warn!(target: "tribes::transport", "port {} is taken ({last}); the receiver bound {addr} instead (auto_bind)", cfg.port);
+                }
+                return Ok(l);
+            }
             Err(e) => last = e,
         }
     }
