@@ -62,6 +62,40 @@ fn send_to_a_member_not_listening_fails_within_the_timeout() {
 }
 
 #[test]
+fn a_panicking_listener_fails_its_message_and_the_node_keeps_delivering() {
+    let g = static_group(2, &GroupOptions::fast_failing()).unwrap();
+    let got = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&got);
+    g[1].add_channel_listener(move |m: &ChannelMessage| {
+        if &m.payload[..] == b"boom" {
+            panic!("listener bug");
+        }
+        seen.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    });
+    let to = [g[1].local_member()];
+    let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+    // More panics than the receiver has workers: each used to end one for good.
+    for _ in 0..10 {
+        let err = g[0].send(&to, &b"boom"[..], sync).unwrap_err();
+        assert_eq!(
+            err.faulty_members()[0].failure,
+            Failure::RemoteProcess,
+            "{err}"
+        );
+    }
+    for _ in 0..5 {
+        g[0].send(&to, &b"fine"[..], sync).unwrap();
+        g[0].send(&to, &b"fine"[..], SendOptions::USE_ACK).unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(3), || got
+        .load(Ordering::SeqCst)
+        == 10));
+    let stats = g[1].receiver_stats().unwrap();
+    assert_eq!(stats.panics.load(Ordering::Relaxed), 10);
+}
+
+#[test]
 fn a_member_whose_connect_hangs_does_not_fail_the_healthy_ones() {
     // One deadline for the whole send used to be eaten by the hanging connect: the healthy
     // member, written to after it, was reported as timed out although it applied the

@@ -314,8 +314,9 @@ impl DeltaManager {
         let mut behind = Vec::new();
         {
             let mut store = self.store.lock();
+            let now = crate::now_ms();
             for m in &replay {
-                let applied = store.apply(&m.event, m.timestamp_ms);
+                let applied = store.apply(&m.event, now);
                 behind.extend(needs_repair(&m.event, &applied).cloned());
             }
             c.held(store.len());
@@ -1074,6 +1075,9 @@ impl DeltaManager {
     /// Stops the manager: with `expire_sessions_on_shutdown` this node's primary sessions are
     /// expired cluster-wide, otherwise only dropped locally (the copies live on).
     pub fn stop(&self) {
+        // Not the cluster's state any more: a node joining meanwhile is told "not ready"
+        // and asks another member, instead of taking this empty store for the state.
+        self.ready.store(false, Ordering::Release);
         // A fresh store like the first one (its placeholder interval is this manager's);
         // the burials go with the old one, as the node leaves the cluster.
         let fresh = SessionStore::new(self.cfg.max_inactive_secs);
@@ -1117,7 +1121,14 @@ impl DeltaManager {
             match t.as_mut() {
                 Some(tr) => match tr.offer(msg) {
                     Offer::Apply(m) => m,
-                    _ => return Ok(()),
+                    Offer::Queued => return Ok(()),
+                    // Not applied, and never will be: a sender waiting for this node to
+                    // process the change must not count it as replicated here.
+                    Offer::Dropped => {
+                        return Err(ProcessError::new(
+                            "state transfer running and its queue is full; change not applied",
+                        ))
+                    }
                 },
                 None => msg,
             }
@@ -1156,7 +1167,10 @@ impl DeltaManager {
             event => {
                 let applied = {
                     let mut store = self.store.lock();
-                    let applied = store.apply(event, msg.timestamp_ms);
+                    // This node's clock, not the sender's: what the store times with it
+                    // (burials, a new copy's age) is local bookkeeping, and a sender's clock
+                    // running ahead would otherwise forget recent burials early.
+                    let applied = store.apply(event, crate::now_ms());
                     self.counters.held(store.len());
                     applied
                 };
@@ -1537,6 +1551,37 @@ mod tests {
     }
 
     #[test]
+    fn a_sender_clock_far_ahead_does_not_make_this_node_forget_its_burials() {
+        let rx = Receiving::new(ManagerConfig::default());
+        let (x, y) = (SessionId::new("x"), SessionId::new("y"));
+        // x is invalidated on another node; its creation, sent earlier, is still on its
+        // way on another connection.
+        rx.deliver(SessionEvent::Expired { id: x.clone() });
+        // Another node, whose clock runs ten minutes ahead, expires y.
+        let ahead = crate::now_ms() + 600_000;
+        rx.deliver_sent_at(SessionEvent::Expired { id: y }, ahead);
+        // The late creation of x must still be refused: no ghost session.
+        rx.deliver(SessionEvent::Created {
+            id: x.clone(),
+            max_inactive_secs: 60,
+        });
+        assert!(rx.manager.session(&x).is_none());
+    }
+
+    #[test]
+    fn a_change_the_full_transfer_queue_drops_is_refused_not_acknowledged() {
+        let rx = Receiving::new(ManagerConfig::default());
+        // A state transfer is running, with room for one message.
+        *rx.manager.transfer.lock() = Some(StateTransfer::new(crate::now_ms(), 60_000, 1));
+        let id = SessionId::new("s");
+        let (_, deltas) = deltas_setting(&id, &["a", "b"]);
+        rx.try_deliver(SessionEvent::Delta(deltas[0].clone()))
+            .expect("queued: it will be applied after the transfer");
+        let refused = rx.try_deliver(SessionEvent::Delta(deltas[1].clone()));
+        assert!(refused.is_err(), "dropped: the sender must hear it failed");
+    }
+
+    #[test]
     fn a_version_wait_is_woken_by_the_change_that_brings_the_version() {
         let rx = Receiving::new(ManagerConfig::default());
         let node = &rx.manager;
@@ -1703,6 +1748,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "axum")] // `last_change` serves the layer only
     fn a_read_your_writes_wait_is_for_the_change_not_just_its_version() {
         let rx = Receiving::new(ManagerConfig::default());
         let node = &rx.manager;

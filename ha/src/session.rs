@@ -362,7 +362,7 @@ impl Session {
         if self.delta.is_empty() {
             return None;
         }
-        self.version += 1;
+        self.version = self.version.saturating_add(1);
         let actions = self.delta.take();
         self.before.clear();
         let _ = self.note_change((self.version, origin));
@@ -591,7 +591,8 @@ impl Session {
     /// `DeltaSession.isAccessReplicate` does this after a whole interval.
     pub(crate) fn access_due(&self, now_ms: i64) -> bool {
         self.max_inactive_secs > 0
-            && now_ms - self.replicated_ms >= self.max_inactive_secs.saturating_mul(500)
+            && now_ms.saturating_sub(self.replicated_ms)
+                >= self.max_inactive_secs.saturating_mul(500)
     }
 
     /// Whether the session has expired at `now_ms`: a primary after its max inactive
@@ -601,7 +602,10 @@ impl Session {
             return false;
         }
         let factor = if self.primary { 1 } else { 2 };
-        now_ms - self.last_access_ms > self.max_inactive_secs * 1000 * factor
+        // Saturating: the interval and the access time may come from another node, and a
+        // huge interval ("never", in effect) must not wrap into an instant expiry.
+        now_ms.saturating_sub(self.last_access_ms)
+            > self.max_inactive_secs.saturating_mul(1000 * factor)
     }
 }
 
@@ -609,6 +613,22 @@ impl Session {
 mod tests {
     use super::*;
     use serde::ser::Error as _;
+
+    #[test]
+    fn extreme_intervals_and_access_times_neither_wrap_nor_panic() {
+        let mut s = Session::new(SessionId::new("s"), 0, i64::MAX);
+        assert!(!s.is_expired(i64::MAX), "a huge interval is never reached");
+        s.primary = false;
+        assert!(!s.is_expired(i64::MAX));
+        let mut old = Session::new(SessionId::new("o"), i64::MIN, 60);
+        assert!(
+            old.is_expired(0),
+            "an access time from the far past has expired"
+        );
+        old.primary = false;
+        assert!(old.is_expired(0));
+        assert!(old.access_due(i64::MAX));
+    }
 
     struct Unserializable;
     impl Serialize for Unserializable {

@@ -316,10 +316,12 @@ impl SessionStore {
         &self.stats
     }
 
-    /// Applies an event from another node received at `sent_ms` (the message timestamp).
+    /// Applies an event from another node, received at `now_ms` by this node's clock (what
+    /// it is used for, burials and a new copy's times, is local bookkeeping: a sender's
+    /// clock can be off).
     ///
     /// Reference: `DeltaManager.messageReceived` and its `handle*` methods.
-    pub fn apply(&mut self, event: &SessionEvent, sent_ms: i64) -> Applied {
+    pub fn apply(&mut self, event: &SessionEvent, now_ms: i64) -> Applied {
         let result = match event {
             SessionEvent::Created {
                 id,
@@ -336,11 +338,11 @@ impl SessionStore {
                 self.sessions
                     .entry(id.base().to_owned())
                     .and_modify(|s| s.created_arrived(*max_inactive_secs))
-                    .or_insert_with(|| Session::replica(id.clone(), sent_ms, *max_inactive_secs));
+                    .or_insert_with(|| Session::replica(id.clone(), now_ms, *max_inactive_secs));
                 Applied::Changed
             }
             SessionEvent::Expired { id } => {
-                self.bury(id, sent_ms);
+                self.bury(id, now_ms);
                 self.early.remove(id.base());
                 match self.sessions.remove(id.base()) {
                     Some(_) => Applied::Changed,
@@ -370,7 +372,7 @@ impl SessionStore {
                     None => Applied::Unknown,
                 }
             }
-            SessionEvent::Delta(delta) => self.apply_delta(delta, sent_ms),
+            SessionEvent::Delta(delta) => self.apply_delta(delta, now_ms),
             SessionEvent::ChangeSessionId { old, new } => {
                 let serving = (self.sessions.get(old.base()))
                     .is_some_and(|s| s.is_dirty() && old.base() == new.base());
@@ -378,7 +380,7 @@ impl SessionStore {
                     // Another node moved it to its route while a request here is changing
                     // it: it keeps this node's name, which its changes go out under next.
                     Applied::Stale
-                } else if self.rename(old, new, sent_ms) {
+                } else if self.rename(old, new, now_ms) {
                     Applied::Changed
                 } else {
                     Applied::Unknown
@@ -393,11 +395,11 @@ impl SessionStore {
                     self.insert_copy(incoming);
                 }
                 for delta in held_back {
-                    self.apply_delta(delta, sent_ms);
+                    self.apply_delta(delta, now_ms);
                 }
                 for (id, to) in buried {
                     if !self.sessions.contains_key(id.base()) {
-                        self.bury_as(id, to.clone(), sent_ms);
+                        self.bury_as(id, to.clone(), now_ms);
                     }
                 }
                 Applied::Changed
@@ -484,8 +486,8 @@ impl SessionStore {
         };
         let mut applied = 0;
         for ((version, _), delta) in early {
-            if version > session.version() + 1 {
-                warn!(target: "ha::store", "applying v{version} of {} without v{}", session.id(), session.version() + 1);
+            if version > session.version().saturating_add(1) {
+                warn!(target: "ha::store", "applying v{version} of {} without v{}", session.id(), session.version().saturating_add(1));
             }
             if session.apply(&delta) {
                 session.set_primary(false);
@@ -505,7 +507,7 @@ impl SessionStore {
         if let Some(session) = self.sessions.get_mut(base) {
             while let Some(next) = early.first_entry() {
                 let (version, _) = *next.key();
-                if version > session.version() + 1 {
+                if version > session.version().saturating_add(1) {
                     break;
                 }
                 if session.apply(&next.remove()) {
@@ -520,7 +522,7 @@ impl SessionStore {
         }
     }
 
-    fn apply_delta(&mut self, delta: &Delta, sent_ms: i64) -> Applied {
+    fn apply_delta(&mut self, delta: &Delta, now_ms: i64) -> Applied {
         let id = &delta.session_id;
         if self.resolve(id).is_none() {
             if self.is_buried(id) {
@@ -531,7 +533,7 @@ impl SessionStore {
                         session_id: now,
                         ..delta.clone()
                     };
-                    return self.apply_delta(&moved, sent_ms);
+                    return self.apply_delta(&moved, now_ms);
                 }
                 debug!(target: "ha::store", "dropping a delta of {id}: invalidated or renamed here");
                 return Applied::Stale;
@@ -542,8 +544,7 @@ impl SessionStore {
                 debug!(target: "ha::store", "delta for unknown session {id}");
                 return Applied::Unknown;
             }
-            let copy =
-                Session::replica_awaiting_created(id.clone(), sent_ms, self.placeholder_secs);
+            let copy = Session::replica_awaiting_created(id.clone(), now_ms, self.placeholder_secs);
             self.insert(copy);
         }
         let Some(session) = self.sessions.get_mut(id.base()) else {
@@ -560,7 +561,7 @@ impl SessionStore {
             debug!(target: "ha::store", "dropping stale delta v{} for {} (at v{})", delta.version, delta.session_id, session.version());
             return Applied::Stale;
         }
-        if delta.version > session.version() + 1 {
+        if delta.version > session.version().saturating_add(1) {
             let held = session.version();
             let key = (delta.version, delta.origin);
             let early = self.early.entry(id.base().to_owned()).or_default();

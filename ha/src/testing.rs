@@ -36,7 +36,20 @@ impl Receiving {
 
     /// Delivers `event` as from another node.
     pub(crate) fn deliver(&self, event: SessionEvent) {
+        self.try_deliver(event).unwrap();
+    }
+
+    /// Delivers `event` as from another node; the handler's answer (an `Err` becomes a
+    /// FAIL_ACK for a sender that asked for one).
+    pub(crate) fn try_deliver(&self, event: SessionEvent) -> Result<(), tribes::ProcessError> {
         let msg = self.manager.message(event);
+        self.manager.handle(msg, &self.sender, &self.inner)
+    }
+
+    /// Delivers `event` as from another node whose clock read `sent_ms` when it sent it.
+    pub(crate) fn deliver_sent_at(&self, event: SessionEvent, sent_ms: i64) {
+        let mut msg = self.manager.message(event);
+        msg.timestamp_ms = sent_ms;
         self.manager.handle(msg, &self.sender, &self.inner).unwrap();
     }
 }

@@ -15,6 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver as ChanRx, Sender as ChanTx, TrySendError};
-use log::{debug, info, trace, warn};
+use log::{debug, error, info, trace, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::Mutex;
@@ -63,6 +64,8 @@ pub struct ReceiverStats {
     pub bytes: AtomicU64,
     /// FAIL_ACKs written.
     pub fail_acks: AtomicU64,
+    /// Messages whose listener panicked (caught, logged and answered as a failure).
+    pub panics: AtomicU64,
 }
 
 /// A running receiver. [`Receiver::stop`] joins every thread it started.
@@ -746,6 +749,27 @@ impl Worker {
         let _ = self.waker.wake();
     }
 
+    /// Hands one message to the handler. A panic there is caught and answered as a
+    /// failure: left to unwind, it would end this worker for good (the pool does not
+    /// replace it) with its connection still marked scheduled, so that connection's next
+    /// messages would be acknowledged on receipt and never delivered.
+    fn deliver(&self, msg: ChannelMessage, peer: &SocketAddr) -> Result<(), ProcessError> {
+        let from = msg.sender.addr();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.message_received(msg))) {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                error!(target: "tribes::transport", "a listener panicked on a message from {from} (connection {peer}): {what}; answered as a failure");
+                self.stats.panics.fetch_add(1, Ordering::Relaxed);
+                Err(ProcessError::new(format!("listener panicked: {what}")))
+            }
+        }
+    }
+
     /// Processes a batch in order, writing the ACKs the selector did not write.
     fn process(&self, conn: &ConnShared, batch: VecDeque<Incoming>) {
         for Incoming {
@@ -760,7 +784,7 @@ impl Worker {
                 .fetch_add(frame_len as u64 + 18, Ordering::Relaxed);
             let opts = msg.options;
             if opts.wants_ack_after_processing() {
-                let reply = match self.handler.message_received(msg) {
+                let reply = match self.deliver(msg, &conn.peer) {
                     Ok(()) => AckCommand::Ack,
                     Err(e) => {
                         debug!(target: "tribes::transport", "{e}; FAIL_ACK to {}", conn.peer);
@@ -775,7 +799,7 @@ impl Worker {
                     conn.write_reply(&AckCommand::Ack.frame());
                     conn.inbox.lock().pending_acks -= 1;
                 }
-                if let Err(e) = self.handler.message_received(msg) {
+                if let Err(e) = self.deliver(msg, &conn.peer) {
                     debug!(target: "tribes::transport", "{e} (no ACK after processing was asked; nothing sent back)");
                 }
             }
