@@ -370,3 +370,35 @@ fn a_slow_listener_does_not_hold_up_other_connections() {
         500 + 50 + 2
     );
 }
+
+#[test]
+fn stop_does_not_deadlock_with_a_listener_that_uses_the_channel() {
+    // The coordinator used to hold the receiver's slot locked while it joined the
+    // workers; a listener reading the receiver's counters then waited for the lock while
+    // stop waited for the listener.
+    let mut g = static_group(2, &GroupOptions::fast_failing()).unwrap();
+    let b = Arc::new(g.pop().unwrap());
+    let weak = Arc::downgrade(&b);
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
+    b.add_channel_listener(move |_: &ChannelMessage| {
+        let _ = entered_tx.try_send(());
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(ch) = weak.upgrade() {
+            let _ = ch.receiver_stats();
+        }
+        Ok(())
+    });
+    let to = [b.local_member()];
+    g[0].send(&to, &b"x"[..], SendOptions::USE_ACK).unwrap();
+    entered_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    let stopping = Arc::clone(&b);
+    std::thread::spawn(move || {
+        let _ = stopping.stop(tribes::Levels::ALL);
+        let _ = done_tx.send(());
+    });
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "stop finished while a listener used the channel"
+    );
+}

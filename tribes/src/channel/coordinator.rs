@@ -58,7 +58,6 @@ impl Coordinator {
         }
     }
 
-    /// Members known to the membership service (empty without one).
     /// How long after start the membership service may take to find the members that are
     /// up: two beacon intervals with multicast (what Tribes sleeps in start); nothing
     /// otherwise.
@@ -69,6 +68,7 @@ impl Coordinator {
             .unwrap_or_default()
     }
 
+    /// Members known to the membership service (empty without one).
     pub(crate) fn service_members(&self) -> Vec<Member> {
         self.mcast
             .lock()
@@ -152,27 +152,31 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Stops the levels in `levels`. Services are taken out of their slots before they are
+    /// stopped, so no lock is held while their threads are joined: those threads call
+    /// listeners, and a listener that touches the channel (sets its payload, reads
+    /// receiver counters) would otherwise wait for the lock while stop waits for it.
     pub(crate) fn stop(&self, levels: Levels, still_running: Levels) {
-        {
-            let mut slot = self.mcast.lock();
-            if let Some(m) = slot.as_mut() {
-                if levels.contains(Levels::MBR_TX) {
-                    m.stop_tx();
-                }
-                if levels.contains(Levels::MBR_RX) {
-                    m.stop_rx();
-                }
+        let mcast = self.mcast.lock().take();
+        if let Some(mut m) = mcast {
+            if levels.contains(Levels::MBR_TX) {
+                m.stop_tx();
             }
-            if !still_running.intersects(Levels::MBR_RX.union(Levels::MBR_TX)) {
-                // Both halves stopped: leave the group and close the socket.
-                *slot = None;
+            if levels.contains(Levels::MBR_RX) {
+                m.stop_rx();
             }
+            if still_running.intersects(Levels::MBR_RX.union(Levels::MBR_TX)) {
+                *self.mcast.lock() = Some(m);
+            }
+            // Otherwise both halves stopped: dropping it leaves the group and closes the
+            // socket.
         }
         if levels.contains(Levels::SND_TX) {
             self.sender.stop();
         }
         if levels.contains(Levels::SND_RX) {
-            if let Some(mut rx) = self.receiver.lock().take() {
+            let rx = self.receiver.lock().take();
+            if let Some(mut rx) = rx {
                 rx.stop();
             }
         }
