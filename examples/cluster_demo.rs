@@ -304,10 +304,12 @@ fn node_main(args: &[String]) -> Res<()> {
     }
     let http = http.ok_or("--http is required")?;
     // Ends the process whatever happens, so nothing is left running.
-    std::thread::spawn(move || {
-        std::thread::sleep(lifetime);
-        std::process::exit(3);
-    });
+    std::thread::Builder::new()
+        .name("demo-lifetime".into())
+        .spawn(move || {
+            std::thread::sleep(lifetime);
+            std::process::exit(3);
+        })?;
     if let Some(store) = store {
         return tower_node_main(http, &store);
     }
@@ -1253,7 +1255,7 @@ fn drive(
     let done_requests = Arc::new(AtomicU64::new(0));
     let total = (load.sessions * load.requests) as u64;
     let started = Instant::now();
-    let workers: Vec<_> = (0..CONCURRENCY)
+    let workers: Vec<std::thread::JoinHandle<()>> = (0..CONCURRENCY)
         .map(|w| {
             let (summary, next_session, done) = (
                 Arc::clone(&summary),
@@ -1262,69 +1264,73 @@ fn drive(
             );
             let mut client = (clients != Clients::ViaBalancer)
                 .then(|| DirectClient::new(node_addrs.to_vec(), w, clients == Clients::Pinned));
-            std::thread::spawn(move || loop {
-                let i = next_session.fetch_add(1, Ordering::Relaxed);
-                if i >= load.sessions || started.elapsed() > LOAD_LIMIT {
-                    return;
-                }
-                if let Some(c) = client.as_mut() {
-                    c.start_session(i);
-                }
-                // The client's cookie jar: the session cookie, and with read-your-writes the
-                // session version it last saw.
-                let mut jar: Vec<String> = Vec::new();
-                let mut last = 0u64;
-                // The session cookie's (base id, route), to see route rebinding.
-                let mut held: Option<(String, String)> = None;
-                for seq in 1..=load.requests {
-                    let t0 = Instant::now();
-                    summary.sent.fetch_add(1, Ordering::Relaxed);
-                    done.fetch_add(1, Ordering::Relaxed);
-                    let cookie = (!jar.is_empty()).then(|| jar.join("; "));
-                    let result = match client.as_mut() {
-                        Some(c) => c.request(cookie.as_deref(), seq),
-                        None => request(lb, cookie.as_deref(), seq),
-                    };
-                    match result {
-                        Ok((200, Some(n), set)) => {
-                            summary
-                                .latencies_us
-                                .lock()
-                                .push(t0.elapsed().as_micros() as u64);
-                            for pair in set {
-                                let name = pair.split('=').next().unwrap_or_default().to_string();
-                                jar.retain(|c| c.split('=').next() != Some(name.as_str()));
-                                jar.push(pair);
-                            }
-                            let now = session_route(&jar);
-                            if now != held {
-                                if let (Some((was, _)), Some((is, _))) = (&held, &now) {
-                                    if was == is {
-                                        summary.rebound.fetch_add(1, Ordering::Relaxed);
-                                    }
+            let spawned = std::thread::Builder::new()
+                .name(format!("demo-client-{w}"))
+                .spawn(move || loop {
+                    let i = next_session.fetch_add(1, Ordering::Relaxed);
+                    if i >= load.sessions || started.elapsed() > LOAD_LIMIT {
+                        return;
+                    }
+                    if let Some(c) = client.as_mut() {
+                        c.start_session(i);
+                    }
+                    // The client's cookie jar: the session cookie, and with read-your-writes the
+                    // session version it last saw.
+                    let mut jar: Vec<String> = Vec::new();
+                    let mut last = 0u64;
+                    // The session cookie's (base id, route), to see route rebinding.
+                    let mut held: Option<(String, String)> = None;
+                    for seq in 1..=load.requests {
+                        let t0 = Instant::now();
+                        summary.sent.fetch_add(1, Ordering::Relaxed);
+                        done.fetch_add(1, Ordering::Relaxed);
+                        let cookie = (!jar.is_empty()).then(|| jar.join("; "));
+                        let result = match client.as_mut() {
+                            Some(c) => c.request(cookie.as_deref(), seq),
+                            None => request(lb, cookie.as_deref(), seq),
+                        };
+                        match result {
+                            Ok((200, Some(n), set)) => {
+                                summary
+                                    .latencies_us
+                                    .lock()
+                                    .push(t0.elapsed().as_micros() as u64);
+                                for pair in set {
+                                    let name =
+                                        pair.split('=').next().unwrap_or_default().to_string();
+                                    jar.retain(|c| c.split('=').next() != Some(name.as_str()));
+                                    jar.push(pair);
                                 }
-                                track_victim(&summary, held.as_ref(), -1);
-                                track_victim(&summary, now.as_ref(), 1);
-                                held = now;
+                                let now = session_route(&jar);
+                                if now != held {
+                                    if let (Some((was, _)), Some((is, _))) = (&held, &now) {
+                                        if was == is {
+                                            summary.rebound.fetch_add(1, Ordering::Relaxed);
+                                        }
+                                    }
+                                    track_victim(&summary, held.as_ref(), -1);
+                                    track_victim(&summary, now.as_ref(), 1);
+                                    held = now;
+                                }
+                                if n == 1 && last > 0 {
+                                    summary.lost.fetch_add(1, Ordering::Relaxed);
+                                } else if n <= last {
+                                    summary.backward.fetch_add(1, Ordering::Relaxed);
+                                } else if n > last + 1 {
+                                    summary.skipped.fetch_add(1, Ordering::Relaxed);
+                                }
+                                last = n;
                             }
-                            if n == 1 && last > 0 {
-                                summary.lost.fetch_add(1, Ordering::Relaxed);
-                            } else if n <= last {
-                                summary.backward.fetch_add(1, Ordering::Relaxed);
-                            } else if n > last + 1 {
-                                summary.skipped.fetch_add(1, Ordering::Relaxed);
+                            _ => {
+                                summary.failed.fetch_add(1, Ordering::Relaxed);
                             }
-                            last = n;
-                        }
-                        _ => {
-                            summary.failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                }
-                track_victim(&summary, held.as_ref(), -1);
-            })
+                    track_victim(&summary, held.as_ref(), -1);
+                });
+            spawned
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     // Kill one node (SIGKILL) half-way through the load.
     if let Some(nodes) = victim {
         // With routes (sticky), also until a running session is on the victim, so the kill

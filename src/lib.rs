@@ -164,29 +164,36 @@ impl DnsResponder {
         let answers = Arc::new(Mutex::new(answers));
         let stop = Arc::new(AtomicBool::new(false));
         let (a, s) = (Arc::clone(&answers), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            while !s.load(Ordering::SeqCst) {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                    continue;
-                };
-                let q = &buf[..n];
-                // The question ends at the root label plus type and class.
-                let Some(end) = q[12..].iter().position(|&b| b == 0).map(|p| 12 + p + 5) else {
-                    continue;
-                };
-                let ips = a.lock().clone();
-                let mut r = q[..end].to_vec();
-                r[2] = 0x81; // response, recursion desired
-                r[3] = 0x80; // recursion available, no error
-                r[6..8].copy_from_slice(&(ips.len() as u16).to_be_bytes());
-                for ip in ips {
-                    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4]);
-                    r.extend_from_slice(&ip.octets());
+        let thread = std::thread::Builder::new()
+            .name("test-dns-responder".into())
+            .spawn(move || {
+                let mut buf = [0u8; 512];
+                while !s.load(Ordering::SeqCst) {
+                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let q = &buf[..n];
+                    // The question ends at the root label plus type and class; anything shorter
+                    // than a header and a whole question is not answered.
+                    let end = q
+                        .get(12..)
+                        .and_then(|name| name.iter().position(|&b| b == 0));
+                    let Some(end) = end.map(|p| 12 + p + 5).filter(|&e| e <= n) else {
+                        continue;
+                    };
+                    let ips = a.lock().clone();
+                    let mut r = q[..end].to_vec();
+                    r[2] = 0x81; // response, recursion desired
+                    r[3] = 0x80; // recursion available, no error
+                    r[6..8].copy_from_slice(&(ips.len() as u16).to_be_bytes());
+                    for ip in ips {
+                        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4]);
+                        r.extend_from_slice(&ip.octets());
+                    }
+                    let _ = socket.send_to(&r, from);
                 }
-                let _ = socket.send_to(&r, from);
-            }
-        });
+            })
+            .unwrap();
         Self {
             addr,
             answers,

@@ -124,10 +124,16 @@ impl Cluster {
 
     /// A cluster over a channel built from `builder` with Tribes' cluster defaults: when no
     /// interceptor was added, `MessageDispatchInterceptor` then `TcpFailureDetector` (as
-    /// `SimpleTcpCluster` does).
+    /// `SimpleTcpCluster` does). Membership is the builder's: multicast as here (Tribes'
+    /// own), or static or DNS membership, which are interceptors, so a builder with one has
+    /// interceptors and gets no defaults: add the dispatch interceptor and the failure
+    /// detector above it yourself (the README's axum node does). A builder with no
+    /// membership at all makes a node that never sees another.
     ///
     /// ```no_run
-    /// let cluster = ha::Cluster::with_defaults(tribes::GroupChannel::builder().port(4000))?;
+    /// use tribes::membership::McastConfig;
+    /// let builder = tribes::GroupChannel::builder().port(4000).multicast(McastConfig::default());
+    /// let cluster = ha::Cluster::with_defaults(builder)?;
     /// cluster.start()?;
     /// # Ok::<(), tribes::ChannelError>(())
     /// ```

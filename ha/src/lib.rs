@@ -13,7 +13,11 @@
 //!
 //! ```no_run
 //! use ha::{Cluster, DeltaManager, ManagerConfig};
-//! let cluster = Cluster::with_defaults(tribes::GroupChannel::builder().port(4000))?;
+//! use tribes::membership::McastConfig;
+//! // Members find each other by multicast beacons (Tribes' membership); without multicast,
+//! // static or DNS membership: see the README's axum node.
+//! let channel = tribes::GroupChannel::builder().port(4000).multicast(McastConfig::default());
+//! let cluster = Cluster::with_defaults(channel)?;
 //! let manager = DeltaManager::new("/", ManagerConfig { sync: true, ..Default::default() });
 //! cluster.register(&manager)?;
 //! cluster.start()?;
