@@ -140,6 +140,20 @@ async fn a_node_that_never_saw_the_session_fetches_it_instead_of_starting_over()
     assert_eq!(body, "1");
     assert!(set.is_some());
     assert_eq!(mb.stats().fetch_misses, 1);
+
+    // Ids no manager makes (huge, or with other characters): a new session, and nobody
+    // is asked about them.
+    let huge = format!("JSESSIONID={}", "a".repeat(60_000));
+    for forged in [
+        huge.as_str(),
+        "JSESSIONID=../../etc/passwd",
+        "JSESSIONID=a%20b",
+    ] {
+        let (status, body, set) = get_with(&app_b, "/counter", Some(forged)).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "1"));
+        assert!(set.is_some());
+    }
+    assert_eq!(mb.stats().fetch_misses, 1, "no member was asked about them");
     ca.stop().unwrap();
     cb.stop().unwrap();
 }
@@ -783,4 +797,31 @@ async fn a_session_limit_refuses_new_sessions_but_keeps_old_ones_and_copies() {
     assert_eq!(ma.len(), 3, "copies are taken over the limit");
     let (status, body, _) = get_with(&app_a, "/counter", Some(&from_b)).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cookie_carries_the_configured_attributes() {
+    use ha::layer::{CookieAttributes, SameSite};
+    let manager = ha::DeltaManager::new("/", ha::ManagerConfig::default());
+    let layer = ReplicationLayer::new(manager)
+        .cookie_attributes(CookieAttributes {
+            secure: true,
+            same_site: Some(SameSite::Strict),
+            domain: Some("example.com".into()),
+            ..CookieAttributes::default()
+        })
+        .unwrap();
+    let resp = router(layer)
+        .oneshot(Request::get("/counter").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let set = resp.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(set.starts_with("JSESSIONID="), "{set}");
+    assert!(
+        set.ends_with("; Path=/; Domain=example.com; Secure; HttpOnly; SameSite=Strict"),
+        "{set}"
+    );
 }

@@ -53,6 +53,129 @@ pub struct LayerStats {
 /// Default of [`ReplicationLayer::fetch_grace`].
 const DEFAULT_FETCH_GRACE: Duration = Duration::from_millis(2);
 
+/// The attributes of the cookies the layer sets (the session cookie and, with
+/// read-your-writes, its version cookie).
+///
+/// Defaults: `Path=/`, `HttpOnly`, no `Domain`, not `Secure`, no `SameSite` (Tomcat's
+/// defaults, except that its path is the context path). Behind HTTPS set `secure`.
+///
+/// ```
+/// use ha::layer::{CookieAttributes, SameSite};
+/// let attrs = CookieAttributes {
+///     secure: true,
+///     same_site: Some(SameSite::Lax),
+///     ..CookieAttributes::default()
+/// };
+/// assert_eq!(attrs.render().unwrap(), "; Path=/; Secure; HttpOnly; SameSite=Lax");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieAttributes {
+    /// `Path`. Default `/`.
+    pub path: String,
+    /// `Domain`. Default none (the host that answered).
+    pub domain: Option<String>,
+    /// `Secure`: sent over HTTPS only. Default false.
+    pub secure: bool,
+    /// `HttpOnly`: out of reach of page scripts. Default true.
+    pub http_only: bool,
+    /// `SameSite`. Default none (the browser's default).
+    pub same_site: Option<SameSite>,
+}
+
+impl Default for CookieAttributes {
+    fn default() -> Self {
+        Self {
+            path: "/".into(),
+            domain: None,
+            secure: false,
+            http_only: true,
+            same_site: None,
+        }
+    }
+}
+
+/// The `SameSite` cookie attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    /// Only with requests from the same site.
+    Strict,
+    /// Also with top-level navigations from other sites.
+    Lax,
+    /// With every request; browsers require `Secure` with it.
+    None,
+}
+
+/// A setting of the layer that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LayerError {
+    /// A cookie attribute that would break the `Set-Cookie` header or that browsers refuse.
+    InvalidCookieAttribute {
+        /// The attribute (`Path`, `Domain`, `SameSite`).
+        attribute: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl std::fmt::Display for LayerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::InvalidCookieAttribute { attribute, reason } => {
+                write!(f, "invalid session cookie attribute {attribute}: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for LayerError {}
+
+impl CookieAttributes {
+    /// The attributes as they follow the cookie's value in `Set-Cookie` (`; Path=/; ...`),
+    /// or why they cannot.
+    pub fn render(&self) -> Result<String, LayerError> {
+        // A ';' would start another attribute, anything outside visible ASCII would make
+        // the header invalid.
+        let plain = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() && b != b';');
+        let invalid = |attribute, reason| LayerError::InvalidCookieAttribute { attribute, reason };
+        if !plain(&self.path) || !self.path.starts_with('/') {
+            return Err(invalid(
+                "Path",
+                "must start with '/' and hold no ';', space or control character",
+            ));
+        }
+        let mut out = format!("; Path={}", self.path);
+        if let Some(domain) = &self.domain {
+            if !plain(domain) {
+                return Err(invalid(
+                    "Domain",
+                    "must hold no ';', space or control character",
+                ));
+            }
+            out.push_str(&format!("; Domain={domain}"));
+        }
+        if self.secure {
+            out.push_str("; Secure");
+        }
+        if self.http_only {
+            out.push_str("; HttpOnly");
+        }
+        match self.same_site {
+            Some(SameSite::None) if !self.secure => {
+                return Err(invalid(
+                    "SameSite",
+                    "None needs Secure (browsers drop the cookie otherwise)",
+                ));
+            }
+            Some(SameSite::Strict) => out.push_str("; SameSite=Strict"),
+            Some(SameSite::Lax) => out.push_str("; SameSite=Lax"),
+            Some(SameSite::None) => out.push_str("; SameSite=None"),
+            None => {}
+        }
+        Ok(out)
+    }
+}
+
 struct Config {
     manager: Arc<DeltaManager>,
     cookie: String,
@@ -65,6 +188,8 @@ struct Config {
     fetch_grace: Duration,
     /// The cookie that carries the session version the client last saw: `<cookie>_V`.
     version_cookie: String,
+    /// What follows each cookie's value in `Set-Cookie` ([`CookieAttributes::render`]).
+    cookie_attributes: String,
 }
 
 /// Puts a [`Session`] into every request and replicates its changes at the end.
@@ -108,6 +233,8 @@ impl ReplicationLayer {
                 read_your_writes: None,
                 fetch_grace: DEFAULT_FETCH_GRACE,
                 version_cookie: "JSESSIONID_V".into(),
+                // The defaults always render.
+                cookie_attributes: CookieAttributes::default().render().unwrap_or_default(),
             }),
         }
     }
@@ -115,6 +242,25 @@ impl ReplicationLayer {
     /// The session cookie's name (default `JSESSIONID`).
     pub fn cookie_name(self, name: impl Into<String>) -> Self {
         self.with(|c| c.cookie = name.into())
+    }
+
+    /// The attributes of the cookies the layer sets (default `Path=/; HttpOnly`); an
+    /// error for attributes that would break the header or that browsers refuse.
+    ///
+    /// ```no_run
+    /// use ha::{DeltaManager, ManagerConfig};
+    /// use ha::layer::{CookieAttributes, ReplicationLayer, SameSite};
+    /// let manager = DeltaManager::new("/", ManagerConfig::default());
+    /// let layer = ReplicationLayer::new(manager).cookie_attributes(CookieAttributes {
+    ///     secure: true,
+    ///     same_site: Some(SameSite::Strict),
+    ///     ..CookieAttributes::default()
+    /// })?;
+    /// # Ok::<(), ha::layer::LayerError>(())
+    /// ```
+    pub fn cookie_attributes(self, attributes: CookieAttributes) -> Result<Self, LayerError> {
+        let rendered = attributes.render()?;
+        Ok(self.with(|c| c.cookie_attributes = rendered))
     }
 
     /// Requests whose path matches `regex` (anchored: the whole path) are not replicated,
@@ -182,6 +328,7 @@ impl ReplicationLayer {
             read_your_writes: self.cfg.read_your_writes,
             fetch_grace: self.cfg.fetch_grace,
             version_cookie: String::new(),
+            cookie_attributes: self.cfg.cookie_attributes.clone(),
         };
         f(&mut cfg);
         cfg.version_cookie = format!("{}_V", cfg.cookie);
@@ -229,7 +376,9 @@ where
             .filter
             .as_ref()
             .is_some_and(|re| re.is_match(req.uri().path()));
-        let requested = cookie(&req, &cfg.cookie).map(SessionId::new);
+        let requested = cookie(&req, &cfg.cookie)
+            .filter(|v| could_be_session_id(v))
+            .map(SessionId::new);
         // With read-your-writes: the change of this session its client last saw, as
         // (version, origin): `<base>-<version>-<origin hex>` (or `<base>-<version>`).
         let seen_version = requested
@@ -281,7 +430,7 @@ where
             };
             if id.is_none() && clear_cookie {
                 // An expired cookie: the client stops sending an id nobody holds.
-                let value = format!("{}=; Path=/; Max-Age=0; HttpOnly", cfg.cookie);
+                let value = format!("{}=; Max-Age=0{}", cfg.cookie, cfg.cookie_attributes);
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     resp.headers_mut().append(header::SET_COOKIE, v);
                 }
@@ -333,7 +482,7 @@ where
             }
             if let Some(id) = id {
                 if set_cookie {
-                    let value = format!("{}={id}; Path=/; HttpOnly", cfg.cookie);
+                    let value = format!("{}={id}{}", cfg.cookie, cfg.cookie_attributes);
                     if let Ok(v) = HeaderValue::from_str(&value) {
                         resp.headers_mut().append(header::SET_COOKIE, v);
                     }
@@ -348,9 +497,10 @@ where
                 });
                 if let Some((version, origin)) = changed_version {
                     let value = format!(
-                        "{}={}-{version}-{origin:x}; Path=/; HttpOnly",
+                        "{}={}-{version}-{origin:x}{}",
                         cfg.version_cookie,
-                        id.base()
+                        id.base(),
+                        cfg.cookie_attributes
                     );
                     if let Ok(v) = HeaderValue::from_str(&value) {
                         resp.headers_mut().append(header::SET_COOKIE, v);
@@ -469,6 +619,26 @@ fn cookie_change(
         }
     })?;
     (set_cookie || seen != Some(change)).then_some(change)
+}
+
+/// The longest session id a cookie may name: ids made here are 32 hex digits and, with a
+/// route, a dot and the route.
+const MAX_SESSION_ID_LEN: usize = 128;
+
+/// Whether a cookie value could name a session made by a manager: short, and made only of
+/// the characters ids and routes use. Anything else is no session at all, so a forged or
+/// garbled cookie costs neither a store lookup with a huge key nor a question to every
+/// member (the request gets a new session if its handler makes one).
+fn could_be_session_id(value: &str) -> bool {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_SESSION_ID_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if !ok {
+        log::debug!(target: "ha::layer", "ignoring a session cookie that no manager makes ({} bytes)", value.len());
+    }
+    ok
 }
 
 fn cookie<B>(req: &Request<B>, name: &str) -> Option<String> {
@@ -623,6 +793,46 @@ mod tests {
                 clear_cookie: false,
                 acked: Acked::default(),
             })),
+        }
+    }
+
+    #[test]
+    fn cookie_attributes_render_and_refuse_what_would_break_the_header() {
+        assert_eq!(
+            CookieAttributes::default().render().unwrap(),
+            "; Path=/; HttpOnly"
+        );
+        let all = CookieAttributes {
+            path: "/shop".into(),
+            domain: Some("example.com".into()),
+            secure: true,
+            http_only: false,
+            same_site: Some(SameSite::None),
+        };
+        assert_eq!(
+            all.render().unwrap(),
+            "; Path=/shop; Domain=example.com; Secure; SameSite=None"
+        );
+        let bad = [
+            CookieAttributes {
+                path: "/a; Secure".into(),
+                ..Default::default()
+            },
+            CookieAttributes {
+                path: "shop".into(),
+                ..Default::default()
+            },
+            CookieAttributes {
+                domain: Some("a\r\nSet-Cookie: x=1".into()),
+                ..Default::default()
+            },
+            CookieAttributes {
+                same_site: Some(SameSite::None),
+                ..Default::default()
+            },
+        ];
+        for attrs in bad {
+            assert!(attrs.render().is_err(), "{attrs:?}");
         }
     }
 

@@ -87,6 +87,10 @@ impl Default for ManagerConfig {
     }
 }
 
+/// The longest route a node may have: it goes into every session id, and a request's
+/// cookie naming an id longer than 128 characters is not taken for a session.
+const MAX_ROUTE_LEN: usize = 64;
+
 impl ManagerConfig {
     /// Checks the settings (done by [`Cluster::register`]).
     ///
@@ -106,13 +110,14 @@ impl ManagerConfig {
         if let Some(route) = &self.route {
             // It ends up in a cookie after a '.': letters, digits, '-' and '_' only.
             let ok = !route.is_empty()
+                && route.len() <= MAX_ROUTE_LEN
                 && route
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !ok {
                 return invalid(
                     "route",
-                    "must be letters, digits, '-' or '_' (it goes into the session cookie)",
+                    "must be 1 to 64 letters, digits, '-' or '_' (it goes into the session cookie)",
                 );
             }
         }
