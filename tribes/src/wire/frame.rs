@@ -77,10 +77,12 @@ impl FrameDecoder {
 
     /// Appends received bytes.
     ///
-    /// When the buffer is full it moves to a fresh chunk of [`FrameDecoder::CHUNK`] bytes (or
-    /// exactly what the frame in progress needs, if more), never more than
-    /// `max_body + 18` plus this push. Frames are split off the chunk without copying, so one
-    /// allocation serves many frames; amortized doubling would overshoot the bound.
+    /// When the buffer is full it moves to a fresh chunk of [`FrameDecoder::CHUNK`] bytes;
+    /// a frame in progress that needs more grows by doubling what has arrived of it, up to
+    /// exactly its size, so a peer announcing a large frame gets at most about twice what it
+    /// actually sent, never the announced length up front (and never more than
+    /// `max_body + 18` plus this push). Frames are split off the chunk without copying, so
+    /// one allocation serves many small frames.
     pub fn push(&mut self, data: &[u8]) {
         if self.error.is_some() {
             return;
@@ -92,7 +94,8 @@ impl FrameDecoder {
                 _ => 0,
             };
             let chunk = Self::CHUNK.min(self.max_body + FRAME_OVERHEAD + data.len());
-            let mut grown = BytesMut::with_capacity(needed.max(frame_total).max(chunk));
+            let doubled = frame_total.min(self.buf.len().saturating_mul(2));
+            let mut grown = BytesMut::with_capacity(needed.max(doubled).max(chunk));
             grown.extend_from_slice(&self.buf);
             self.buf = grown;
         }
@@ -219,6 +222,29 @@ mod tests {
             })
         );
         assert!(d.capacity() < 64);
+    }
+
+    #[test]
+    fn a_large_announced_frame_gets_memory_as_it_arrives_not_up_front() {
+        let announced = 60 * 1024 * 1024;
+        let mut d = FrameDecoder::new(64 * 1024 * 1024);
+        d.push(b"FLT2002");
+        d.push(&(announced as i32).to_be_bytes());
+        let piece = vec![7u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < 3 * FrameDecoder::CHUNK {
+            d.push(&piece);
+            sent += piece.len();
+            assert_eq!(d.next_frame(), Ok(None));
+            // About twice what arrived (or one chunk), never the 60 MiB announced.
+            let bound = (2 * (sent + 11) + piece.len()).max(FrameDecoder::CHUNK);
+            assert!(d.capacity() <= bound, "{} after {sent}", d.capacity());
+        }
+        // The rest arrives: the frame comes out whole.
+        let rest = vec![7u8; announced - sent];
+        d.push(&rest);
+        d.push(END_MARKER);
+        assert_eq!(d.next_frame().unwrap().unwrap().len(), announced);
     }
 
     #[test]
