@@ -402,3 +402,40 @@ fn stop_does_not_deadlock_with_a_listener_that_uses_the_channel() {
         "stop finished while a listener used the channel"
     );
 }
+
+#[test]
+fn stopping_delivers_what_was_acknowledged_on_receipt_and_waits_for_a_worker() {
+    // One worker and a slow listener: the pool's queue fills and later connections wait
+    // for a worker with messages already read and acknowledged. Stopping used to drop
+    // those.
+    let opts = GroupOptions {
+        receiver: tribes::transport::ReceiverConfig {
+            max_threads: 1,
+            ..Default::default()
+        },
+        ..GroupOptions::fast_failing()
+    };
+    let mut g = static_group(5, &opts).unwrap();
+    let got = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&got);
+    g[0].add_channel_listener(move |_: &ChannelMessage| {
+        std::thread::sleep(Duration::from_millis(100));
+        seen.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    });
+    let to = [g[0].local_member()];
+    // Each sender has its own connection; each send returns once the selector acknowledged.
+    let senders: Vec<_> = g.drain(1..).collect();
+    std::thread::scope(|s| {
+        for ch in &senders {
+            s.spawn(|| ch.send(&to, &b"x"[..], SendOptions::USE_ACK).unwrap());
+        }
+    });
+    // Most are still waiting for the worker here (each takes 100 ms).
+    g[0].stop(tribes::Levels::ALL).unwrap();
+    assert_eq!(
+        got.load(Ordering::SeqCst),
+        4,
+        "every acknowledged message was delivered"
+    );
+}

@@ -395,12 +395,26 @@ impl Selector {
             self.handle_done();
             self.retry_starved();
         }
-        // Shutdown: drop the job sender so workers exit once the queue is empty.
-        self.jobs = None;
-        self.starved.clear();
-        for (_, conn) in self.conns.drain() {
-            let _ = conn.shared.stream.shutdown(std::net::Shutdown::Both);
+        // Shutdown. Connections that wait for a worker (the queue was full) hold messages
+        // that were read, and may have been acknowledged on receipt: they still go to the
+        // workers, queued before the workers' stop. A worker stuck in a handler for longer
+        // than the wait below costs those messages, with a log line, rather than a stop
+        // that never returns.
+        if let Some(jobs) = self.jobs.take() {
+            for conn in self.starved.drain(..) {
+                if jobs
+                    .send_timeout(Job::Serve(conn), Duration::from_secs(5))
+                    .is_err()
+                {
+                    warn!(target: "tribes::transport", "receiver stopping: the workers took no more work for 5 s; messages read on a waiting connection are dropped");
+                    break;
+                }
+            }
         }
+        self.starved.clear();
+        // A socket closes when the last worker holding it is done, so the ACKs of messages
+        // still being processed go out.
+        self.conns.clear();
     }
 
     fn accept(&mut self) {
