@@ -98,8 +98,11 @@ impl Interceptor for TcpPingInterceptor {
 
     fn heartbeat(&self, next: Down<'_>) {
         if self.interval.is_none() {
-            if let Some(h) = self.handle.lock().as_ref() {
-                Self::ping(self.detector.as_deref(), h);
+            // Cloned out: pings wait for connects, and `stop` must not wait behind them for
+            // the lock.
+            let handle = self.handle.lock().clone();
+            if let Some(h) = handle {
+                Self::ping(self.detector.as_deref(), &h);
             }
         }
         next.heartbeat();
@@ -135,7 +138,8 @@ impl Interceptor for TcpPingInterceptor {
         if !levels.contains(Levels::SND_TX) {
             return;
         }
-        if let Some((tx, h)) = self.thread.lock().take() {
+        let thread = self.thread.lock().take();
+        if let Some((tx, h)) = thread {
             drop(tx);
             let _ = h.join();
         }

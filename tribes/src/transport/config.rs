@@ -71,6 +71,14 @@ impl Default for ReceiverConfig {
 
 impl ReceiverConfig {
     /// Checks that the values can work.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tribes::transport::ReceiverConfig;
+    /// assert!(ReceiverConfig::default().validate().is_ok());
+    /// let spinning = ReceiverConfig { selector_timeout: Duration::ZERO, ..Default::default() };
+    /// assert!(spinning.validate().is_err());
+    /// ```
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_threads == 0 {
             return Err(invalid("max_threads", "must be at least 1"));
@@ -83,6 +91,12 @@ impl ReceiverConfig {
         }
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.selector_timeout.is_zero() {
+            return Err(invalid(
+                "selector_timeout",
+                "must be above zero (zero would make the selector spin)",
+            ));
         }
         Ok(())
     }
@@ -107,8 +121,10 @@ pub struct SenderConfig {
     /// Resends after an I/O failure (never after FAIL_ACK or a timeout). Default 1.
     pub max_retry_attempts: u32,
     /// Messages per connection before it is closed; `None` = unlimited (Tribes -1).
+    /// Default `None`.
     pub keep_alive_count: Option<u64>,
-    /// Age after which a connection is closed; `None` = unlimited (Tribes -1).
+    /// Age after which a connection is closed; `None` = unlimited (Tribes -1). Default
+    /// `None`.
     pub keep_alive_time: Option<Duration>,
     /// Connections per destination. Default 25 (Tribes `poolSize`).
     pub pool_size: usize,
