@@ -295,18 +295,15 @@ impl SessionStore {
         let buried: Vec<(SessionId, Option<SessionId>)> = (self.buried.iter())
             .map(|(base, b)| (SessionId::new(base.clone()), b.to.clone()))
             .collect();
-        let mut out: Vec<SessionEvent> = (sessions.chunks(batch))
-            .map(|c| data(c.to_vec(), Vec::new(), Vec::new()))
+        // Moved into the batches, not copied again: the caller holds the store's lock.
+        let mut out: Vec<SessionEvent> = (in_batches(sessions, batch).into_iter())
+            .map(|c| data(c, Vec::new(), Vec::new()))
             .collect();
         out.extend(
-            held_back
-                .chunks(batch)
-                .map(|c| data(Vec::new(), c.to_vec(), Vec::new())),
+            (in_batches(held_back, batch).into_iter()).map(|c| data(Vec::new(), c, Vec::new())),
         );
         out.extend(
-            buried
-                .chunks(batch)
-                .map(|c| data(Vec::new(), Vec::new(), c.to_vec())),
+            (in_batches(buried, batch).into_iter()).map(|c| data(Vec::new(), Vec::new(), c)),
         );
         out
     }
@@ -603,6 +600,16 @@ impl SessionStore {
         self.stats.expired += gone.len() as u64;
         gone
     }
+}
+
+/// `items` split into batches of at most `batch`, in order, without copying them.
+fn in_batches<T>(items: Vec<T>, batch: usize) -> Vec<Vec<T>> {
+    let mut items = items.into_iter().peekable();
+    let mut out = Vec::new();
+    while items.peek().is_some() {
+        out.push(items.by_ref().take(batch).collect());
+    }
+    out
 }
 
 #[cfg(test)]
