@@ -439,3 +439,63 @@ fn stopping_delivers_what_was_acknowledged_on_receipt_and_waits_for_a_worker() {
         "every acknowledged message was delivered"
     );
 }
+
+/// Counts how the asynchronous sends it is given end.
+#[derive(Default)]
+struct Outcomes {
+    not_started: AtomicUsize,
+    other: AtomicUsize,
+}
+
+impl tribes::interceptors::ErrorHandler for Outcomes {
+    fn handle_completion(&self, _: UniqueId) {
+        self.other.fetch_add(1, Ordering::SeqCst);
+    }
+    fn handle_error(&self, e: SendError, _: UniqueId) {
+        match e {
+            SendError::NotStarted => self.not_started.fetch_add(1, Ordering::SeqCst),
+            _ => self.other.fetch_add(1, Ordering::SeqCst),
+        };
+    }
+}
+
+#[test]
+fn stop_sends_what_is_queued_for_a_bounded_time_then_fails_the_rest() {
+    let opts = GroupOptions {
+        dispatch: DispatchConfig {
+            threads: 1,
+            batch: 1,
+            stop_drain: Duration::from_millis(300),
+            ..DispatchConfig::default()
+        },
+        ..GroupOptions::fast_failing()
+    };
+    let g = static_group(1, &opts).unwrap();
+    // Accepts and never answers: every batch waits the whole 800 ms send timeout.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let m = Member::with_id(silent.local_addr().unwrap(), UniqueId::random());
+    let outcomes = Arc::new(Outcomes::default());
+    for _ in 0..20 {
+        g[0].send_with_handler(
+            std::slice::from_ref(&m),
+            &b"x"[..],
+            SendOptions::ASYNCHRONOUS | SendOptions::USE_ACK,
+            outcomes.clone(),
+        )
+        .unwrap();
+    }
+    let start = Instant::now();
+    g[0].stop(tribes::Levels::ALL).unwrap();
+    let took = start.elapsed();
+    // The batch in flight, then the rest fail at once (sending them all: 16 s).
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let failed = outcomes.not_started.load(Ordering::SeqCst);
+    let other = outcomes.other.load(Ordering::SeqCst);
+    assert_eq!(
+        failed + other,
+        20,
+        "every handler heard how its message ended"
+    );
+    assert!(failed >= 15, "{failed} failed unsent");
+    drop(silent);
+}

@@ -67,6 +67,12 @@ pub struct DispatchConfig {
     /// behind round robin fell from 0.44× to 0.40× with 5 and to 0.31× with 20 when its
     /// deltas gathered too). 0 writes what is queued at once.
     pub gather_yields: u32,
+    /// How long `stop` goes on sending what is queued. Default 10 s (not a Tribes setting;
+    /// Tribes drops the queue). Messages still queued after that fail with
+    /// [`SendError::NotStarted`] (their handlers hear it) instead of each batch waiting for
+    /// connects to a member that went away: with a dead host that could hold `stop` for
+    /// minutes.
+    pub stop_drain: std::time::Duration,
 }
 
 impl Default for DispatchConfig {
@@ -80,6 +86,7 @@ impl Default for DispatchConfig {
             always_send: false,
             idle_yields: 100,
             gather_yields: 5,
+            stop_drain: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -109,6 +116,8 @@ struct Queue {
 struct Running {
     queues: Vec<Arc<Queue>>,
     threads: Vec<JoinHandle<()>>,
+    /// Set by `stop`: past it, the threads fail what is left instead of sending it.
+    drain_until: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 impl Default for MessageDispatchInterceptor {
@@ -209,6 +218,7 @@ impl Interceptor for MessageDispatchInterceptor {
         let mut queues = Vec::with_capacity(threads);
         let mut handles = Vec::with_capacity(threads);
         let idle = Arc::new(IdleWait::new(self.cfg.idle_yields));
+        let drain_until = Arc::new(std::sync::OnceLock::new());
         for n in 0..threads {
             // Bounded by `max_queue_messages` in `send`, not by the channel: a bounded
             // channel allocates and touches every slot up front (10 threads × 65536 slots
@@ -226,6 +236,7 @@ impl Interceptor for MessageDispatchInterceptor {
                 batch_bytes: self.cfg.batch_bytes,
                 idle: Arc::clone(&idle),
                 gather_yields: self.cfg.gather_yields,
+                drain_until: Arc::clone(&drain_until),
             };
             let h = std::thread::Builder::new()
                 .name(format!("tribes-dispatch-{n}"))
@@ -237,17 +248,22 @@ impl Interceptor for MessageDispatchInterceptor {
         *running = Some(Running {
             queues,
             threads: handles,
+            drain_until,
         });
         Ok(())
     }
 
-    /// Stops taking messages, sends what is queued, and joins the threads.
+    /// Stops taking messages, sends what is queued (for at most
+    /// [`DispatchConfig::stop_drain`]; the rest fails), and joins the threads.
     fn stop(&self, levels: Levels, _handle: &StackHandle) {
         if !levels.contains(Levels::SND_TX) {
             return;
         }
         let running = self.running.lock().take();
         if let Some(r) = running {
+            let _ = r
+                .drain_until
+                .set(std::time::Instant::now() + self.cfg.stop_drain);
             drop(r.queues);
             for t in r.threads {
                 let _ = t.join();
@@ -267,6 +283,7 @@ struct DispatchWorker {
     batch_bytes: usize,
     idle: Arc<IdleWait>,
     gather_yields: u32,
+    drain_until: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 impl DispatchWorker {
@@ -297,7 +314,26 @@ impl DispatchWorker {
             }
             // Taken out of the queue: their places are free for new messages.
             self.len.fetch_sub(jobs.len(), Ordering::AcqRel);
-            self.send_batch(&mut jobs);
+            let too_late =
+                (self.drain_until.get()).is_some_and(|t| std::time::Instant::now() >= *t);
+            if too_late {
+                self.fail_batch(&mut jobs);
+            } else {
+                self.send_batch(&mut jobs);
+            }
+        }
+    }
+
+    /// Stopping and past the drain time: the batch fails unsent.
+    fn fail_batch(&self, jobs: &mut Vec<Outgoing>) {
+        warn!(target: "tribes::dispatch", "stopping: {} queued message(s) not sent (the stop's drain time ran out)", jobs.len());
+        for job in jobs.drain(..) {
+            self.queued
+                .fetch_sub(job.message.payload.len(), Ordering::AcqRel);
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(h) = &job.handler {
+                h.handle_error(SendError::NotStarted, job.message.unique_id);
+            }
         }
     }
 
