@@ -468,11 +468,13 @@ where
                 match outcome {
                     Ok(Ok(())) => cfg.stats.sends.fetch_add(1, Ordering::Relaxed),
                     Ok(Err(e)) => {
-                        warn!(target: "ha::layer", "replication of {id:?} failed: {e}");
+                        // The manager already said so at warn level, naming the members.
+                        log::debug!(target: "ha::layer", "the request's replication failed: {e}");
                         cfg.stats.errors.fetch_add(1, Ordering::Relaxed)
                     }
                     Err(_) => {
-                        warn!(target: "ha::layer", "replication of {id:?}: no outcome after {ACK_WAIT_LIMIT:?} (a message dropped on its way down?); answering anyway");
+                        let session = id.as_ref().map(ToString::to_string).unwrap_or_default();
+                        warn!(target: "ha::layer", "replication of session {session}: no outcome after {ACK_WAIT_LIMIT:?} (a message dropped on its way down?); answering anyway");
                         cfg.stats.errors.fetch_add(1, Ordering::Relaxed)
                     }
                 };
