@@ -499,3 +499,33 @@ fn stop_sends_what_is_queued_for_a_bounded_time_then_fails_the_rest() {
     assert!(failed >= 15, "{failed} failed unsent");
     drop(silent);
 }
+
+#[test]
+fn connections_over_the_limit_are_refused_and_counted_and_the_node_keeps_serving() {
+    let opts = GroupOptions {
+        receiver: tribes::transport::ReceiverConfig {
+            max_connections: 2,
+            ..Default::default()
+        },
+        ..GroupOptions::fast_failing()
+    };
+    let g = static_group(1, &opts).unwrap();
+    let addr = g[0].local_member().addr();
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let stats = g[0].receiver_stats().unwrap();
+    assert!(wait_until(Duration::from_secs(3), || {
+        stats.accepted.load(Ordering::Relaxed) >= 2
+    }));
+    // Over the limit: closed at once, each one counted (and only sparsely logged).
+    for _ in 0..5 {
+        expect_closed(TcpStream::connect(addr).unwrap());
+    }
+    assert_eq!(stats.refused.load(Ordering::Relaxed), 5);
+    drop(held);
+    // Room again: a real sender gets through.
+    let other = static_group(1, &GroupOptions::fast_failing()).unwrap();
+    let to = [g[0].local_member()];
+    assert!(wait_until(Duration::from_secs(3), || other[0]
+        .send(&to, &b"x"[..], SendOptions::USE_ACK)
+        .is_ok()));
+}

@@ -66,6 +66,15 @@ pub struct ReceiverStats {
     pub fail_acks: AtomicU64,
     /// Messages whose listener panicked (caught, logged and answered as a failure).
     pub panics: AtomicU64,
+    /// Connections refused because `max_connections` were open.
+    pub refused: AtomicU64,
+}
+
+/// Whether the `n`th occurrence (from 1) of a failure a peer can cause at will is logged at
+/// warn level: the 1st, 2nd, 4th, 8th ..., so a flood of bad connections cannot flood the
+/// log from the selector thread (the others go to debug level; the counters have them all).
+fn sparse(n: u64) -> bool {
+    n.is_power_of_two()
 }
 
 /// A running receiver. [`Receiver::stop`] joins every thread it started.
@@ -422,7 +431,12 @@ impl Selector {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
                     if self.conns.len() >= self.cfg.max_connections {
-                        warn!(target: "tribes::transport", "refusing {peer}: {} connections open", self.conns.len());
+                        let n = self.stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                        if sparse(n) {
+                            warn!(target: "tribes::transport", "refusing {peer}: {} connections open ({n} refused so far)", self.conns.len());
+                        } else {
+                            debug!(target: "tribes::transport", "refusing {peer}: {} connections open", self.conns.len());
+                        }
                         continue;
                     }
                     let _ = stream.set_nodelay(self.cfg.tcp_no_delay);
@@ -533,8 +547,13 @@ impl Selector {
                             Err(e) => {
                                 // Like Tribes: no ACK for an invalid package; what came
                                 // before it is still delivered, then the connection closes.
-                                warn!(target: "tribes::transport", "closing connection from {}: {e}", conn.shared.peer);
-                                self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                                let n =
+                                    self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                                if sparse(n) {
+                                    warn!(target: "tribes::transport", "closing connection from {}: {e} ({n} closed for bad frames so far)", conn.shared.peer);
+                                } else {
+                                    debug!(target: "tribes::transport", "closing connection from {}: {e}", conn.shared.peer);
+                                }
                                 conn.finished = true;
                                 break;
                             }
