@@ -650,7 +650,11 @@ impl Balancer {
                     if stopping.load(Ordering::SeqCst) {
                         break;
                     }
-                    let Ok(client) = client else { continue };
+                    let Ok(client) = client else {
+                        // Out of descriptors, say: do not spin on it.
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
                     let backends = backends.clone();
                     let next = Arc::clone(&next);
                     // Ends by itself: every read and write has a timeout.

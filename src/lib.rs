@@ -374,6 +374,20 @@ impl ClosedPort {
         })
     }
 
+    /// Holds `addr` (whose listener just closed) the same way, so nothing else can start
+    /// answering there. Fails if another socket took the port first.
+    pub fn at(addr: SocketAddr) -> std::io::Result<Self> {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        // The closed listener's connections may linger in TIME_WAIT on the port.
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        Ok(Self {
+            _socket: socket,
+            addr,
+        })
+    }
+
     /// The refused address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

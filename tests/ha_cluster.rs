@@ -564,12 +564,13 @@ fn idle_sessions_expire_by_themselves_on_every_node() {
 #[test]
 fn a_node_started_right_after_its_multicast_cluster_still_pulls_the_state() {
     // No `wait_for_members` before `start`: the manager gives multicast membership its
-    // discovery time (two beacon intervals) before taking itself for the first node.
+    // discovery time (two beacon intervals, here 1 s: room for a loaded machine) before
+    // taking itself for the first node.
     use tribes::membership::McastConfig;
     let mcast = McastConfig {
         port: 47100 + (std::process::id() % 400) as u16,
-        frequency: Duration::from_millis(100),
-        drop_time: Duration::from_millis(1000),
+        frequency: Duration::from_millis(500),
+        drop_time: Duration::from_millis(3000),
         ttl: Some(0),
         ..McastConfig::default()
     };

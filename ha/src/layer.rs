@@ -224,6 +224,11 @@ impl ReplicationLayer {
     /// sends that wait for ACKs wait on the request's thread (`Cluster::register` warns of
     /// that for a synchronous manager).
     pub fn new(manager: Arc<DeltaManager>) -> Self {
+        if let Err(e) = manager.config().validate(manager.context()) {
+            // `Cluster::register` refuses such a manager; used alone it would still make
+            // ids (with its route) that requests could not name.
+            warn!(target: "ha::layer", "{e}: requests may not find their sessions");
+        }
         Self {
             cfg: Arc::new(Config {
                 manager,
@@ -623,20 +628,12 @@ fn cookie_change(
     (set_cookie || seen != Some(change)).then_some(change)
 }
 
-/// The longest session id a cookie may name: ids made here are 32 hex digits and, with a
-/// route, a dot and the route.
-const MAX_SESSION_ID_LEN: usize = 128;
-
-/// Whether a cookie value could name a session made by a manager: short, and made only of
-/// the characters ids and routes use. Anything else is no session at all, so a forged or
+/// Whether a cookie value could name a session made by a manager
+/// ([`SessionId::is_well_formed`]). Anything else is no session at all, so a forged or
 /// garbled cookie costs neither a store lookup with a huge key nor a question to every
 /// member (the request gets a new session if its handler makes one).
 fn could_be_session_id(value: &str) -> bool {
-    let ok = !value.is_empty()
-        && value.len() <= MAX_SESSION_ID_LEN
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    let ok = SessionId::is_well_formed(value);
     if !ok {
         log::debug!(target: "ha::layer", "ignoring a session cookie that no manager makes ({} bytes)", value.len());
     }

@@ -87,8 +87,8 @@ impl Default for ManagerConfig {
     }
 }
 
-/// The longest route a node may have: it goes into every session id, and a request's
-/// cookie naming an id longer than 128 characters is not taken for a session.
+/// The longest route a node may have: it goes into every session id, which may be at most
+/// [`SessionId::MAX_LEN`] characters.
 const MAX_ROUTE_LEN: usize = 64;
 
 impl ManagerConfig {
@@ -987,7 +987,13 @@ impl DeltaManager {
 
     /// Renames a session (route rebinding, id rotation) and replicates the change; returns
     /// whether the session existed. Replication failures are logged and counted.
+    /// A `new` id that is not [well formed](SessionId::is_well_formed) is refused (a
+    /// cookie could not name it): the session keeps its id and this returns false.
     pub fn change_session_id(&self, old: &SessionId, new: SessionId) -> bool {
+        if !SessionId::is_well_formed(new.as_str()) {
+            warn!(target: "ha::manager", "{}: not renaming {old}: the new id is not a well-formed session id", self.context);
+            return false;
+        }
         match self.change_session_id_unannounced(old, new) {
             Some(event) => {
                 let _ = self.send(&self.message(event), None, self.options());
@@ -1553,6 +1559,17 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.store(true, Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn a_rename_to_an_id_no_cookie_could_name_is_refused() {
+        let rx = Receiving::new(ManagerConfig::default());
+        let id = rx.manager.create_session().unwrap();
+        assert!(!rx.manager.change_session_id(&id, SessionId::new("a b; c")));
+        assert!(rx.manager.session(&id).is_some(), "kept its id");
+        let fine = SessionId::new("0123abcd.n2");
+        assert!(rx.manager.change_session_id(&id, fine.clone()));
+        assert!(rx.manager.session(&fine).is_some());
     }
 
     #[test]

@@ -46,6 +46,28 @@ impl SessionId {
     pub fn with_route(&self, route: &str) -> Self {
         Self(format!("{}.{route}", self.base()))
     }
+
+    /// The longest id a manager makes or takes: 32 hex digits, a dot and a route of at
+    /// most 64 characters fit.
+    pub const MAX_LEN: usize = 128;
+
+    /// Whether `value` could be a session id: 1 to [`SessionId::MAX_LEN`] letters, digits,
+    /// `.`, `-` or `_` (what ids and routes are made of). A cookie that is not is no
+    /// session, and a rename to such an id is refused.
+    ///
+    /// ```
+    /// use ha::SessionId;
+    /// assert!(SessionId::is_well_formed("0f3a9c.node-1"));
+    /// assert!(!SessionId::is_well_formed("../etc/passwd"));
+    /// assert!(!SessionId::is_well_formed(&"a".repeat(129)));
+    /// ```
+    pub fn is_well_formed(value: &str) -> bool {
+        !value.is_empty()
+            && value.len() <= Self::MAX_LEN
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    }
 }
 
 impl fmt::Display for SessionId {

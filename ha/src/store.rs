@@ -604,6 +604,8 @@ impl SessionStore {
 
 /// `items` split into batches of at most `batch`, in order, without copying them.
 fn in_batches<T>(items: Vec<T>, batch: usize) -> Vec<Vec<T>> {
+    debug_assert!(batch > 0, "a batch of nothing would never end");
+    let batch = batch.max(1);
     let mut items = items.into_iter().peekable();
     let mut out = Vec::new();
     while items.peek().is_some() {

@@ -10,8 +10,9 @@
 //! receiver, heartbeat, sender): they run in parallel on a small pool of named threads
 //! (`tribes-fd-<n>`), so one unreachable host cannot stall membership for `connect_timeout`
 //! per member. Members reported while the channel starts (static and DNS membership) are
-//! checked before `start` returns, in parallel, so the channel comes up with those that
-//! answer.
+//! checked before `start` returns, on those threads, so the channel comes up with those
+//! that answer (a member that does not answer holds `start` for its probe's timeouts, on
+//! one of the threads).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -320,8 +321,9 @@ impl Interceptor for TcpFailureDetector {
         // Members reported before the probe threads ran (static and DNS membership report
         // theirs as the levels below start) are checked now, and `start` returns once they
         // are settled: a node that asks its members for state right after start (a
-        // session manager) finds those that answer. Probes run in parallel, so this takes
-        // at most about one connect timeout.
+        // session manager) finds those that answer. The probe threads share them out, and
+        // a probe takes at most a connect and a write timeout, so the wait is bounded by
+        // that per round of probes.
         let deferred = std::mem::take(&mut self.state.lock().deferred);
         let count = deferred.len();
         // One place per check: no send ever waits.
@@ -330,7 +332,9 @@ impl Interceptor for TcpFailureDetector {
             self.enqueue_with(m, check, Some(done_tx.clone()));
         }
         drop(done_tx);
-        let deadline = Instant::now() + self.cfg.connect_timeout * 2 + Duration::from_millis(100);
+        let rounds = count.div_ceil(self.cfg.threads.max(1)) as u32;
+        let deadline =
+            Instant::now() + self.cfg.connect_timeout * 2 * rounds + Duration::from_millis(100);
         for _ in 0..count {
             // Ends early when every queued check reported (a check not queued dropped its
             // sender), or at the deadline.

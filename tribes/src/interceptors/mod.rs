@@ -114,12 +114,13 @@ pub trait Interceptor: Send + Sync + 'static {
         next.member_disappeared(member)
     }
 
-    /// Members that messages this interceptor passed down failed to reach, reported after
-    /// its [`Interceptor::send`] had returned: the dispatch threads write asynchronous
-    /// messages in batches, so `send` only saw them queued. Each member comes once per
-    /// batch (`failure` is its first failure there), in stack order from just below the
-    /// interceptor that wrote the batch. Default: nothing (there is nothing to pass on;
-    /// every interceptor below is told anyway). A failure detector checks these members.
+    /// Members that a batch of messages written by an interceptor above this one (the
+    /// dispatch threads write asynchronous messages in batches) failed to reach, reported
+    /// after the batch: this interceptor's [`Interceptor::send`] saw those messages only
+    /// queued. Every interceptor below the batch's writer is told, whatever its
+    /// [`Interceptor::option_flag`], in stack order; each member comes once per batch
+    /// (`failure` is its first failure there). Default: nothing (there is nothing to pass
+    /// on). A failure detector checks these members.
     fn sends_failed(&self, failed: &[FaultyMember]) {
         let _ = failed;
     }

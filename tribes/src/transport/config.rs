@@ -114,9 +114,10 @@ impl ReceiverConfig {
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
     /// Connect timeout, and the time each destination has to acknowledge a message from
-    /// when it was written to it. Default 3000 ms (Tribes `timeout`). A send to several
-    /// members, one of which hangs in connect, can take up to twice this: the healthy
-    /// members still get their full time to answer instead of being reported as failed.
+    /// when it was written to it. Default 3000 ms (Tribes `timeout`). Connects are made one
+    /// member after another, so a send to members of which k hang in connect takes up to
+    /// (k + 1) times this; the healthy members still get their full time to answer instead
+    /// of being reported as failed.
     pub timeout: Duration,
     /// Resends after an I/O failure (never after FAIL_ACK or a timeout). Default 1.
     pub max_retry_attempts: u32,

@@ -406,15 +406,14 @@ impl Selector {
         }
         // Shutdown. Connections that wait for a worker (the queue was full) hold messages
         // that were read, and may have been acknowledged on receipt: they still go to the
-        // workers, queued before the workers' stop. A worker stuck in a handler for longer
-        // than the wait below costs those messages, with a log line, rather than a stop
-        // that never returns.
+        // workers, queued before the workers' stop, for 5 s in all. Workers that take no
+        // more work in that time (a handler that is slow or never returns) cost those
+        // messages, with a log line; a handler that never returns holds up the stop anyway,
+        // which joins its worker.
         if let Some(jobs) = self.jobs.take() {
+            let until = std::time::Instant::now() + Duration::from_secs(5);
             for conn in self.starved.drain(..) {
-                if jobs
-                    .send_timeout(Job::Serve(conn), Duration::from_secs(5))
-                    .is_err()
-                {
+                if jobs.send_deadline(Job::Serve(conn), until).is_err() {
                     warn!(target: "tribes::transport", "receiver stopping: the workers took no more work for 5 s; messages read on a waiting connection are dropped");
                     break;
                 }

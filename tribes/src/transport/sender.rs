@@ -343,18 +343,19 @@ impl Sender {
     /// hanging connect does not delay the others there either).
     fn finish(&self, t: &mut Ticket, frames: &[Frame], deadline: Instant) -> Result<(), Failure> {
         loop {
+            // This member's own deadline, for the ACK wait and for a resend alike.
+            let own = deadline.max(t.written + self.cfg.timeout);
             let res = if t.ack {
-                t.conn
-                    .wait_acks(&t.seqs, deadline.max(t.written + self.cfg.timeout))
+                t.conn.wait_acks(&t.seqs, own)
             } else {
                 Ok(())
             };
             self.release(&t.peer, &t.conn);
             match res {
                 Err(Failure::Io { .. })
-                    if t.attempt < self.cfg.max_retry_attempts && Instant::now() < deadline =>
+                    if t.attempt < self.cfg.max_retry_attempts && Instant::now() < own =>
                 {
-                    let mut next = self.write_with_retry(&t.member, frames, t.ack, deadline)?;
+                    let mut next = self.write_with_retry(&t.member, frames, t.ack, own)?;
                     next.attempt = next.attempt.max(t.attempt + 1);
                     *t = next;
                 }
