@@ -596,3 +596,76 @@ fn a_node_started_right_after_its_multicast_cluster_still_pulls_the_state() {
     let copy = mb.session(&id).expect("B pulled A's session at start");
     assert_eq!(copy.get::<u8>("k").unwrap(), Some(7));
 }
+
+/// Fails the sends passing it while armed (as a timeout to every destination), without
+/// passing them on.
+#[derive(Default)]
+struct FailWhileArmed(std::sync::atomic::AtomicBool);
+
+impl tribes::interceptors::Interceptor for FailWhileArmed {
+    fn name(&self) -> &'static str {
+        "fail-while-armed"
+    }
+    fn send(
+        &self,
+        out: tribes::interceptors::Outgoing,
+        next: tribes::interceptors::Down<'_>,
+    ) -> Result<(), tribes::SendError> {
+        if !self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            return next.send(out);
+        }
+        let faulty = (out.destinations.into_iter())
+            .map(|member| tribes::FaultyMember {
+                member,
+                failure: tribes::Failure::Timeout,
+            })
+            .collect();
+        Err(tribes::SendError::Faulty(faulty))
+    }
+}
+
+#[test]
+fn a_change_that_failed_to_reach_a_live_member_is_retold_by_the_sweep_or_the_next_request() {
+    let (pa, pb) = (free_port(), free_port());
+    let cut = Arc::new(FailWhileArmed::default());
+    let cfg = ha::ManagerConfig {
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    let (ca, ma) =
+        tribes_suite::ha_node_with_extra(pa, &[pb], cfg.clone(), vec![cut.clone()]).unwrap();
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
+    for c in [&ca, &cb] {
+        assert!(c.channel().wait_for_members(1, Duration::from_secs(5)));
+    }
+    ma.start(&ca);
+    mb.start(&cb);
+    let s = ma.create_session().unwrap();
+    ma.with_session(&s, |x| x.insert("n", &1u32).unwrap());
+    ma.request_completed(&s).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || mb.version(&s) == ma.version(&s)));
+    // The next change does not reach B (a timeout, B stays a member), and the session is
+    // not touched again.
+    cut.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    ma.with_session(&s, |x| x.insert("n", &2u32).unwrap());
+    assert!(ma.request_completed(&s).is_err());
+    cut.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(mb.version(&s) < ma.version(&s), "B missed it");
+    // The expiry sweep (every 60 s by default) tells B the version; B fetches the session.
+    ma.expire(ha_now());
+    assert!(wait_until(Duration::from_secs(5), || mb.version(&s) == ma.version(&s)));
+    let copy = mb.session(&s).unwrap();
+    assert_eq!(copy.get::<u32>("n").unwrap(), Some(2));
+
+    // Again, but the session's next request only reads it: its end tells B the version.
+    cut.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    ma.with_session(&s, |x| x.insert("n", &3u32).unwrap());
+    assert!(ma.request_completed(&s).is_err());
+    cut.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    ma.with_session(&s, |x| x.get::<u32>("n").unwrap());
+    ma.request_completed(&s).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || mb.version(&s) == ma.version(&s)));
+    assert_eq!(mb.session(&s).unwrap().get::<u32>("n").unwrap(), Some(3));
+    ca.stop().unwrap();
+    cb.stop().unwrap();
+}

@@ -1,6 +1,6 @@
 //! `DeltaManager`: all-to-all delta replication of one context's sessions over a [`Cluster`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -179,6 +179,25 @@ pub struct DeltaManager {
     /// When a new session at [`ManagerConfig::max_active_sessions`] last swept expired
     /// sessions (ms; see `create_session_unannounced`).
     limit_sweep_ms: AtomicI64,
+    /// Sessions (base ids) a replication of which failed for some member, so members may
+    /// hold an older copy: the session's next completion here, or else the next expiry
+    /// sweep, tells them its version, and a member behind fetches it. At most
+    /// [`MAX_LAGGING`]; `lagging_any` lets requests skip the lock when it is empty.
+    lagging: Mutex<HashSet<String>>,
+    lagging_any: AtomicBool,
+}
+
+/// How many sessions with a failed replication are remembered for a retelling.
+const MAX_LAGGING: usize = 10_000;
+
+/// The session a message is about, when it changes or vouches for a copy.
+fn replicated_session(event: &SessionEvent) -> Option<&SessionId> {
+    match event {
+        SessionEvent::Delta(d) => Some(&d.session_id),
+        SessionEvent::Created { id, .. } | SessionEvent::Accessed { id, .. } => Some(id),
+        SessionEvent::ChangeSessionId { new, .. } => Some(new),
+        _ => None,
+    }
 }
 
 impl DeltaManager {
@@ -200,7 +219,70 @@ impl DeltaManager {
             origin: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             limit_sweep_ms: AtomicI64::new(i64::MIN / 2),
+            lagging: Mutex::new(HashSet::new()),
+            lagging_any: AtomicBool::new(false),
         })
+    }
+
+    /// A replication of session `id` failed for some member: remember it (see `lagging`).
+    fn note_lagging(&self, id: &SessionId) {
+        let mut lagging = self.lagging.lock();
+        if lagging.len() < MAX_LAGGING {
+            lagging.insert(id.base().to_owned());
+            self.lagging_any.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether session `base` was remembered as lagging; forgets it.
+    fn take_lagging(&self, base: &str) -> bool {
+        if !self.lagging_any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut lagging = self.lagging.lock();
+        let was = lagging.remove(base);
+        if lagging.is_empty() {
+            self.lagging_any.store(false, Ordering::Release);
+        }
+        was
+    }
+
+    /// Tells the members the version of every session remembered as lagging that is still
+    /// served here (an access notice: a member behind fetches the session). Called by the
+    /// expiry sweep, for sessions no request touched since their replication failed.
+    fn retell_lagging(&self) {
+        if !self.lagging_any.load(Ordering::Acquire) {
+            return;
+        }
+        let lagging: Vec<String> = {
+            let mut set = self.lagging.lock();
+            self.lagging_any.store(false, Ordering::Release);
+            set.drain().collect()
+        };
+        let now = crate::now_ms();
+        let notices: Vec<SessionEvent> = {
+            let mut store = self.store.lock();
+            lagging
+                .iter()
+                .filter_map(|base| {
+                    let s = store.get_mut(&SessionId::new(base.clone()))?;
+                    if !s.is_primary() {
+                        return None;
+                    }
+                    s.mark_replicated(now);
+                    let (version, origin) = s.last_change();
+                    Some(SessionEvent::Accessed {
+                        id: s.id().clone(),
+                        at_ms: s.last_access_ms(),
+                        version,
+                        origin,
+                    })
+                })
+                .collect()
+        };
+        for notice in notices {
+            // A failure here remembers the session again, for the next sweep.
+            let _ = self.send(&self.message(notice), None, self.options());
+        }
     }
 
     /// Takes this node's identity in the changes it makes from `local` (its member).
@@ -893,7 +975,7 @@ impl DeltaManager {
         let event = match delta {
             Some(d) => SessionEvent::Delta(d),
             // Taken over here, or only read for half its interval: the copies hear of it.
-            None if !was_primary || s.access_due(now) => {
+            None if !was_primary || s.access_due(now) || self.take_lagging(id.base()) => {
                 let (version, origin) = s.last_change();
                 SessionEvent::Accessed {
                     id: id.clone(),
@@ -1058,6 +1140,7 @@ impl DeltaManager {
     pub fn expire(&self, now_ms: i64) -> Vec<SessionId> {
         let (primaries, gone) = self.sweep(&mut self.store.lock(), now_ms);
         self.announce_expired(primaries, self.options());
+        self.retell_lagging();
         gone
     }
 
@@ -1283,6 +1366,9 @@ impl DeltaManager {
             Err(e) => {
                 warn!(target: "ha::manager", "{}: replication failed: {e}", self.context);
                 self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(id) = replicated_session(&msg.event) {
+                    self.note_lagging(id);
+                }
                 Err(e)
             }
         }
@@ -1334,6 +1420,7 @@ impl Acked {
             waker: Arc::clone(&self.waker),
             manager: Arc::downgrade(manager),
             kind: crate::stats::kind(event),
+            session: replicated_session(event).cloned(),
             permit: Mutex::new(permit),
         });
         self.sent += 1;
@@ -1370,6 +1457,8 @@ struct AckSlot {
     manager: Weak<DeltaManager>,
     /// The message's event kind, for the sent counters.
     kind: usize,
+    /// The session the message changes or vouches for: remembered as lagging if it fails.
+    session: Option<SessionId>,
     /// A fetch's place among the concurrent fetches, given back with the outcome.
     permit: Mutex<Option<Arc<FetchPermit>>>,
 }
@@ -1394,6 +1483,9 @@ impl AckSlot {
                     Err(e) => {
                         warn!(target: "ha::manager", "{}: replication failed: {e}", m.context);
                         m.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(id) = &self.session {
+                            m.note_lagging(id);
+                        }
                     }
                 }
             }
