@@ -183,8 +183,43 @@ pub struct DeltaManager {
     /// hold an older copy: the session's next completion here, or else the next expiry
     /// sweep, tells them its version, and a member behind fetches it. At most
     /// [`MAX_LAGGING`]; `lagging_any` lets requests skip the lock when it is empty.
-    lagging: Mutex<HashSet<String>>,
-    lagging_any: AtomicBool,
+    lagging: Arc<Lagging>,
+}
+
+/// Sessions (base ids) a replication of which failed for some member (see
+/// `DeltaManager::lagging`).
+#[derive(Default)]
+struct Lagging {
+    set: Mutex<HashSet<String>>,
+    /// `set` is not empty: requests skip its lock when it is.
+    any: AtomicBool,
+}
+
+impl Lagging {
+    fn note(&self, id: &SessionId) {
+        let mut set = self.set.lock();
+        if set.len() < MAX_LAGGING {
+            set.insert(id.base().to_owned());
+            self.any.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Hears how an asynchronous message about a session ended, on the dispatch thread: a
+/// failure makes the session lagging.
+struct NoteLagging {
+    lagging: Arc<Lagging>,
+    session: SessionId,
+}
+
+impl tribes::interceptors::ErrorHandler for NoteLagging {
+    fn handle_completion(&self, _id: tribes::UniqueId) {}
+
+    fn handle_error(&self, error: SendError, _id: tribes::UniqueId) {
+        // With a handler, the dispatch thread leaves the telling to it.
+        warn!(target: "ha::manager", "replication of session {} failed: {error}", self.session);
+        self.lagging.note(&self.session);
+    }
 }
 
 /// How many sessions with a failed replication are remembered for a retelling.
@@ -219,29 +254,24 @@ impl DeltaManager {
             origin: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             limit_sweep_ms: AtomicI64::new(i64::MIN / 2),
-            lagging: Mutex::new(HashSet::new()),
-            lagging_any: AtomicBool::new(false),
+            lagging: Arc::default(),
         })
     }
 
     /// A replication of session `id` failed for some member: remember it (see `lagging`).
     fn note_lagging(&self, id: &SessionId) {
-        let mut lagging = self.lagging.lock();
-        if lagging.len() < MAX_LAGGING {
-            lagging.insert(id.base().to_owned());
-            self.lagging_any.store(true, Ordering::Release);
-        }
+        self.lagging.note(id);
     }
 
     /// Whether session `base` was remembered as lagging; forgets it.
     fn take_lagging(&self, base: &str) -> bool {
-        if !self.lagging_any.load(Ordering::Acquire) {
+        if !self.lagging.any.load(Ordering::Acquire) {
             return false;
         }
-        let mut lagging = self.lagging.lock();
-        let was = lagging.remove(base);
-        if lagging.is_empty() {
-            self.lagging_any.store(false, Ordering::Release);
+        let mut set = self.lagging.set.lock();
+        let was = set.remove(base);
+        if set.is_empty() {
+            self.lagging.any.store(false, Ordering::Release);
         }
         was
     }
@@ -250,12 +280,12 @@ impl DeltaManager {
     /// served here (an access notice: a member behind fetches the session). Called by the
     /// expiry sweep, for sessions no request touched since their replication failed.
     fn retell_lagging(&self) {
-        if !self.lagging_any.load(Ordering::Acquire) {
+        if !self.lagging.any.load(Ordering::Acquire) {
             return;
         }
         let lagging: Vec<String> = {
-            let mut set = self.lagging.lock();
-            self.lagging_any.store(false, Ordering::Release);
+            let mut set = self.lagging.set.lock();
+            self.lagging.any.store(false, Ordering::Release);
             set.drain().collect()
         };
         let now = crate::now_ms();
@@ -1356,7 +1386,18 @@ impl DeltaManager {
         to: Option<&Member>,
         options: SendOptions,
     ) -> Result<(), SendError> {
-        match cluster.send(msg, to, options) {
+        // An asynchronous message about a session fails on the dispatch thread, after this
+        // returns: a handler hears it there.
+        let handler = (options.contains(SendOptions::ASYNCHRONOUS))
+            .then(|| replicated_session(&msg.event))
+            .flatten()
+            .map(|id| {
+                Arc::new(NoteLagging {
+                    lagging: Arc::clone(&self.lagging),
+                    session: id.clone(),
+                }) as Arc<dyn tribes::interceptors::ErrorHandler>
+            });
+        match cluster.send_with_handler(msg, to, options, handler) {
             Ok(sent) => {
                 if sent {
                     self.counters.sent(&msg.event);
