@@ -687,3 +687,56 @@ fn a_change_that_failed_to_reach_a_live_member_is_retold_sync() {
 fn a_change_that_failed_to_reach_a_live_member_is_retold_async() {
     a_failed_change_is_retold(false);
 }
+
+/// Holds its channel's start for a while, like a slow interceptor would: the interceptors
+/// above it (the dispatcher) start later, while the receiver already runs.
+struct SlowStart(Duration);
+
+impl tribes::interceptors::Interceptor for SlowStart {
+    fn name(&self) -> &'static str {
+        "slow-start"
+    }
+    fn start(
+        &self,
+        _: tribes::Levels,
+        _: &tribes::interceptors::StackHandle,
+    ) -> Result<(), tribes::ChannelError> {
+        std::thread::sleep(self.0);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_node_still_starting_its_channel_answers_a_state_request_at_once() {
+    // Async replication: A's "not ready" used to go through its dispatch threads, which
+    // had not started yet; the send was refused and B waited for the whole transfer
+    // timeout (10 s here, 60 s by default) before serving.
+    let (pa, pb) = (free_port(), free_port());
+    let cfg = ha::ManagerConfig {
+        sync: false,
+        ..ha::ManagerConfig::default()
+    };
+    let slow: Arc<dyn tribes::interceptors::Interceptor> =
+        Arc::new(SlowStart(Duration::from_millis(1500)));
+    let a_cfg = cfg.clone();
+    let a = std::thread::spawn(move || {
+        tribes_suite::ha_node_with_extra(pa, &[pb], a_cfg, vec![slow]).unwrap()
+    });
+    // A's receiver is up and its channel is still starting when B starts and asks it.
+    std::thread::sleep(Duration::from_millis(300));
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
+    assert!(
+        cb.channel().members().iter().any(|m| m.port == pa),
+        "A is up"
+    );
+    let start = Instant::now();
+    assert!(mb.start(&cb), "nobody had state: complete");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let (ca, _ma) = a.join().unwrap();
+    ca.stop().unwrap();
+    cb.stop().unwrap();
+}

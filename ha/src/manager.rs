@@ -1261,9 +1261,13 @@ impl DeltaManager {
             SessionEvent::GetAllSessions
                 if self.transfer.lock().is_some() || !self.ready.load(Ordering::Acquire) =>
             {
-                // Starting too: whatever is here is not the cluster's state yet.
+                // Starting too: whatever is here is not the cluster's state yet. Sent from
+                // here, acknowledged on receipt, never through the dispatch threads: this
+                // node's channel may still be starting them (its receiver runs first), and
+                // an asynchronous send would be refused, leaving the asker waiting for
+                // the whole state-transfer timeout.
                 let reply = self.message(SessionEvent::StateNotReady);
-                if let Err(e) = self.send_via(cluster, &reply, Some(sender), self.options()) {
+                if let Err(e) = self.send_via(cluster, &reply, Some(sender), SendOptions::USE_ACK) {
                     warn!(target: "ha::manager", "{}: cannot tell {sender} this node is starting: {e}", self.context);
                 }
             }
