@@ -294,6 +294,24 @@ fn attribute_filter_and_expire_on_shutdown() {
 }
 
 #[test]
+fn stopping_the_cluster_stops_its_managers() {
+    let cfg = ha::ManagerConfig {
+        expire_sessions_on_shutdown: true,
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    let [(ca, ma), (_cb, mb)] = tribes_suite::started_ha_pair([cfg.clone(), cfg]).unwrap();
+    let id = ma.create_session().unwrap();
+    ma.with_session(&id, |s| s.insert("n", &1u8).unwrap());
+    ma.request_completed(&id).unwrap();
+    assert!(mb.session(&id).is_some());
+    // The app's shutdown calls `Cluster::stop` only (as the README's node does).
+    ca.stop().unwrap();
+    assert!(ma.is_empty());
+    assert!(mb.session(&id).is_none(), "expired everywhere on shutdown");
+}
+
+#[test]
 fn a_cluster_with_tribes_defaults_replicates_over_multicast() {
     use tribes::membership::McastConfig;
     let mcast = McastConfig {

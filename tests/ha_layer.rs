@@ -825,3 +825,76 @@ async fn the_session_cookie_carries_the_configured_attributes() {
         "{set}"
     );
 }
+
+async fn log_out(session: Session) -> &'static str {
+    session.invalidate();
+    "bye"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_are_shared_by_every_copy_of_a_layer_and_a_logout_clears_both_cookies() {
+    let manager = ha::DeltaManager::new("/", ha::ManagerConfig::default());
+    let early = ReplicationLayer::new(manager);
+    let layer = (early.clone())
+        .read_your_writes(Duration::from_millis(20))
+        .filter(r"/static/.*")
+        .unwrap();
+    let app = Router::new()
+        .route("/counter", get(counter))
+        .route("/logout", get(log_out))
+        .layer(layer.clone());
+    let resp = app
+        .clone()
+        .oneshot(Request::get("/counter").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let cookies: Vec<String> = resp
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+        .collect();
+    let jar = cookies.join("; ");
+    assert!(
+        jar.contains("JSESSIONID=") && jar.contains("JSESSIONID_V="),
+        "{jar}"
+    );
+    let resp = app
+        .oneshot(
+            Request::get("/logout")
+                .header(header::COOKIE, &jar)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let cleared: Vec<&str> = resp
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    for name in ["JSESSIONID=;", "JSESSIONID_V=;"] {
+        assert!(
+            cleared
+                .iter()
+                .any(|c| c.starts_with(name) && c.contains("Max-Age=0")),
+            "{name} cleared: {cleared:?}"
+        );
+    }
+    // The layer taken before the builder calls counts the same requests.
+    assert_eq!(
+        early
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    assert_eq!(
+        layer
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}

@@ -156,9 +156,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// Stops the expiry thread (joined) and the channel.
+    /// Stops the expiry thread (joined), the registered managers ([`DeltaManager::stop`]:
+    /// with `expire_sessions_on_shutdown` their primary sessions expire cluster-wide), and
+    /// the channel.
     pub fn stop(&self) -> Result<(), tribes::ChannelError> {
         self.stop_expiry();
+        let managers: Vec<_> = self.inner.managers.read().values().cloned().collect();
+        for m in managers {
+            m.stop();
+        }
         self.inner.channel.stop(tribes::Levels::ALL)
     }
 

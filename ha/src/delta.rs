@@ -22,7 +22,7 @@ pub enum Action {
         /// Attribute name.
         name: String,
     },
-    /// The max inactive interval changed (seconds; negative = never expires).
+    /// The max inactive interval changed (seconds; zero or negative = never expires).
     SetMaxInactive(i64),
     /// The is-new flag changed.
     SetNew(bool),

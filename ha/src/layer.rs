@@ -180,7 +180,9 @@ struct Config {
     manager: Arc<DeltaManager>,
     cookie: String,
     filter: Option<Regex>,
-    stats: LayerStats,
+    /// Shared by every layer built from the same [`ReplicationLayer::new`], whatever
+    /// builder calls came after, so a clone taken early reads the same counters.
+    stats: Arc<LayerStats>,
     /// Read-your-writes: how long a request waits for a change its client already saw.
     read_your_writes: Option<Duration>,
     /// How long a request for a session this node has not seen waits for its replication
@@ -234,7 +236,7 @@ impl ReplicationLayer {
                 manager,
                 cookie: "JSESSIONID".into(),
                 filter: None,
-                stats: LayerStats::default(),
+                stats: Arc::default(),
                 read_your_writes: None,
                 fetch_grace: DEFAULT_FETCH_GRACE,
                 version_cookie: "JSESSIONID_V".into(),
@@ -277,7 +279,8 @@ impl ReplicationLayer {
 
     /// Read-your-writes for asynchronous replication behind a non-sticky balancer (off by
     /// default, as in Tribes). Each response that changed the session also sets a second
-    /// cookie, `<cookie name>_V`, to `<session id base>-<version>`; a request whose node
+    /// cookie, `<cookie name>_V`, to `<session id base>-<version>-<origin>` (the change's
+    /// version, and in hex the node that made it); a request whose node
     /// holds an older copy of that session, because the change is still on its way, waits
     /// up to `wait` for it and then asks the members
     /// ([`DeltaManager::version_reached`](crate::DeltaManager::version_reached), then
@@ -329,7 +332,7 @@ impl ReplicationLayer {
             manager: Arc::clone(&self.cfg.manager),
             cookie: self.cfg.cookie.clone(),
             filter: self.cfg.filter.clone(),
-            stats: LayerStats::default(),
+            stats: Arc::clone(&self.cfg.stats),
             read_your_writes: self.cfg.read_your_writes,
             fetch_grace: self.cfg.fetch_grace,
             version_cookie: String::new(),
@@ -435,9 +438,16 @@ where
             };
             if id.is_none() && clear_cookie {
                 // An expired cookie: the client stops sending an id nobody holds.
-                let value = format!("{}=; Max-Age=0{}", cfg.cookie, cfg.cookie_attributes);
-                if let Ok(v) = HeaderValue::from_str(&value) {
-                    resp.headers_mut().append(header::SET_COOKIE, v);
+                let mut expired = vec![&cfg.cookie];
+                if cfg.read_your_writes.is_some() {
+                    // Its version cookie names a session that is gone too.
+                    expired.push(&cfg.version_cookie);
+                }
+                for name in expired {
+                    let value = format!("{name}=; Max-Age=0{}", cfg.cookie_attributes);
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        resp.headers_mut().append(header::SET_COOKIE, v);
+                    }
                 }
             }
             // The filter skips the delta, not the creations, renames and invalidations the

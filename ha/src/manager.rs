@@ -26,7 +26,8 @@ const MAX_MEMBERS_ASKED: usize = 3;
 /// Settings of a [`DeltaManager`].
 #[derive(Clone)]
 pub struct ManagerConfig {
-    /// Max inactive interval of new sessions, seconds. Default 1800 (servlet default).
+    /// Max inactive interval of new sessions, seconds; zero or negative: they never expire
+    /// (servlet convention). Default 1800 (servlet default).
     pub max_inactive_secs: i64,
     /// How long `start` waits for the state of the oldest member. Default 60 s (Tribes
     /// `stateTransferTimeout`).
@@ -148,6 +149,8 @@ impl std::fmt::Debug for ManagerConfig {
                 &self.expire_sessions_on_shutdown,
             )
             .field("max_concurrent_fetches", &self.max_concurrent_fetches)
+            .field("max_transfer_queue", &self.max_transfer_queue)
+            .field("max_active_sessions", &self.max_active_sessions)
             .finish()
     }
 }
@@ -1976,8 +1979,11 @@ mod tests {
             },
         );
         let idle = m.create_session().unwrap();
-        m.with_session(&idle, |s| s.set_max_inactive_secs(0));
-        std::thread::sleep(Duration::from_millis(5));
+        // Last used a minute ago, with a one-second interval.
+        m.with_session(&idle, |s| {
+            s.set_max_inactive_secs(1);
+            s.access(crate::now_ms() - 60_000);
+        });
         // `idle` timed out but the periodic sweep has not run: it must not hold the place.
         let fresh = m.create_session().unwrap();
         assert!(m.session(&idle).is_none());

@@ -93,7 +93,7 @@ pub struct Session {
     id: SessionId,
     created_ms: i64,
     last_access_ms: i64,
-    /// Seconds; negative = never expires (servlet convention).
+    /// Seconds; zero or negative = never expires (servlet convention).
     max_inactive_secs: i64,
     is_new: bool,
     attributes: BTreeMap<String, Bytes>,
@@ -194,7 +194,7 @@ impl Session {
         self.last_access_ms
     }
 
-    /// Max inactive interval in seconds (negative = never).
+    /// Max inactive interval in seconds (zero or negative = never).
     pub fn max_inactive_secs(&self) -> i64 {
         self.max_inactive_secs
     }
@@ -620,7 +620,9 @@ impl Session {
     /// Whether the session has expired at `now_ms`: a primary after its max inactive
     /// interval, a copy after twice that (grace for lost access messages, as Tribes).
     pub fn is_expired(&self, now_ms: i64) -> bool {
-        if self.max_inactive_secs < 0 {
+        // Zero or less: never (the servlet spec's `setMaxInactiveInterval`, Tomcat's
+        // `isValid`).
+        if self.max_inactive_secs <= 0 {
             return false;
         }
         let factor = if self.primary { 1 } else { 2 };
@@ -635,6 +637,17 @@ impl Session {
 mod tests {
     use super::*;
     use serde::ser::Error as _;
+
+    #[test]
+    fn an_interval_of_zero_or_less_never_expires() {
+        for secs in [0, -1] {
+            let mut s = Session::new(SessionId::new("s"), 0, secs);
+            assert!(!s.is_expired(i64::MAX / 2));
+            s.primary = false;
+            assert!(!s.is_expired(i64::MAX / 2));
+        }
+        assert!(Session::new(SessionId::new("s"), 0, 1).is_expired(1001));
+    }
 
     #[test]
     fn extreme_intervals_and_access_times_neither_wrap_nor_panic() {
