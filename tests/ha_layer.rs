@@ -898,3 +898,34 @@ async fn stats_are_shared_by_every_copy_of_a_layer_and_a_logout_clears_both_cook
         2
     );
 }
+
+async fn remember_me(session: Session) -> String {
+    session.insert("user", "ada").unwrap();
+    assert!(session.set_max_inactive_secs(1234));
+    let created = session.created_ms().unwrap();
+    assert!(created > 0 && session.last_access_ms().unwrap() >= created);
+    format!("{:?} {:?}", session.names(), session.max_inactive_secs())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_sets_its_session_s_interval_and_every_copy_keeps_it() {
+    let sync = ha::ManagerConfig {
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    let [(ca, ma), (cb, mb)] = started_ha_pair([sync.clone(), sync]).unwrap();
+    let app = Router::new()
+        .route("/remember", get(remember_me))
+        .layer(ReplicationLayer::new(Arc::clone(&ma)));
+    let (_, body, set) = get_with(&app, "/remember", None).await;
+    assert_eq!(body, r#"["user"] Some(1234)"#);
+    let id = ha::SessionId::new(set.unwrap().trim_start_matches("JSESSIONID="));
+    assert_eq!(ma.session(&id).unwrap().max_inactive_secs(), 1234);
+    assert_eq!(
+        mb.session(&id).unwrap().max_inactive_secs(),
+        1234,
+        "replicated"
+    );
+    ca.stop().unwrap();
+    cb.stop().unwrap();
+}

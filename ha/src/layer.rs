@@ -742,6 +742,48 @@ impl Session {
         self.inner.lock().with(|s| s.remove(name)).unwrap_or(false)
     }
 
+    /// The attribute names (empty without a session).
+    pub fn names(&self) -> Vec<String> {
+        (self.inner.lock())
+            .with(|s| s.names().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// When the session was created, ms since the Unix epoch (`None` without a session).
+    pub fn created_ms(&self) -> Option<i64> {
+        self.inner.lock().with(|s| s.created_ms())
+    }
+
+    /// When the session was last used (this request counts), ms since the Unix epoch
+    /// (`None` without a session).
+    pub fn last_access_ms(&self) -> Option<i64> {
+        self.inner.lock().with(|s| s.last_access_ms())
+    }
+
+    /// This session's max inactive interval, seconds; zero or negative: it never expires
+    /// (`None` without a session).
+    pub fn max_inactive_secs(&self) -> Option<i64> {
+        self.inner.lock().with(|s| s.max_inactive_secs())
+    }
+
+    /// Changes this session's max inactive interval, seconds (zero or negative: never
+    /// expires), here and, with the request's other changes, on every member. Returns
+    /// false without a session.
+    ///
+    /// ```no_run
+    /// # use ha::layer::Session;
+    /// async fn remember_me(session: Session) -> &'static str {
+    ///     session.insert("user", "ada").unwrap();
+    ///     session.set_max_inactive_secs(30 * 24 * 3600); // a month
+    ///     "ok"
+    /// }
+    /// ```
+    pub fn set_max_inactive_secs(&self, secs: i64) -> bool {
+        (self.inner.lock())
+            .with(|s| s.set_max_inactive_secs(secs))
+            .is_some()
+    }
+
     /// Gives the session a new id (here and on every member) and sends the client the new
     /// cookie: call it when a user logs in, against session fixation. Does nothing without
     /// a session.
