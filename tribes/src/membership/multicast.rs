@@ -265,8 +265,9 @@ fn open_socket(cfg: &McastConfig) -> Result<UdpSocket, ChannelError> {
     if let Some(ttl) = cfg.ttl {
         socket.set_multicast_ttl_v4(ttl)?;
     }
-    // The receive loop wakes at least every beacon interval to run expiry and see stop.
-    socket.set_read_timeout(Some(cfg.frequency))?;
+    // The receive loop wakes at least every beacon interval to run expiry, and every
+    // 100 ms to see a stop (a stop used to wait up to a whole interval for it).
+    socket.set_read_timeout(Some(cfg.frequency.min(Duration::from_millis(100))))?;
     Ok(socket.into())
 }
 
