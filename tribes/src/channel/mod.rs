@@ -319,6 +319,7 @@ impl GroupChannel {
         StackHandle {
             stack: Arc::downgrade(&self.stack),
             index,
+            channel: Arc::from(self.name.as_str()),
         }
     }
 

@@ -92,7 +92,7 @@ impl Default for DispatchConfig {
 }
 
 /// Sends ASYNCHRONOUS messages from a bounded queue on named dispatch threads
-/// (`tribes-dispatch-<n>`).
+/// (`tribes-dispatch-<channel>-<n>`).
 ///
 /// ```
 /// use tribes::interceptors::{DispatchConfig, MessageDispatchInterceptor};
@@ -239,7 +239,7 @@ impl Interceptor for MessageDispatchInterceptor {
                 drain_until: Arc::clone(&drain_until),
             };
             let h = std::thread::Builder::new()
-                .name(format!("tribes-dispatch-{n}"))
+                .name(format!("tribes-dispatch-{}-{n}", handle.channel_name()))
                 .spawn(move || worker.run())
                 .map_err(ChannelError::Io)?;
             queues.push(Arc::new(Queue { tx, len }));

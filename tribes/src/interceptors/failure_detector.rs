@@ -8,7 +8,7 @@
 //!
 //! Unlike Tribes, probes never run on the thread that delivered the event (membership
 //! receiver, heartbeat, sender): they run in parallel on a small pool of named threads
-//! (`tribes-fd-<n>`), so one unreachable host cannot stall membership for `connect_timeout`
+//! (`tribes-fd-<channel>-<n>`), so one unreachable host cannot stall membership for `connect_timeout`
 //! per member. Members reported while the channel starts (static and DNS membership) are
 //! checked before `start` returns, on those threads, so the channel comes up with those
 //! that answer (a member that does not answer holds `start` for its probe's timeouts, on
@@ -312,7 +312,7 @@ impl Interceptor for TcpFailureDetector {
             };
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("tribes-fd-{n}"))
+                    .name(format!("tribes-fd-{}-{n}", handle.channel_name()))
                     .spawn(move || prober.run())?,
             );
         }

@@ -157,9 +157,18 @@ impl Up<'_> {
 pub struct StackHandle {
     pub(crate) stack: Weak<Stack>,
     pub(crate) index: usize,
+    /// The channel's name, for the names of the interceptor's threads.
+    pub(crate) channel: Arc<str>,
 }
 
 impl StackHandle {
+    /// The name of the channel this interceptor is in: put it in the names of the threads
+    /// the interceptor starts (`tribes-<what>-<channel>`), so that the threads of several
+    /// channels in one process can be told apart.
+    pub fn channel_name(&self) -> &str {
+        &self.channel
+    }
+
     /// Sends a message down from just below this interceptor.
     pub fn send(&self, out: Outgoing) -> Result<(), SendError> {
         let stack = self.stack.upgrade().ok_or(SendError::NotStarted)?;

@@ -23,7 +23,7 @@ pub const PING_PAYLOAD: [u8; 64] = [
 ];
 
 /// Pings every member on each heartbeat, or every `interval` on its own thread
-/// (`tribes-ping`). With a [`TcpFailureDetector`] (given to [`TcpPingInterceptor::with_detector`])
+/// (`tribes-ping-<channel>`). With a [`TcpFailureDetector`] (given to [`TcpPingInterceptor::with_detector`])
 /// a ping is a forced check of every member by the detector instead, as in Tribes. A failed
 /// ping reaches a failure detector placed below this interceptor as a send failure.
 ///
@@ -124,7 +124,7 @@ impl Interceptor for TcpPingInterceptor {
         let handle = handle.clone();
         let detector = self.detector.clone();
         let h = std::thread::Builder::new()
-            .name("tribes-ping".into())
+            .name(format!("tribes-ping-{}", handle.channel_name()))
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
                     Self::ping(detector.as_deref(), &handle);
