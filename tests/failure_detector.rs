@@ -352,3 +352,46 @@ fn static_members_that_answer_are_members_when_start_returns() {
     assert!(took < Duration::from_millis(2000), "{took:?}");
     a.stop(Levels::ALL).unwrap();
 }
+
+#[test]
+fn a_member_that_leaves_has_its_pooled_connections_closed() {
+    use std::io::Read;
+    // A stand-in member that accepts and reads whatever comes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let m = Member::with_id(listener.local_addr().unwrap(), UniqueId::random());
+    let inj = Arc::new(Injector::default());
+    let a = GroupChannel::builder()
+        .name("leaves")
+        .port(0)
+        .heartbeat_interval(None)
+        .interceptor_arc(inj.clone())
+        .build()
+        .unwrap();
+    a.start(Levels::DEFAULT).unwrap();
+    inj.added(&m);
+    assert!(a.members().contains(&m));
+    // A pooled connection to it (no ACK asked, so none is awaited).
+    a.send(
+        std::slice::from_ref(&m),
+        &b"x"[..],
+        tribes::SendOptions::empty(),
+    )
+    .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 256];
+    assert!(conn.read(&mut buf).unwrap() > 0, "the message");
+    // It leaves: the pool lets go of its connection, which the member sees closed.
+    inj.gone(&m);
+    assert!(!a.members().contains(&m));
+    let closed = loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false, // still open after 3 s
+        }
+    };
+    assert!(closed, "the connection to a member that left is closed");
+    a.stop(Levels::ALL).unwrap();
+}

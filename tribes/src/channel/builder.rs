@@ -166,7 +166,10 @@ impl ChannelBuilder {
             local,
             self.multicast,
         ));
-        let top = Arc::new(ChannelTop::default());
+        let top = Arc::new(ChannelTop {
+            sender: Arc::downgrade(coordinator.sender_arc()),
+            ..ChannelTop::default()
+        });
         let stack = Arc::new(Stack {
             interceptors,
             top: top.clone(),

@@ -110,6 +110,10 @@ impl Coordinator {
         Ok(())
     }
 
+    pub(crate) fn sender_arc(&self) -> &Arc<Sender> {
+        &self.sender
+    }
+
     pub(crate) fn sender(&self) -> &Sender {
         &self.sender
     }

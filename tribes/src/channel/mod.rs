@@ -5,7 +5,7 @@ mod coordinator;
 mod levels;
 mod listener;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -373,6 +373,8 @@ struct ChannelTop {
     membership_listeners: RwLock<Arc<Vec<Arc<dyn MembershipListener>>>>,
     members: Mutex<Vec<Member>>,
     members_changed: Condvar,
+    /// The transport's sender: a member that left has its pooled connections closed.
+    sender: Weak<crate::transport::Sender>,
 }
 
 impl Top for ChannelTop {
@@ -423,6 +425,10 @@ impl Top for ChannelTop {
         }
         self.members_changed.notify_all();
         info!(target: "tribes::membership", "member disappeared: {m}");
+        // Its connections would otherwise stay pooled (and its entry with them) for good.
+        if let Some(sender) = self.sender.upgrade() {
+            sender.remove(&m);
+        }
         let listeners = Arc::clone(&self.membership_listeners.read());
         for l in listeners.iter() {
             l.member_disappeared(&m);
