@@ -371,12 +371,8 @@ fn a_member_that_leaves_has_its_pooled_connections_closed() {
     inj.added(&m);
     assert!(a.members().contains(&m));
     // A pooled connection to it (no ACK asked, so none is awaited).
-    a.send(
-        std::slice::from_ref(&m),
-        &b"x"[..],
-        tribes::SendOptions::empty(),
-    )
-    .unwrap();
+    a.send(std::slice::from_ref(&m), &b"x"[..], SendOptions::empty())
+        .unwrap();
     let (mut conn, _) = listener.accept().unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut buf = [0u8; 256];
