@@ -616,9 +616,12 @@ fn a_node_started_right_after_its_multicast_cluster_still_pulls_the_state() {
 }
 
 /// Fails the sends passing it while armed (as a timeout to every destination), without
-/// passing them on.
+/// passing them on, and counts them.
 #[derive(Default)]
-struct FailWhileArmed(std::sync::atomic::AtomicBool);
+struct FailWhileArmed {
+    armed: std::sync::atomic::AtomicBool,
+    failed: std::sync::atomic::AtomicUsize,
+}
 
 impl tribes::interceptors::Interceptor for FailWhileArmed {
     fn name(&self) -> &'static str {
@@ -629,9 +632,11 @@ impl tribes::interceptors::Interceptor for FailWhileArmed {
         out: tribes::interceptors::Outgoing,
         next: tribes::interceptors::Down<'_>,
     ) -> Result<(), tribes::SendError> {
-        if !self.0.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self.armed.load(std::sync::atomic::Ordering::SeqCst) {
             return next.send(out);
         }
+        self.failed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let faulty = (out.destinations.into_iter())
             .map(|member| tribes::FaultyMember {
                 member,
@@ -644,34 +649,46 @@ impl tribes::interceptors::Interceptor for FailWhileArmed {
 
 /// A change that fails to reach B (a timeout; B stays a member) and a session not
 /// touched again: the expiry sweep tells B the version and B fetches the session; then the
-/// same with a request that only reads the session.
-fn a_failed_change_is_retold(sync: bool) {
+/// same with a request that only reads the session. With `routes`, each node's sessions
+/// carry its route.
+fn a_failed_change_is_retold(sync: bool, routes: bool) {
+    use std::sync::atomic::Ordering::SeqCst;
     let (pa, pb) = (free_port(), free_port());
     let cut = Arc::new(FailWhileArmed::default());
-    let cfg = ha::ManagerConfig {
+    let cfg = |route: &str| ha::ManagerConfig {
         sync,
+        route: routes.then(|| route.to_string()),
         ..ha::ManagerConfig::default()
     };
     let (ca, ma) =
-        tribes_suite::ha_node_with_extra(pa, &[pb], cfg.clone(), vec![cut.clone()]).unwrap();
-    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
+        tribes_suite::ha_node_with_extra(pa, &[pb], cfg("na"), vec![cut.clone()]).unwrap();
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg("nb")).unwrap();
     for c in [&ca, &cb] {
         assert!(c.channel().wait_for_members(1, Duration::from_secs(5)));
     }
     ma.start(&ca);
     mb.start(&cb);
-    let armed = |on: bool| cut.0.store(on, std::sync::atomic::Ordering::SeqCst);
+    // Fails what `change` sends (once the dispatch thread, if any, got to it).
+    let failing = |change: &dyn Fn()| {
+        let before = cut.failed.load(SeqCst);
+        cut.armed.store(true, SeqCst);
+        change();
+        assert!(wait_until(Duration::from_secs(5), || cut
+            .failed
+            .load(SeqCst)
+            > before));
+        cut.armed.store(false, SeqCst);
+    };
     let s = ma.create_session().unwrap();
     ma.with_session(&s, |x| x.insert("n", &1u32).unwrap());
     ma.request_completed(&s).unwrap();
     assert!(wait_until(Duration::from_secs(5), || mb.version(&s) == ma.version(&s)));
 
-    armed(true);
-    ma.with_session(&s, |x| x.insert("n", &2u32).unwrap());
-    // Sync: the error comes back here; async: the dispatch thread hears it.
-    assert_eq!(ma.request_completed(&s).is_err(), sync);
-    std::thread::sleep(Duration::from_millis(100));
-    armed(false);
+    failing(&|| {
+        ma.with_session(&s, |x| x.insert("n", &2u32).unwrap());
+        // Sync: the error comes back here; async: the dispatch thread hears it.
+        assert_eq!(ma.request_completed(&s).is_err(), sync);
+    });
     assert!(mb.version(&s) < ma.version(&s), "B missed it");
     // The sweep (every 60 s by default; called here until the failure was heard).
     assert!(wait_until(Duration::from_secs(5), || {
@@ -680,11 +697,10 @@ fn a_failed_change_is_retold(sync: bool) {
     }));
     assert_eq!(mb.session(&s).unwrap().get::<u32>("n").unwrap(), Some(2));
 
-    armed(true);
-    ma.with_session(&s, |x| x.insert("n", &3u32).unwrap());
-    let _ = ma.request_completed(&s);
-    std::thread::sleep(Duration::from_millis(100));
-    armed(false);
+    failing(&|| {
+        ma.with_session(&s, |x| x.insert("n", &3u32).unwrap());
+        let _ = ma.request_completed(&s);
+    });
     // Requests that only read it: the first one's end after the failure was heard tells B.
     assert!(wait_until(Duration::from_secs(5), || {
         ma.with_session(&s, |x| x.get::<u32>("n").unwrap());
@@ -698,17 +714,21 @@ fn a_failed_change_is_retold(sync: bool) {
 
 #[test]
 fn a_change_that_failed_to_reach_a_live_member_is_retold_sync() {
-    a_failed_change_is_retold(true);
+    a_failed_change_is_retold(true, false);
 }
 
 #[test]
-fn a_change_that_failed_to_reach_a_live_member_is_retold_async() {
-    a_failed_change_is_retold(false);
+fn a_change_that_failed_to_reach_a_live_member_is_retold_async_with_routes() {
+    a_failed_change_is_retold(false, true);
 }
 
 /// Holds its channel's start for a while, like a slow interceptor would: the interceptors
-/// above it (the dispatcher) start later, while the receiver already runs.
-struct SlowStart(Duration);
+/// above it (the dispatcher) start later, while the receiver already runs. Says when its
+/// start began.
+struct SlowStart {
+    by: Duration,
+    entered: crossbeam_channel::Sender<()>,
+}
 
 impl tribes::interceptors::Interceptor for SlowStart {
     fn name(&self) -> &'static str {
@@ -719,7 +739,8 @@ impl tribes::interceptors::Interceptor for SlowStart {
         _: tribes::Levels,
         _: &tribes::interceptors::StackHandle,
     ) -> Result<(), tribes::ChannelError> {
-        std::thread::sleep(self.0);
+        let _ = self.entered.try_send(());
+        std::thread::sleep(self.by);
         Ok(())
     }
 }
@@ -734,14 +755,17 @@ fn a_node_still_starting_its_channel_answers_a_state_request_at_once() {
         sync: false,
         ..ha::ManagerConfig::default()
     };
-    let slow: Arc<dyn tribes::interceptors::Interceptor> =
-        Arc::new(SlowStart(Duration::from_millis(1500)));
+    let (entered, started) = crossbeam_channel::bounded(1);
+    let slow: Arc<dyn tribes::interceptors::Interceptor> = Arc::new(SlowStart {
+        by: Duration::from_secs(4),
+        entered,
+    });
     let a_cfg = cfg.clone();
     let a = std::thread::spawn(move || {
         tribes_suite::ha_node_with_extra(pa, &[pb], a_cfg, vec![slow]).unwrap()
     });
-    // A's receiver is up and its channel is still starting when B starts and asks it.
-    std::thread::sleep(Duration::from_millis(300));
+    // A's receiver is up and its dispatcher not started yet, for 4 s from here.
+    started.recv_timeout(Duration::from_secs(10)).unwrap();
     let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
     assert!(
         cb.channel().members().iter().any(|m| m.port == pa),
@@ -749,6 +773,7 @@ fn a_node_still_starting_its_channel_answers_a_state_request_at_once() {
     );
     let start = Instant::now();
     assert!(mb.start(&cb), "nobody had state: complete");
+    // Well before A's channel finished starting (and the 10 s timeout).
     assert!(
         start.elapsed() < Duration::from_secs(3),
         "{:?}",

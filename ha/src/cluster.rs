@@ -158,7 +158,8 @@ impl Cluster {
 
     /// Stops the expiry thread (joined), the registered managers ([`DeltaManager::stop`]:
     /// with `expire_sessions_on_shutdown` their primary sessions expire cluster-wide), and
-    /// the channel.
+    /// the channel. Stop serving requests first: a stopped manager holds no sessions, so a
+    /// request still running would find none and start a new one.
     pub fn stop(&self) -> Result<(), tribes::ChannelError> {
         self.stop_expiry();
         let managers: Vec<_> = self.inner.managers.read().values().cloned().collect();

@@ -185,7 +185,7 @@ pub struct DeltaManager {
     /// Sessions (base ids) a replication of which failed for some member, so members may
     /// hold an older copy: the session's next completion here, or else the next expiry
     /// sweep, tells them its version, and a member behind fetches it. At most
-    /// [`MAX_LAGGING`]; `lagging_any` lets requests skip the lock when it is empty.
+    /// [`MAX_LAGGING`].
     lagging: Arc<Lagging>,
 }
 
@@ -196,6 +196,10 @@ struct Lagging {
     set: Mutex<HashSet<String>>,
     /// `set` is not empty: requests skip its lock when it is.
     any: AtomicBool,
+    /// Asynchronous failures heard (for sparse logging).
+    failures: AtomicU64,
+    /// Sessions not remembered because the set was full.
+    overflow: AtomicU64,
 }
 
 impl Lagging {
@@ -204,6 +208,11 @@ impl Lagging {
         if set.len() < MAX_LAGGING {
             set.insert(id.base().to_owned());
             self.any.store(true, Ordering::Release);
+        } else if !set.contains(id.base()) {
+            let n = self.overflow.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(target: "ha::manager", "{MAX_LAGGING} sessions already wait to be retold after failed replications; {n} more not remembered (their members catch up on their next change)");
+            }
         }
     }
 }
@@ -219,8 +228,15 @@ impl tribes::interceptors::ErrorHandler for NoteLagging {
     fn handle_completion(&self, _id: tribes::UniqueId) {}
 
     fn handle_error(&self, error: SendError, _id: tribes::UniqueId) {
-        // With a handler, the dispatch thread leaves the telling to it.
-        warn!(target: "ha::manager", "replication of session {} failed: {error}", self.session);
+        // With a handler, the dispatch thread leaves the telling to it: the 1st, 2nd, 4th
+        // ... failure at warn level (a dead member fails every message until the failure
+        // detector removes it; a stopping dispatcher fails what is left).
+        let n = self.lagging.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() && !matches!(error, SendError::NotStarted) {
+            warn!(target: "ha::manager", "replication of session {} failed: {error} ({n} asynchronous failures so far)", self.session);
+        } else {
+            debug!(target: "ha::manager", "replication of session {} failed: {error}", self.session);
+        }
         self.lagging.note(&self.session);
     }
 }
@@ -234,6 +250,8 @@ fn replicated_session(event: &SessionEvent) -> Option<&SessionId> {
         SessionEvent::Delta(d) => Some(&d.session_id),
         SessionEvent::Created { id, .. } | SessionEvent::Accessed { id, .. } => Some(id),
         SessionEvent::ChangeSessionId { new, .. } => Some(new),
+        // A repair's answer: if it is lost, the asker stays behind.
+        SessionEvent::SessionData { session } => Some(session.id()),
         _ => None,
     }
 }
@@ -297,14 +315,16 @@ impl DeltaManager {
             lagging
                 .iter()
                 .filter_map(|base| {
-                    let s = store.get_mut(&SessionId::new(base.clone()))?;
+                    // Wherever it is held now: with its route, or renamed since.
+                    let id = store.follow(&SessionId::new(base.clone()))?;
+                    let s = store.get_mut(&id)?;
                     if !s.is_primary() {
                         return None;
                     }
                     s.mark_replicated(now);
                     let (version, origin) = s.last_change();
                     Some(SessionEvent::Accessed {
-                        id: s.id().clone(),
+                        id,
                         at_ms: s.last_access_ms(),
                         version,
                         origin,
@@ -312,9 +332,11 @@ impl DeltaManager {
                 })
                 .collect()
         };
+        // Asynchronous whatever the replication mode: the sweep's thread must not wait
+        // for thousands of ACKs from a member that hangs. A failure remembers the session
+        // again (the handler), for the next sweep.
         for notice in notices {
-            // A failure here remembers the session again, for the next sweep.
-            let _ = self.send(&self.message(notice), None, self.options());
+            let _ = self.send(&self.message(notice), None, SendOptions::ASYNCHRONOUS);
         }
     }
 
@@ -1006,7 +1028,11 @@ impl DeltaManager {
         });
         let now = crate::now_ms();
         let event = match delta {
-            Some(d) => SessionEvent::Delta(d),
+            Some(d) => {
+                // Its version goes out with it: members behind fetch the session anyway.
+                self.take_lagging(id.base());
+                SessionEvent::Delta(d)
+            }
             // Taken over here, or only read for half its interval: the copies hear of it.
             None if !was_primary || s.access_due(now) || self.take_lagging(id.base()) => {
                 let (version, origin) = s.last_change();

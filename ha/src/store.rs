@@ -112,7 +112,8 @@ impl SessionStore {
     /// An empty store. A copy made from a session's first delta before its CREATED arrived
     /// expires as if its interval were `placeholder_secs` (the local manager's
     /// `max_inactive_secs`, since members normally share it) until the CREATED brings the
-    /// session's own, so a CREATED that never comes does not leave a copy behind forever.
+    /// session's own, so a CREATED that never comes does not leave a copy behind forever
+    /// (unless `placeholder_secs` is zero or less: sessions that never expire).
     ///
     /// ```
     /// use ha::SessionStore;
