@@ -783,3 +783,41 @@ fn a_node_still_starting_its_channel_answers_a_state_request_at_once() {
     ca.stop().unwrap();
     cb.stop().unwrap();
 }
+
+#[test]
+fn a_logout_that_failed_to_reach_a_live_member_is_retold_by_the_sweep() {
+    use std::sync::atomic::Ordering::SeqCst;
+    // Otherwise B's copy of a logged-out session would live on (for twice its interval,
+    // or for good with an interval of zero), and a failover to B would log the user in
+    // again.
+    let (pa, pb) = (free_port(), free_port());
+    let cut = Arc::new(FailWhileArmed::default());
+    let cfg = ha::ManagerConfig {
+        sync: true,
+        max_inactive_secs: 0,
+        ..ha::ManagerConfig::default()
+    };
+    let (ca, ma) =
+        tribes_suite::ha_node_with_extra(pa, &[pb], cfg.clone(), vec![cut.clone()]).unwrap();
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
+    for c in [&ca, &cb] {
+        assert!(c.channel().wait_for_members(1, Duration::from_secs(5)));
+    }
+    ma.start(&ca);
+    mb.start(&cb);
+    let s = ma.create_session().unwrap();
+    ma.with_session(&s, |x| x.insert("user", &"ada").unwrap());
+    ma.request_completed(&s).unwrap();
+    assert!(mb.session(&s).is_some());
+    cut.armed.store(true, SeqCst);
+    ma.invalidate(&s);
+    cut.armed.store(false, SeqCst);
+    assert!(cut.failed.load(SeqCst) > 0);
+    assert!(mb.session(&s).is_some(), "B missed the logout");
+    assert!(wait_until(Duration::from_secs(5), || {
+        ma.expire(ha_now());
+        mb.session(&s).is_none()
+    }));
+    ca.stop().unwrap();
+    cb.stop().unwrap();
+}

@@ -187,6 +187,10 @@ pub struct DeltaManager {
     /// sweep, tells them its version, and a member behind fetches it. At most
     /// [`MAX_LAGGING`].
     lagging: Arc<Lagging>,
+    /// Sessions (base ids) whose expiry or invalidation failed to reach some member, whose
+    /// copy may then outlive it (for good, with an interval of zero or less): the next
+    /// expiry sweep tells the members again. At most [`MAX_LAGGING`].
+    unexpired: Arc<Lagging>,
 }
 
 /// Sessions (base ids) a replication of which failed for some member (see
@@ -276,12 +280,17 @@ impl DeltaManager {
             ready: AtomicBool::new(false),
             limit_sweep_ms: AtomicI64::new(i64::MIN / 2),
             lagging: Arc::default(),
+            unexpired: Arc::default(),
         })
     }
 
-    /// A replication of session `id` failed for some member: remember it (see `lagging`).
-    fn note_lagging(&self, id: &SessionId) {
-        self.lagging.note(id);
+    /// Where a failed send of `event` is remembered for a retelling, and under which
+    /// session: `unexpired` for an expiry, `lagging` for what changes or vouches for a copy.
+    fn lagging_for<'e>(&self, event: &'e SessionEvent) -> Option<(&Arc<Lagging>, &'e SessionId)> {
+        match event {
+            SessionEvent::Expired { id } => Some((&self.unexpired, id)),
+            other => replicated_session(other).map(|id| (&self.lagging, id)),
+        }
     }
 
     /// Whether session `base` was remembered as lagging; forgets it.
@@ -337,6 +346,29 @@ impl DeltaManager {
         // again (the handler), for the next sweep.
         for notice in notices {
             let _ = self.send(&self.message(notice), None, SendOptions::ASYNCHRONOUS);
+        }
+    }
+
+    /// Tells the members again of every expiry or invalidation that failed to reach one of
+    /// them (unless the session is held here again). Called by the expiry sweep.
+    fn retell_unexpired(&self) {
+        if !self.unexpired.any.load(Ordering::Acquire) {
+            return;
+        }
+        let bases: Vec<String> = {
+            let mut set = self.unexpired.set.lock();
+            self.unexpired.any.store(false, Ordering::Release);
+            set.drain().collect()
+        };
+        let gone: Vec<SessionId> = {
+            let store = self.store.lock();
+            (bases.into_iter().map(SessionId::new))
+                .filter(|id| store.follow(id).is_none())
+                .collect()
+        };
+        for id in gone {
+            let expired = self.message(SessionEvent::Expired { id });
+            let _ = self.send(&expired, None, SendOptions::ASYNCHRONOUS);
         }
     }
 
@@ -1200,6 +1232,7 @@ impl DeltaManager {
         let (primaries, gone) = self.sweep(&mut self.store.lock(), now_ms);
         self.announce_expired(primaries, self.options());
         self.retell_lagging();
+        self.retell_unexpired();
         gone
     }
 
@@ -1422,11 +1455,11 @@ impl DeltaManager {
         // An asynchronous message about a session fails on the dispatch thread, after this
         // returns: a handler hears it there.
         let handler = (options.contains(SendOptions::ASYNCHRONOUS))
-            .then(|| replicated_session(&msg.event))
+            .then(|| self.lagging_for(&msg.event))
             .flatten()
-            .map(|id| {
+            .map(|(lagging, id)| {
                 Arc::new(NoteLagging {
-                    lagging: Arc::clone(&self.lagging),
+                    lagging: Arc::clone(lagging),
                     session: id.clone(),
                 }) as Arc<dyn tribes::interceptors::ErrorHandler>
             });
@@ -1440,8 +1473,8 @@ impl DeltaManager {
             Err(e) => {
                 warn!(target: "ha::manager", "{}: replication failed: {e}", self.context);
                 self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                if let Some(id) = replicated_session(&msg.event) {
-                    self.note_lagging(id);
+                if let Some((lagging, id)) = self.lagging_for(&msg.event) {
+                    lagging.note(id);
                 }
                 Err(e)
             }
@@ -1494,7 +1527,7 @@ impl Acked {
             waker: Arc::clone(&self.waker),
             manager: Arc::downgrade(manager),
             kind: crate::stats::kind(event),
-            session: replicated_session(event).cloned(),
+            lagging: (manager.lagging_for(event)).map(|(l, id)| (Arc::clone(l), id.clone())),
             permit: Mutex::new(permit),
         });
         self.sent += 1;
@@ -1531,8 +1564,8 @@ struct AckSlot {
     manager: Weak<DeltaManager>,
     /// The message's event kind, for the sent counters.
     kind: usize,
-    /// The session the message changes or vouches for: remembered as lagging if it fails.
-    session: Option<SessionId>,
+    /// Where the message's session is remembered if it fails (see `lagging_for`).
+    lagging: Option<(Arc<Lagging>, SessionId)>,
     /// A fetch's place among the concurrent fetches, given back with the outcome.
     permit: Mutex<Option<Arc<FetchPermit>>>,
 }
@@ -1557,8 +1590,8 @@ impl AckSlot {
                     Err(e) => {
                         warn!(target: "ha::manager", "{}: replication failed: {e}", m.context);
                         m.counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                        if let Some(id) = &self.session {
-                            m.note_lagging(id);
+                        if let Some((lagging, id)) = &self.lagging {
+                            lagging.note(id);
                         }
                     }
                 }
