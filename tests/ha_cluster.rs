@@ -690,6 +690,10 @@ fn a_failed_change_is_retold(sync: bool, routes: bool) {
         assert_eq!(ma.request_completed(&s).is_err(), sync);
     });
     assert!(mb.version(&s) < ma.version(&s), "B missed it");
+    assert!(
+        wait_until(Duration::from_secs(5), || ma.stats().send_errors > 0),
+        "counted"
+    );
     // The sweep (every 60 s by default; called here until the failure was heard).
     assert!(wait_until(Duration::from_secs(5), || {
         ma.expire(ha_now());

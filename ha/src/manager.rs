@@ -163,7 +163,8 @@ pub struct DeltaManager {
     transfer: Mutex<Option<StateTransfer>>,
     transfer_done: Condvar,
     cluster: Mutex<Weak<ClusterInner>>,
-    counters: Counters,
+    /// Shared with the send handlers of asynchronous messages, which count their failures.
+    counters: Arc<Counters>,
     fetching: Arc<AtomicUsize>,
     /// Waiting [`DeltaManager::version_reached`] futures (also those of
     /// [`DeltaManager::catch_up`]); while there are none, applying a change wakes nobody.
@@ -226,6 +227,7 @@ impl Lagging {
 struct NoteLagging {
     lagging: Arc<Lagging>,
     session: SessionId,
+    counters: Arc<Counters>,
 }
 
 impl tribes::interceptors::ErrorHandler for NoteLagging {
@@ -241,6 +243,7 @@ impl tribes::interceptors::ErrorHandler for NoteLagging {
         } else {
             debug!(target: "ha::manager", "replication of session {} failed: {error}", self.session);
         }
+        self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
         self.lagging.note(&self.session);
     }
 }
@@ -271,7 +274,7 @@ impl DeltaManager {
             transfer: Mutex::new(None),
             transfer_done: Condvar::new(),
             cluster: Mutex::new(Weak::new()),
-            counters: Counters::default(),
+            counters: Arc::default(),
             fetching: Arc::new(AtomicUsize::new(0)),
             version_waiters: AtomicUsize::new(0),
             version_wakers: Mutex::new(HashMap::new()),
@@ -1461,6 +1464,7 @@ impl DeltaManager {
                 Arc::new(NoteLagging {
                     lagging: Arc::clone(lagging),
                     session: id.clone(),
+                    counters: Arc::clone(&self.counters),
                 }) as Arc<dyn tribes::interceptors::ErrorHandler>
             });
         match cluster.send_with_handler(msg, to, options, handler) {
