@@ -296,10 +296,20 @@ pub fn ha_node_with_extra(
 pub fn started_ha_pair(
     cfgs: [ha::ManagerConfig; 2],
 ) -> Result<[(ha::Cluster, Arc<ha::DeltaManager>); 2], ChannelError> {
+    started_ha_pair_with_extra(cfgs, Vec::new())
+}
+
+/// Like [`started_ha_pair`], with `extra` interceptors in the first node (see
+/// [`ha_node_with_extra`]).
+#[allow(clippy::type_complexity)]
+pub fn started_ha_pair_with_extra(
+    cfgs: [ha::ManagerConfig; 2],
+    extra: Vec<Arc<dyn Interceptor>>,
+) -> Result<[(ha::Cluster, Arc<ha::DeltaManager>); 2], ChannelError> {
     let ports = [free_port(), free_port()];
     let [a, b] = cfgs;
     let nodes = [
-        ha_node_with(ports[0], &[ports[1]], a)?,
+        ha_node_with_extra(ports[0], &[ports[1]], a, extra)?,
         ha_node_with(ports[1], &[ports[0]], b)?,
     ];
     for (cluster, _) in &nodes {

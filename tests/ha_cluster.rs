@@ -311,35 +311,41 @@ fn stopping_the_cluster_stops_its_managers() {
     assert!(mb.session(&id).is_none(), "expired everywhere on shutdown");
 }
 
+/// A cluster with Tribes' defaults over multicast `port` (loopback, TTL 0, beacons every
+/// `frequency`), with one started channel and a registered manager, not yet started.
+fn multicast_node(
+    port: u16,
+    frequency: Duration,
+    cfg: ha::ManagerConfig,
+) -> (Cluster, Arc<DeltaManager>) {
+    let mcast = tribes::membership::McastConfig {
+        port,
+        frequency,
+        drop_time: frequency * 6,
+        ttl: Some(0),
+        ..tribes::membership::McastConfig::default()
+    };
+    let c = Cluster::with_defaults(
+        tribes::GroupChannel::builder()
+            .port(0)
+            .heartbeat_interval(None)
+            .multicast(mcast),
+    )
+    .unwrap();
+    let m = DeltaManager::new("/", cfg);
+    c.register(&m).unwrap();
+    c.start().unwrap();
+    (c, m)
+}
+
 #[test]
 fn a_cluster_with_tribes_defaults_replicates_over_multicast() {
-    use tribes::membership::McastConfig;
-    let mcast = McastConfig {
-        port: 47500 + (std::process::id() % 400) as u16,
-        frequency: Duration::from_millis(100),
-        drop_time: Duration::from_millis(1000),
-        ttl: Some(0),
-        ..McastConfig::default()
+    let port = 47500 + (std::process::id() % 400) as u16;
+    let sync = ha::ManagerConfig {
+        sync: true,
+        ..Default::default()
     };
-    let make = || {
-        let c = Cluster::with_defaults(
-            tribes::GroupChannel::builder()
-                .port(0)
-                .heartbeat_interval(None)
-                .multicast(mcast.clone()),
-        )
-        .unwrap();
-        let m = DeltaManager::new(
-            "/",
-            ha::ManagerConfig {
-                sync: true,
-                ..Default::default()
-            },
-        );
-        c.register(&m).unwrap();
-        c.start().unwrap();
-        (c, m)
-    };
+    let make = || multicast_node(port, Duration::from_millis(100), sync.clone());
     let (ca, ma) = make();
     let (cb, mb) = make();
     assert!(ca.channel().wait_for_members(1, Duration::from_secs(5)));
@@ -584,25 +590,9 @@ fn a_node_started_right_after_its_multicast_cluster_still_pulls_the_state() {
     // No `wait_for_members` before `start`: the manager gives multicast membership its
     // discovery time (two beacon intervals, here 1 s: room for a loaded machine) before
     // taking itself for the first node.
-    use tribes::membership::McastConfig;
-    let mcast = McastConfig {
-        port: 47100 + (std::process::id() % 400) as u16,
-        frequency: Duration::from_millis(500),
-        drop_time: Duration::from_millis(3000),
-        ttl: Some(0),
-        ..McastConfig::default()
-    };
+    let port = 47100 + (std::process::id() % 400) as u16;
     let make = || {
-        let c = Cluster::with_defaults(
-            tribes::GroupChannel::builder()
-                .port(0)
-                .heartbeat_interval(None)
-                .multicast(mcast.clone()),
-        )
-        .unwrap();
-        let m = DeltaManager::new("/", ha::ManagerConfig::default());
-        c.register(&m).unwrap();
-        c.start().unwrap();
+        let (c, m) = multicast_node(port, Duration::from_millis(500), Default::default());
         m.start(&c);
         (c, m)
     };
@@ -653,21 +643,15 @@ impl tribes::interceptors::Interceptor for FailWhileArmed {
 /// carry its route.
 fn a_failed_change_is_retold(sync: bool, routes: bool) {
     use std::sync::atomic::Ordering::SeqCst;
-    let (pa, pb) = (free_port(), free_port());
     let cut = Arc::new(FailWhileArmed::default());
     let cfg = |route: &str| ha::ManagerConfig {
         sync,
         route: routes.then(|| route.to_string()),
         ..ha::ManagerConfig::default()
     };
-    let (ca, ma) =
-        tribes_suite::ha_node_with_extra(pa, &[pb], cfg("na"), vec![cut.clone()]).unwrap();
-    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg("nb")).unwrap();
-    for c in [&ca, &cb] {
-        assert!(c.channel().wait_for_members(1, Duration::from_secs(5)));
-    }
-    ma.start(&ca);
-    mb.start(&cb);
+    let [(ca, ma), (cb, mb)] =
+        tribes_suite::started_ha_pair_with_extra([cfg("na"), cfg("nb")], vec![cut.clone()])
+            .unwrap();
     // Fails what `change` sends (once the dispatch thread, if any, got to it).
     let failing = |change: &dyn Fn()| {
         let before = cut.failed.load(SeqCst);
@@ -794,21 +778,14 @@ fn a_logout_that_failed_to_reach_a_live_member_is_retold_by_the_sweep() {
     // Otherwise B's copy of a logged-out session would live on (for twice its interval,
     // or for good with an interval of zero), and a failover to B would log the user in
     // again.
-    let (pa, pb) = (free_port(), free_port());
     let cut = Arc::new(FailWhileArmed::default());
     let cfg = ha::ManagerConfig {
         sync: true,
         max_inactive_secs: 0,
         ..ha::ManagerConfig::default()
     };
-    let (ca, ma) =
-        tribes_suite::ha_node_with_extra(pa, &[pb], cfg.clone(), vec![cut.clone()]).unwrap();
-    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], cfg).unwrap();
-    for c in [&ca, &cb] {
-        assert!(c.channel().wait_for_members(1, Duration::from_secs(5)));
-    }
-    ma.start(&ca);
-    mb.start(&cb);
+    let [(ca, ma), (cb, mb)] =
+        tribes_suite::started_ha_pair_with_extra([cfg.clone(), cfg], vec![cut.clone()]).unwrap();
     let s = ma.create_session().unwrap();
     ma.with_session(&s, |x| x.insert("user", &"ada").unwrap());
     ma.request_completed(&s).unwrap();

@@ -208,6 +208,29 @@ struct Lagging {
 }
 
 impl Lagging {
+    /// Takes every remembered base id.
+    fn drain(&self) -> Vec<String> {
+        if !self.any.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut set = self.set.lock();
+        self.any.store(false, Ordering::Release);
+        set.drain().collect()
+    }
+
+    /// Whether `base` was remembered; forgets it.
+    fn take(&self, base: &str) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut set = self.set.lock();
+        let was = set.remove(base);
+        if set.is_empty() {
+            self.any.store(false, Ordering::Release);
+        }
+        was
+    }
+
     fn note(&self, id: &SessionId) {
         let mut set = self.set.lock();
         if set.len() < MAX_LAGGING {
@@ -296,31 +319,14 @@ impl DeltaManager {
         }
     }
 
-    /// Whether session `base` was remembered as lagging; forgets it.
-    fn take_lagging(&self, base: &str) -> bool {
-        if !self.lagging.any.load(Ordering::Acquire) {
-            return false;
-        }
-        let mut set = self.lagging.set.lock();
-        let was = set.remove(base);
-        if set.is_empty() {
-            self.lagging.any.store(false, Ordering::Release);
-        }
-        was
-    }
-
     /// Tells the members the version of every session remembered as lagging that is still
     /// served here (an access notice: a member behind fetches the session). Called by the
     /// expiry sweep, for sessions no request touched since their replication failed.
     fn retell_lagging(&self) {
-        if !self.lagging.any.load(Ordering::Acquire) {
+        let lagging = self.lagging.drain();
+        if lagging.is_empty() {
             return;
         }
-        let lagging: Vec<String> = {
-            let mut set = self.lagging.set.lock();
-            self.lagging.any.store(false, Ordering::Release);
-            set.drain().collect()
-        };
         let now = crate::now_ms();
         let notices: Vec<SessionEvent> = {
             let mut store = self.store.lock();
@@ -355,14 +361,10 @@ impl DeltaManager {
     /// Tells the members again of every expiry or invalidation that failed to reach one of
     /// them (unless the session is held here again). Called by the expiry sweep.
     fn retell_unexpired(&self) {
-        if !self.unexpired.any.load(Ordering::Acquire) {
+        let bases = self.unexpired.drain();
+        if bases.is_empty() {
             return;
         }
-        let bases: Vec<String> = {
-            let mut set = self.unexpired.set.lock();
-            self.unexpired.any.store(false, Ordering::Release);
-            set.drain().collect()
-        };
         let gone: Vec<SessionId> = {
             let store = self.store.lock();
             (bases.into_iter().map(SessionId::new))
@@ -1065,11 +1067,11 @@ impl DeltaManager {
         let event = match delta {
             Some(d) => {
                 // Its version goes out with it: members behind fetch the session anyway.
-                self.take_lagging(id.base());
+                self.lagging.take(id.base());
                 SessionEvent::Delta(d)
             }
             // Taken over here, or only read for half its interval: the copies hear of it.
-            None if !was_primary || s.access_due(now) || self.take_lagging(id.base()) => {
+            None if !was_primary || s.access_due(now) || self.lagging.take(id.base()) => {
                 let (version, origin) = s.last_change();
                 SessionEvent::Accessed {
                     id: id.clone(),
