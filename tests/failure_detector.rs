@@ -391,3 +391,61 @@ fn a_member_that_leaves_has_its_pooled_connections_closed() {
     assert!(closed, "the connection to a member that left is closed");
     a.stop(Levels::ALL).unwrap();
 }
+
+#[test]
+fn a_stopped_channel_forgets_its_members_and_a_restart_finds_them_afresh() {
+    let b = plain_node("gone-later");
+    let bm = b.local_member();
+    let a = GroupChannel::builder()
+        .name("restarts")
+        .port(0)
+        .heartbeat_interval(None)
+        .interceptor(TcpFailureDetector::new(FailureDetectorConfig {
+            connect_timeout: Duration::from_millis(300),
+            ..Default::default()
+        }))
+        .interceptor(tribes::interceptors::StaticMembershipInterceptor::new(
+            vec![bm.clone()],
+        ))
+        .build()
+        .unwrap();
+    a.start(Levels::DEFAULT).unwrap();
+    assert_eq!(a.members(), vec![bm.clone()]);
+    a.stop(Levels::ALL).unwrap();
+    assert!(a.members().is_empty(), "stopped: no members");
+    // B goes away while A is down; A's restart must not take it for a member.
+    b.stop(Levels::ALL).unwrap();
+    let Ok(_dead) = ClosedPort::at(bm.addr()) else {
+        eprintln!("skipped: another socket took b's port the moment it closed");
+        return;
+    };
+    a.start(Levels::DEFAULT).unwrap();
+    assert!(!a.wait_for_members(1, Duration::from_millis(500)));
+    assert!(a.members().is_empty());
+    a.stop(Levels::ALL).unwrap();
+}
+
+#[test]
+fn a_channel_that_was_never_started_does_not_send() {
+    let b = plain_node("receiver");
+    let a = GroupChannel::builder()
+        .name("unstarted")
+        .port(0)
+        .build()
+        .unwrap();
+    let to = [b.local_member()];
+    for options in [
+        SendOptions::empty(),
+        SendOptions::USE_ACK,
+        SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK,
+        SendOptions::ASYNCHRONOUS,
+    ] {
+        assert!(
+            matches!(
+                a.send(&to, &b"x"[..], options),
+                Err(tribes::SendError::NotStarted)
+            ),
+            "{options:?}"
+        );
+    }
+}

@@ -99,7 +99,8 @@ impl GroupChannel {
     }
 
     /// Stops the given levels: interceptors from the top down, then the transport. Joins every
-    /// thread the matching `start` spawned.
+    /// thread the matching `start` spawned. Once every level is stopped the member list is
+    /// empty (without member-disappeared events): a restart finds its members afresh.
     pub fn stop(&self, levels: Levels) -> Result<(), ChannelError> {
         let mut running = self.levels.lock();
         let levels = running.intersection(levels);
@@ -113,6 +114,10 @@ impl GroupChannel {
         self.coordinator.stop(levels, *running);
         if running.is_empty() {
             self.stop_heartbeat();
+            // Nothing keeps the member list true any more: a restart starts from what
+            // membership then finds, not from members that may have gone meanwhile.
+            self.top.members.lock().clear();
+            self.top.members_changed.notify_all();
         }
         info!(target: "tribes::channel", "channel {} stopped levels {:?}", self.name, levels);
         Ok(())

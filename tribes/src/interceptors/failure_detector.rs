@@ -356,9 +356,9 @@ impl Interceptor for TcpFailureDetector {
                 let _ = t.join();
             }
         }
-        let mut st = self.state.lock();
-        st.probing.clear();
-        st.deferred.clear();
+        // Forgotten with the sending level: after a restart, members are reported (and
+        // verified) afresh instead of being taken for known and never reported up.
+        *self.state.lock() = State::default();
     }
 }
 

@@ -97,12 +97,15 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// A sender with the given settings; connections are opened on demand.
+    /// A sender with the given settings, refusing sends ([`SendError::NotStarted`]) until
+    /// [`Sender::start`]; connections are opened on demand.
     pub fn new(cfg: SenderConfig) -> Self {
         Self {
             cfg,
             peers: Mutex::new(HashMap::new()),
-            stopped: AtomicBool::new(false),
+            // A channel built but not started must not send (as its asynchronous sends
+            // already could not): its advertised address is not even bound yet.
+            stopped: AtomicBool::new(true),
             stats: SenderStats::default(),
         }
     }
@@ -189,7 +192,7 @@ impl Sender {
         }
     }
 
-    /// Re-enables sending after [`Sender::stop`].
+    /// Enables sending (again, after [`Sender::stop`]).
     pub fn start(&self) {
         self.stopped.store(false, Ordering::Release);
     }
