@@ -529,3 +529,23 @@ fn connections_over_the_limit_are_refused_and_counted_and_the_node_keeps_serving
         .send(&to, &b"x"[..], SendOptions::USE_ACK)
         .is_ok()));
 }
+
+#[test]
+fn binding_an_address_this_host_does_not_have_fails_at_once() {
+    // TEST-NET-1: never a local address. Binding fails on the spot (nothing is sent); it
+    // used to be tried on all 100 auto-bind ports before the error came back.
+    let err = tribes::GroupChannel::builder()
+        .name("elsewhere")
+        .receiver(tribes::transport::ReceiverConfig {
+            address: [192, 0, 2, 1].into(),
+            port: 4000,
+            ..Default::default()
+        })
+        .build()
+        .and_then(|ch| ch.start(tribes::Levels::DEFAULT))
+        .unwrap_err();
+    match err {
+        tribes::ChannelError::Bind { tried, .. } => assert_eq!(tried, 1, "{err}"),
+        other => panic!("expected a bind error, got {other}"),
+    }
+}

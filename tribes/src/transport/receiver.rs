@@ -227,7 +227,19 @@ fn bind(cfg: &ReceiverConfig) -> Result<std::net::TcpListener, ChannelError> {
                 }
                 return Ok(l);
             }
-            Err(e) => last = e,
+            Err(e) => {
+                // Only a taken port is worth trying the next one for: an address that is
+                // not this host's, or a permission error, fails on every port alike.
+                let taken = e.kind() == io::ErrorKind::AddrInUse;
+                last = e;
+                if !taken {
+                    return Err(ChannelError::Bind {
+                        first,
+                        tried: i + 1,
+                        source: last,
+                    });
+                }
+            }
         }
     }
     Err(ChannelError::Bind {
