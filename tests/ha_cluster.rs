@@ -802,3 +802,52 @@ fn a_logout_that_failed_to_reach_a_live_member_is_retold_by_the_sweep() {
     ca.stop().unwrap();
     cb.stop().unwrap();
 }
+
+#[test]
+fn a_starting_node_asks_the_next_member_when_the_oldest_sends_nothing() {
+    // The oldest member, asked first, is up but sends no state (a channel without a
+    // session manager here: it stands for a member that hangs). The starting node used to
+    // wait the whole transfer timeout for it and start empty; now it gives up after a
+    // quarter of it without a batch and asks the next member.
+    let port = 46600 + (std::process::id() % 400) as u16;
+    let mcast = tribes::membership::McastConfig {
+        port,
+        frequency: Duration::from_millis(100),
+        drop_time: Duration::from_millis(600),
+        ttl: Some(0),
+        ..tribes::membership::McastConfig::default()
+    };
+    let silent = tribes::GroupChannel::builder()
+        .name("silent")
+        .port(0)
+        .heartbeat_interval(None)
+        .multicast(mcast)
+        .build()
+        .unwrap();
+    silent.start(tribes::Levels::DEFAULT).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // the oldest, by a margin
+    let cfg = ha::ManagerConfig {
+        sync: true,
+        state_transfer_timeout: Duration::from_secs(4),
+        ..ha::ManagerConfig::default()
+    };
+    let (cc, mc) = multicast_node(port, Duration::from_millis(100), cfg.clone());
+    assert!(cc.channel().wait_for_members(1, Duration::from_secs(5)));
+    // C is not the oldest either: it asks the silent member first, and then nobody.
+    mc.start(&cc);
+    let s = mc.create_session().unwrap();
+    mc.with_session(&s, |x| x.insert("n", &5u8).unwrap());
+    mc.request_completed(&s).unwrap();
+    let (cb, mb) = multicast_node(port, Duration::from_millis(100), cfg);
+    assert!(cb.channel().wait_for_members(2, Duration::from_secs(5)));
+    assert_eq!(
+        cb.channel().service_members()[0].port,
+        silent.local_member().port
+    );
+    assert!(mb.start(&cb), "the state came from the next member");
+    assert_eq!(mb.session(&s).unwrap().get::<u8>("n").unwrap(), Some(5));
+    for c in [&cb, &cc] {
+        c.stop().unwrap();
+    }
+    silent.stop(tribes::Levels::ALL).unwrap();
+}

@@ -162,6 +162,8 @@ pub struct DeltaManager {
     store: Mutex<SessionStore>,
     transfer: Mutex<Option<StateTransfer>>,
     transfer_done: Condvar,
+    /// State-transfer batches received so far (a donor that sends is not silent).
+    transfer_batches: AtomicU64,
     cluster: Mutex<Weak<ClusterInner>>,
     /// Shared with the send handlers of asynchronous messages, which count their failures.
     counters: Arc<Counters>,
@@ -296,6 +298,7 @@ impl DeltaManager {
             store,
             transfer: Mutex::new(None),
             transfer_done: Condvar::new(),
+            transfer_batches: AtomicU64::new(0),
             cluster: Mutex::new(Weak::new()),
             counters: Arc::default(),
             fetching: Arc::new(AtomicUsize::new(0)),
@@ -443,13 +446,16 @@ impl DeltaManager {
         // Acknowledged on receipt: the donor sends its state from its handler, which can
         // take longer than the send timeout; the transfer's own timeout bounds the wait.
         let ack = SendOptions::USE_ACK;
+        // A member that sends nothing for this long is given up for the next one (a donor
+        // that sends batches is waited for up to the whole timeout).
+        let quiet = (self.cfg.state_transfer_timeout / 4).max(Duration::from_secs(1));
         let (mut donor, mut complete, mut starting) = (None, false, 0);
         for m in &candidates {
             if let Err(e) = self.send(&request, Some(m), ack) {
                 warn!(target: "ha::manager", "state request to {m} failed: {e}");
                 continue;
             }
-            match self.wait_for_state(deadline) {
+            match self.wait_for_state(deadline, quiet) {
                 StateWait::Complete => {
                     info!(target: "ha::manager", "{}: state received from {m}", self.context);
                     (donor, complete) = (Some(m), true);
@@ -458,6 +464,9 @@ impl DeltaManager {
                 StateWait::NotReady => {
                     info!(target: "ha::manager", "{}: {m} is starting too; asking the next member", self.context);
                     starting += 1;
+                }
+                StateWait::Silent => {
+                    warn!(target: "ha::manager", "{}: no session state from {m} for {quiet:?}; asking the next member", self.context);
                 }
                 StateWait::TimedOut => {
                     warn!(target: "ha::manager", "{}: no session state from {m} within {:?}", self.context, self.cfg.state_transfer_timeout);
@@ -511,8 +520,13 @@ impl DeltaManager {
         complete
     }
 
-    fn wait_for_state(&self, deadline: Instant) -> StateWait {
+    /// Waits for the state from the member just asked: until it is complete, the member
+    /// says it is starting too, `deadline`, or `quiet` passes without a batch from it
+    /// ([`StateWait::Silent`]: ask the next member).
+    fn wait_for_state(&self, deadline: Instant, quiet: Duration) -> StateWait {
         let mut t = self.transfer.lock();
+        let mut seen = self.transfer_batches.load(Ordering::Acquire);
+        let mut until = deadline.min(Instant::now() + quiet);
         loop {
             let outcome = match t.as_mut() {
                 None => Some(StateWait::Complete),
@@ -522,13 +536,22 @@ impl DeltaManager {
             if let Some(outcome) = outcome {
                 return outcome;
             }
-            if self.transfer_done.wait_until(&mut t, deadline).timed_out() {
+            let timed_out = self.transfer_done.wait_until(&mut t, until).timed_out();
+            let batches = self.transfer_batches.load(Ordering::Acquire);
+            if batches != seen {
+                seen = batches;
+                until = deadline.min(Instant::now() + quiet);
+                continue;
+            }
+            if timed_out {
                 return match t.as_mut() {
                     None => StateWait::Complete,
                     Some(tr) if tr.is_complete() => StateWait::Complete,
                     Some(tr) => {
                         if tr.take_not_ready() {
                             StateWait::NotReady
+                        } else if until < deadline {
+                            StateWait::Silent
                         } else {
                             StateWait::TimedOut
                         }
@@ -1311,7 +1334,14 @@ impl DeltaManager {
             let mut t = self.transfer.lock();
             match t.as_mut() {
                 Some(tr) => match tr.offer(msg) {
-                    Offer::Apply(m) => m,
+                    Offer::Apply(m) => {
+                        if matches!(m.event, SessionEvent::AllSessionData { .. }) {
+                            // The donor is sending: the wait for it goes on.
+                            self.transfer_batches.fetch_add(1, Ordering::Release);
+                            self.transfer_done.notify_all();
+                        }
+                        m
+                    }
                     Offer::Queued => return Ok(()),
                     // Not applied, and never will be: a sender waiting for this node to
                     // process the change must not count it as replicated here.
@@ -1493,6 +1523,8 @@ enum StateWait {
     Complete,
     /// The member asked is itself starting.
     NotReady,
+    /// The member asked sent nothing for a while (it may hang): ask the next one.
+    Silent,
     TimedOut,
 }
 
