@@ -349,7 +349,7 @@ fn static_members_that_answer_are_members_when_start_returns() {
     assert_eq!(members, expected, "the live peers, and only they, at once");
     // The hanging peer holds start for its hello's connect timeout and its probe's, not
     // longer.
-    assert!(took < Duration::from_millis(2000), "{took:?}");
+    assert!(took < Duration::from_millis(3000), "{took:?}");
     a.stop(Levels::ALL).unwrap();
 }
 

@@ -121,7 +121,7 @@ fn a_member_whose_connect_hangs_does_not_fail_the_healthy_ones() {
     assert_eq!(got.load(Ordering::SeqCst), 1);
     // The connect's timeout, then the healthy member's own ACK time at most.
     assert!(
-        start.elapsed() < Duration::from_millis(2 * 800 + 500),
+        start.elapsed() < Duration::from_millis(2 * 800 + 1500),
         "{:?}",
         start.elapsed()
     );
