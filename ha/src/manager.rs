@@ -276,6 +276,18 @@ impl tribes::interceptors::ErrorHandler for NoteLagging {
 /// How many sessions with a failed replication are remembered for a retelling.
 const MAX_LAGGING: usize = 10_000;
 
+/// The access notice for `s`: its last access and the change it is at, so a member whose
+/// copy is behind fetches it.
+fn access_notice(s: &Session) -> SessionEvent {
+    let (version, origin) = s.last_change();
+    SessionEvent::Accessed {
+        id: s.id().clone(),
+        at_ms: s.last_access_ms(),
+        version,
+        origin,
+    }
+}
+
 /// The session a message is about, when it changes or vouches for a copy.
 fn replicated_session(event: &SessionEvent) -> Option<&SessionId> {
     match event {
@@ -343,13 +355,7 @@ impl DeltaManager {
                         return None;
                     }
                     s.mark_replicated(now);
-                    let (version, origin) = s.last_change();
-                    Some(SessionEvent::Accessed {
-                        id,
-                        at_ms: s.last_access_ms(),
-                        version,
-                        origin,
-                    })
+                    Some(access_notice(s))
                 })
                 .collect()
         };
@@ -374,10 +380,7 @@ impl DeltaManager {
                 .filter(|id| store.follow(id).is_none())
                 .collect()
         };
-        for id in gone {
-            let expired = self.message(SessionEvent::Expired { id });
-            let _ = self.send(&expired, None, SendOptions::ASYNCHRONOUS);
-        }
+        self.announce_expired(gone, SendOptions::ASYNCHRONOUS);
     }
 
     /// Takes this node's identity in the changes it makes from `local` (its member).
@@ -1095,13 +1098,7 @@ impl DeltaManager {
             }
             // Taken over here, or only read for half its interval: the copies hear of it.
             None if !was_primary || s.access_due(now) || self.lagging.take(id.base()) => {
-                let (version, origin) = s.last_change();
-                SessionEvent::Accessed {
-                    id: id.clone(),
-                    at_ms: s.last_access_ms(),
-                    version,
-                    origin,
-                }
+                access_notice(s)
             }
             None => return None,
         };

@@ -798,7 +798,6 @@ impl Worker {
     /// replace it) with its connection still marked scheduled, so that connection's next
     /// messages would be acknowledged on receipt and never delivered.
     fn deliver(&self, msg: ChannelMessage, peer: &SocketAddr) -> Result<(), ProcessError> {
-        let from = msg.sender.addr();
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.message_received(msg))) {
             Ok(result) => result,
             Err(panic) => {
@@ -807,7 +806,7 @@ impl Worker {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a panic".into());
-                error!(target: "tribes::transport", "a listener panicked on a message from {from} (connection {peer}): {what}; answered as a failure");
+                error!(target: "tribes::transport", "a listener panicked on a message from {peer}: {what}; answered as a failure");
                 self.stats.panics.fetch_add(1, Ordering::Relaxed);
                 Err(ProcessError::new(format!("listener panicked: {what}")))
             }

@@ -147,7 +147,7 @@ impl Sender {
             }
         }
         for mut t in tickets {
-            if let Err(f) = self.finish(&mut t, std::slice::from_ref(frame), deadline) {
+            if let Err(f) = self.finish(&mut t, std::slice::from_ref(frame)) {
                 faulty.push(FaultyMember {
                     member: t.member.clone(),
                     failure: f,
@@ -344,10 +344,10 @@ impl Sender {
     /// the healthy members written to after it would have been reported as timed out
     /// although they got the message (Tribes connects to all members in parallel, so one
     /// hanging connect does not delay the others there either).
-    fn finish(&self, t: &mut Ticket, frames: &[Frame], deadline: Instant) -> Result<(), Failure> {
+    fn finish(&self, t: &mut Ticket, frames: &[Frame]) -> Result<(), Failure> {
         loop {
             // This member's own deadline, for the ACK wait and for a resend alike.
-            let own = deadline.max(t.written + self.cfg.timeout);
+            let own = t.written + self.cfg.timeout;
             let res = if t.ack {
                 t.conn.wait_acks(&t.seqs, own)
             } else {
@@ -803,7 +803,7 @@ impl Batch {
             }
         }
         for (mut t, e) in pending {
-            if let Err(f) = sender.finish(&mut t, &e.frames, deadline) {
+            if let Err(f) = sender.finish(&mut t, &e.frames) {
                 fail_all(sender, &e, f, failures);
             }
         }
