@@ -14,7 +14,8 @@
 //! that answer (a member that does not answer holds `start` for its probe's timeouts, on
 //! one of the threads).
 
-use std::collections::HashMap;
+mod verdicts;
+
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -28,9 +29,10 @@ use parking_lot::Mutex;
 use super::{Down, Interceptor, Outgoing, StackHandle, Up};
 use crate::channel::Levels;
 use crate::error::{ChannelError, Failure, FaultyMember, ProcessError, SendError};
-use crate::member::{Member, MemberKey};
+use crate::member::Member;
 use crate::options::SendOptions;
 use crate::wire::ChannelMessage;
+use verdicts::{Check, Next, Report, Verdicts};
 
 /// The 64-byte probe Tribes' failure detector writes (byte-exact, so Java nodes swallow ours
 /// and we swallow theirs).
@@ -79,33 +81,8 @@ impl Default for FailureDetectorConfig {
 /// ```
 pub struct TcpFailureDetector {
     cfg: FailureDetectorConfig,
-    state: Arc<Mutex<State>>,
+    state: Arc<Mutex<Verdicts>>,
     pool: Mutex<Option<Pool>>,
-}
-
-#[derive(Default)]
-struct State {
-    /// Members reported up.
-    members: HashMap<MemberKey, Member>,
-    /// Reported gone below, but answered: kept, re-checked on heartbeat.
-    remove_suspects: HashMap<MemberKey, (Member, Instant)>,
-    /// Reported added below, but did not answer: not reported, re-checked on heartbeat.
-    add_suspects: HashMap<MemberKey, Member>,
-    /// Probes queued or running, so one member is not probed twice at once.
-    probing: HashMap<MemberKey, Check>,
-    /// Events that arrived before the probe threads started (an interceptor below may raise
-    /// members during its own start): probed once they run.
-    deferred: Vec<(Member, Check)>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Check {
-    /// Reported added below: report up once reachable.
-    Add,
-    /// Reported gone below (or a send failed): keep as a suspect while reachable.
-    Remove,
-    /// Forced check of a current member: only a dead one changes anything.
-    Verify,
 }
 
 struct Job {
@@ -131,30 +108,25 @@ impl TcpFailureDetector {
     pub fn new(cfg: FailureDetectorConfig) -> Self {
         Self {
             cfg,
-            state: Arc::new(Mutex::new(State::default())),
+            state: Arc::new(Mutex::new(Verdicts::default())),
             pool: Mutex::new(None),
         }
     }
 
     /// Members this detector has reported up.
     pub fn members(&self) -> Vec<Member> {
-        self.state.lock().members.values().cloned().collect()
+        self.state.lock().members().cloned().collect()
     }
 
     /// Members reported gone below that still answer.
     pub fn remove_suspects(&self) -> Vec<Member> {
-        self.state
-            .lock()
-            .remove_suspects
-            .values()
-            .map(|(m, _)| m.clone())
-            .collect()
+        self.state.lock().remove_suspects().cloned().collect()
     }
 
     /// Probes every member now (Tribes' forced check, used by [`super::TcpPingInterceptor`]):
     /// a member whose receiver does not answer is removed and reported gone.
     pub fn check_all(&self) {
-        let members: Vec<Member> = self.state.lock().members.values().cloned().collect();
+        let members: Vec<Member> = self.state.lock().members().cloned().collect();
         for m in members {
             self.enqueue(m, Check::Verify);
         }
@@ -168,21 +140,15 @@ impl TcpFailureDetector {
     /// unheard when the check is not queued).
     fn enqueue_with(&self, member: Member, check: Check, done: Option<Sender<()>>) {
         let key = member.key();
-        {
-            let mut st = self.state.lock();
-            if st.probing.get(&key) == Some(&check) {
-                return;
-            }
-            st.probing.insert(key, check);
+        if !self.state.lock().begin_probe(key, check) {
+            return;
         }
         let pool = self.pool.lock();
         let Some(pool) = pool.as_ref() else {
             let mut st = self.state.lock();
-            st.probing.remove(&key);
-            if st.deferred.len() < self.cfg.max_pending {
-                st.deferred.push((member, check));
-            } else {
+            if !st.defer(&member, check, self.cfg.max_pending) {
                 warn!(target: "tribes::failure_detector", "too many events before start; {member} will be checked on a heartbeat");
+                st.probe_not_queued(member, check);
             }
             return;
         };
@@ -194,7 +160,7 @@ impl TcpFailureDetector {
             })
         {
             warn!(target: "tribes::failure_detector", "probe queue full; {} will be checked on the next heartbeat", job.member);
-            self.state.lock().probing.remove(&key);
+            self.state.lock().probe_not_queued(job.member, job.check);
         }
     }
 }
@@ -231,64 +197,32 @@ impl Interceptor for TcpFailureDetector {
         next.received(msg)
     }
 
-    fn member_added(&self, member: Member, next: Up<'_>) {
-        let key = member.key();
-        {
-            let mut st = self.state.lock();
-            if st.remove_suspects.remove(&key).is_some() {
-                debug!(target: "tribes::failure_detector", "{member} is back; no longer a suspect");
-                st.members.insert(key, member);
-                return;
-            }
-            if let Some(known) = st.members.get_mut(&key) {
-                *known = member;
-                return;
-            }
+    /// A new member is reported up only once a probe reached it (on a probe thread, which
+    /// then passes it on through the stack handle).
+    fn member_added(&self, member: Member, _next: Up<'_>) {
+        // Bound first: a `match` on the locked call would hold the lock through `enqueue`.
+        let next = self.state.lock().member_added(member.clone());
+        if let Next::Probe(check) = next {
+            self.enqueue(member, check);
         }
-        let _ = next;
-        self.enqueue(member, Check::Add);
     }
 
     fn member_disappeared(&self, member: Member, next: Up<'_>) {
-        let key = member.key();
-        if member.is_shutting_down() {
-            let known = {
-                let mut st = self.state.lock();
-                st.remove_suspects.remove(&key);
-                st.add_suspects.remove(&key);
-                st.members.remove(&key).is_some()
-            };
-            if known {
-                next.member_disappeared(member);
-            }
-            return;
+        let verdict = self.state.lock().member_disappeared(&member);
+        match verdict {
+            Next::ReportGone => next.member_disappeared(member),
+            Next::Probe(check) => self.enqueue(member, check),
+            Next::Done => {}
         }
-        if self.state.lock().add_suspects.remove(&key).is_some() {
-            return;
-        }
-        self.enqueue(member, Check::Remove);
     }
 
     fn heartbeat(&self, next: Down<'_>) {
-        let (suspects, adds) = {
-            let mut st = self.state.lock();
-            if let Some(timeout) = self.cfg.remove_suspects_timeout {
-                st.remove_suspects
-                    .retain(|_, (_, since)| since.elapsed() < timeout);
-            }
-            (
-                st.remove_suspects
-                    .values()
-                    .map(|(m, _)| m.clone())
-                    .collect::<Vec<_>>(),
-                st.add_suspects.values().cloned().collect::<Vec<_>>(),
-            )
-        };
-        for m in suspects {
-            self.enqueue(m, Check::Remove);
-        }
-        for m in adds {
-            self.enqueue(m, Check::Add);
+        let recheck = self
+            .state
+            .lock()
+            .heartbeat(Instant::now(), self.cfg.remove_suspects_timeout);
+        for (m, check) in recheck {
+            self.enqueue(m, check);
         }
         next.heartbeat();
     }
@@ -324,7 +258,7 @@ impl Interceptor for TcpFailureDetector {
         // session manager) finds those that answer. The probe threads share them out, and
         // a probe takes at most a connect and a write timeout, so the wait is bounded by
         // that per round of probes.
-        let deferred = std::mem::take(&mut self.state.lock().deferred);
+        let deferred = self.state.lock().take_deferred();
         let count = deferred.len();
         // One place per check: no send ever waits.
         let (done_tx, done_rx) = crossbeam_channel::bounded(count.max(1));
@@ -358,14 +292,14 @@ impl Interceptor for TcpFailureDetector {
         }
         // Forgotten with the sending level: after a restart, members are reported (and
         // verified) afresh instead of being taken for known and never reported up.
-        *self.state.lock() = State::default();
+        *self.state.lock() = Verdicts::default();
     }
 }
 
 struct Prober {
     jobs: Receiver<Job>,
     handle: StackHandle,
-    state: Arc<Mutex<State>>,
+    state: Arc<Mutex<Verdicts>>,
     cfg: FailureDetectorConfig,
 }
 
@@ -403,58 +337,20 @@ impl Prober {
     }
 
     fn settle(&self, job: Job, alive: bool) {
-        let key = job.member.key();
-        enum Report {
-            None,
-            Added(Member),
-            Gone(Member),
-        }
-        let report = {
-            let mut st = self.state.lock();
-            st.probing.remove(&key);
-            match (job.check, alive) {
-                (Check::Add, true) => {
-                    st.add_suspects.remove(&key);
-                    if st.members.insert(key, job.member.clone()).is_none() {
-                        Report::Added(job.member)
-                    } else {
-                        Report::None
-                    }
-                }
-                (Check::Add, false) => {
-                    if !st.members.contains_key(&key) {
-                        st.add_suspects.insert(key, job.member);
-                    }
-                    Report::None
-                }
-                (Check::Remove, true) => {
-                    if st.members.contains_key(&key) {
-                        st.remove_suspects
-                            .entry(key)
-                            .or_insert_with(|| (job.member, Instant::now()));
-                    }
-                    Report::None
-                }
-                (Check::Verify, true) => Report::None,
-                (Check::Remove | Check::Verify, false) => {
-                    st.remove_suspects.remove(&key);
-                    match st.members.remove(&key) {
-                        Some(m) => Report::Gone(m),
-                        None => Report::None,
-                    }
-                }
-            }
-        };
+        let report = self
+            .state
+            .lock()
+            .settle(job.member, job.check, alive, Instant::now());
         match report {
-            Report::Added(m) => {
+            Some(Report::Added(m)) => {
                 info!(target: "tribes::failure_detector", "verified new member {m}");
                 self.handle.member_added(m);
             }
-            Report::Gone(m) => {
+            Some(Report::Gone(m)) => {
                 info!(target: "tribes::failure_detector", "verified {m} is gone");
                 self.handle.member_disappeared(m);
             }
-            Report::None => {}
+            None => {}
         }
     }
 }
