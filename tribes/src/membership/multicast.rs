@@ -56,6 +56,10 @@ pub struct McastConfig {
     pub recovery_counter: u32,
     /// Pause between recovery attempts. Default 5 s (Tribes `recoverySleepTime`).
     pub recovery_sleep: Duration,
+    /// Members the table holds at most; beacons of further new members are refused (with
+    /// a log line) until one leaves. Default 4096 (Tribes has no bound: anyone who can send
+    /// to the group could grow it without end with forged beacons).
+    pub max_members: usize,
 }
 
 impl Default for McastConfig {
@@ -71,6 +75,7 @@ impl Default for McastConfig {
             recovery_enabled: true,
             recovery_counter: 10,
             recovery_sleep: Duration::from_secs(5),
+            max_members: 4096,
         }
     }
 }
@@ -88,6 +93,12 @@ impl McastConfig {
             return Err(ConfigError {
                 field: "drop_time",
                 reason: "frequency must be > 0 and drop_time larger than frequency".into(),
+            });
+        }
+        if self.max_members == 0 {
+            return Err(ConfigError {
+                field: "max_members",
+                reason: "0 would refuse every member".into(),
             });
         }
         Ok(())
@@ -155,7 +166,9 @@ impl McastService {
                 local.read().host, cfg.bind);
         }
         Ok(Self {
-            table: Arc::new(Mutex::new(MembershipTable::new(key, cfg.drop_time))),
+            table: Arc::new(Mutex::new(
+                MembershipTable::new(key, cfg.drop_time).with_max_members(cfg.max_members),
+            )),
             cfg,
             name: name.to_string(),
             socket: Arc::new(RwLock::new(Arc::new(socket))),
@@ -296,7 +309,17 @@ impl RxLoop {
                     errors.record(true, self.cfg.recovery_counter);
                     let data = Bytes::copy_from_slice(&buf[..n]);
                     if MembershipTable::is_beacon(&data) {
-                        let res = self.table.lock().handle_beacon(&data, Instant::now());
+                        let (res, refused) = {
+                            let mut table = self.table.lock();
+                            let before = table.refused();
+                            let res = table.handle_beacon(&data, Instant::now());
+                            (res, (table.refused() > before).then(|| table.refused()))
+                        };
+                        if let Some(n) = refused {
+                            if n == 1 || n % 100 == 0 {
+                                warn!(target: "tribes::membership", "membership full ({} members): refused the beacon of a new member from {from} ({n} so far)", self.cfg.max_members);
+                            }
+                        }
                         match res {
                             Ok(events) => self.emit(events),
                             Err(e) => {
@@ -409,6 +432,37 @@ impl TxLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_validation_names_the_field() {
+        assert!(McastConfig::default().validate().is_ok());
+        let bad = [
+            (
+                McastConfig {
+                    group: Ipv4Addr::LOCALHOST,
+                    ..McastConfig::default()
+                },
+                "group",
+            ),
+            (
+                McastConfig {
+                    drop_time: Duration::from_millis(500),
+                    ..McastConfig::default()
+                },
+                "drop_time",
+            ),
+            (
+                McastConfig {
+                    max_members: 0,
+                    ..McastConfig::default()
+                },
+                "max_members",
+            ),
+        ];
+        for (cfg, field) in bad {
+            assert_eq!(cfg.validate().map_err(|e| e.field), Err(field));
+        }
+    }
 
     #[test]
     fn recovery_is_due_after_the_configured_run_of_errors_only() {

@@ -50,6 +50,8 @@ pub struct MembershipTable {
     drop_time: Duration,
     entries: Vec<Entry>,
     malformed: u64,
+    max_members: usize,
+    refused: u64,
 }
 
 impl MembershipTable {
@@ -60,7 +62,18 @@ impl MembershipTable {
             drop_time,
             entries: Vec::new(),
             malformed: 0,
+            max_members: usize::MAX,
+            refused: 0,
         }
+    }
+
+    /// Holds at most `max` members: beacons of further new members are refused (and
+    /// counted, [`Self::refused`]) until one leaves, so a flood of forged beacons cannot grow
+    /// the table without bound. Members already in it are still refreshed, and a member
+    /// restarting at its address still replaces itself. Default: no bound (Tribes).
+    pub fn with_max_members(mut self, max: usize) -> Self {
+        self.max_members = max;
+        self
     }
 
     /// Changes the local identity (after the receiver bound its port).
@@ -125,6 +138,10 @@ impl MembershipTable {
                 i += 1;
             }
         }
+        if self.entries.len() >= self.max_members {
+            self.refused += 1;
+            return Ok(events);
+        }
         self.entries.push(Entry {
             member: member.clone(),
             last_heard: now,
@@ -171,6 +188,11 @@ impl MembershipTable {
     /// Malformed beacons seen so far.
     pub fn malformed(&self) -> u64 {
         self.malformed
+    }
+
+    /// Beacons of new members refused because the table was full.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     /// The earliest time at which a member could expire, for the caller's timer.
@@ -324,5 +346,39 @@ mod tests {
             .is_err());
         assert_eq!(t.malformed(), 2);
         assert!(t.members().is_empty());
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_members_but_keeps_serving_known_ones() {
+        let local = member(4000, 0);
+        let mut t = MembershipTable::new(local.key(), Duration::from_secs(3)).with_max_members(2);
+        let t0 = Instant::now();
+        let (a, b, c) = (member(4001, 10), member(4002, 20), member(4003, 30));
+        for m in [&a, &b] {
+            assert_eq!(t.handle_beacon(&encode_member(m), t0).unwrap().len(), 1);
+        }
+        // A third address (a flood of forged beacons looks like this): refused, counted.
+        assert!(t.handle_beacon(&encode_member(&c), t0).unwrap().is_empty());
+        assert_eq!((t.members().len(), t.refused()), (2, 1));
+        // Known members are still refreshed: not expired at t0 + 4 s.
+        let t1 = t0 + Duration::from_secs(2);
+        for m in [&a, &b] {
+            assert!(t.handle_beacon(&encode_member(m), t1).unwrap().is_empty());
+        }
+        assert!(t.expire(t0 + Duration::from_secs(4)).is_empty());
+        // A member restarting at its address replaces itself even when full.
+        let a2 = member(4001, 1);
+        let events = t.handle_beacon(&encode_member(&a2), t1).unwrap();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(t.contains(&a2.key()) && !t.contains(&a.key()));
+        // Once a member leaves, a new one gets its place.
+        assert_eq!(t.expire(t1 + Duration::from_secs(4)).len(), 2);
+        assert_eq!(
+            t.handle_beacon(&encode_member(&c), t1 + Duration::from_secs(4))
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(t.refused(), 1);
     }
 }
