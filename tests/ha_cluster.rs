@@ -851,3 +851,60 @@ fn a_starting_node_asks_the_next_member_when_the_oldest_sends_nothing() {
     }
     silent.stop(tribes::Levels::ALL).unwrap();
 }
+
+#[test]
+fn joining_members_slow_to_acknowledge_their_state_do_not_hold_up_replication() {
+    // Each of these "joining members" asks A for its state and then takes 4 s to process
+    // (and so acknowledge) every message. A used to send the state from the receiver worker
+    // that read the request: with more such members than workers (6), every worker waited
+    // for ACKs (A's send timeout, 3 s) and B's changes waited behind them. Now the state goes
+    // out from A's donor thread and the workers stay free.
+    let (a, b) = started_pair();
+    let id = b.manager.create_session().unwrap();
+    b.manager.request_completed(&id).unwrap();
+    assert_eq!(bump(&b, &id), 1);
+    let a_member = a.cluster.channel().local_member();
+    let ask = ha::SessionMessage {
+        context: "/app".into(),
+        timestamp_ms: ha_now(),
+        event: ha::SessionEvent::GetAllSessions,
+    }
+    .encode()
+    .unwrap();
+    let mut joiners = Vec::new();
+    for i in 0..8 {
+        let ch = tribes::GroupChannel::builder()
+            .name(format!("slow-joiner{i}"))
+            .port(0)
+            .heartbeat_interval(None)
+            .build()
+            .unwrap();
+        ch.add_channel_listener(|_: &tribes::ChannelMessage| {
+            std::thread::sleep(Duration::from_secs(4));
+            Ok(())
+        });
+        ch.start(tribes::Levels::ALL).unwrap();
+        let options = tribes::SendOptions::BYTE_MESSAGE | tribes::SendOptions::USE_ACK;
+        ch.send(std::slice::from_ref(&a_member), ask.clone(), options)
+            .unwrap();
+        joiners.push(ch);
+    }
+    // A's answers to them are under way (and waiting for their ACKs).
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    // Synchronous replication: this returns once A has applied the change.
+    assert_eq!(bump(&b, &id), 2);
+    assert_eq!(counter(&a, &id), Some(2));
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "B's change waited {:?} for a free worker on A",
+        start.elapsed()
+    );
+    // A first: its donor thread then fails the requests still queued at once.
+    for n in [&a, &b] {
+        n.cluster.stop().unwrap();
+    }
+    for ch in joiners {
+        ch.stop(tribes::Levels::ALL).unwrap();
+    }
+}

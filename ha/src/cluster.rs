@@ -22,6 +22,15 @@ use crate::message::{SessionEvent, SessionMessage};
 /// Default of [`Cluster::set_expire_interval`].
 const DEFAULT_EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
+/// State requests waiting for the donor thread; more are answered on the receiving thread.
+const DONOR_QUEUE: usize = 16;
+
+/// A member's request for one context's sessions, waiting for the donor thread.
+struct StateRequest {
+    context: String,
+    to: Member,
+}
+
 /// A message between cluster members that is not a session event (Tribes'
 /// `ClusterMessage`): a kind for listeners to filter on, and bytes.
 ///
@@ -94,6 +103,8 @@ pub struct Cluster {
     expire_every: Mutex<Duration>,
     /// The expiry thread and the sender whose drop stops it.
     expiry: Mutex<Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>>,
+    /// The donor thread (its queue, whose drop stops it, is in `ClusterInner`).
+    donor: Mutex<Option<JoinHandle<()>>>,
 }
 
 pub(crate) struct ClusterInner {
@@ -101,6 +112,8 @@ pub(crate) struct ClusterInner {
     managers: RwLock<HashMap<String, Arc<DeltaManager>>>,
     listeners: RwLock<Vec<Arc<dyn ClusterListener>>>,
     send_options: RwLock<SendOptions>,
+    /// The queue of the thread that sends state to joining members, while it runs.
+    donor_queue: Mutex<Option<crossbeam_channel::Sender<StateRequest>>>,
 }
 
 impl Cluster {
@@ -112,6 +125,7 @@ impl Cluster {
             managers: RwLock::new(HashMap::new()),
             listeners: RwLock::new(Vec::new()),
             send_options: RwLock::new(SendOptions::ASYNCHRONOUS),
+            donor_queue: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
         inner.channel.add_channel_listener(SessionListener(weak));
@@ -119,6 +133,7 @@ impl Cluster {
             inner,
             expire_every: Mutex::new(DEFAULT_EXPIRE_EVERY),
             expiry: Mutex::new(None),
+            donor: Mutex::new(None),
         }
     }
 
@@ -148,10 +163,21 @@ impl Cluster {
         Ok(Self::new(builder.build()?))
     }
 
-    /// Starts the channel (all levels) and the thread that expires idle sessions
-    /// (`ha-expiry-<channel name>`, every [`Cluster::set_expire_interval`]).
+    /// Starts the thread that sends this node's sessions to joining members
+    /// (`ha-donor-<channel name>`), the channel (all levels), and the thread that expires
+    /// idle sessions (`ha-expiry-<channel name>`, every [`Cluster::set_expire_interval`]).
+    ///
+    /// State goes out from the donor thread, one request at a time, so a joining member
+    /// that is slow to acknowledge its batches holds that thread, not one of the
+    /// receiver's workers (which carry every other member's replication meanwhile). Tribes
+    /// sends it from the receiving thread, as this node does when the donor's queue (16
+    /// requests) is full or the channel was started without `Cluster::start`.
     pub fn start(&self) -> Result<(), tribes::ChannelError> {
-        self.inner.channel.start(tribes::Levels::ALL)?;
+        self.start_donor()?;
+        if let Err(e) = self.inner.channel.start(tribes::Levels::ALL) {
+            self.stop_donor();
+            return Err(e);
+        }
         self.start_expiry()?;
         Ok(())
     }
@@ -166,7 +192,45 @@ impl Cluster {
         for m in managers {
             m.stop();
         }
-        self.inner.channel.stop(tribes::Levels::ALL)
+        let stopped = self.inner.channel.stop(tribes::Levels::ALL);
+        // After the channel: a transfer still running fails fast instead of waiting for
+        // the member's ACKs.
+        self.stop_donor();
+        stopped
+    }
+
+    fn start_donor(&self) -> std::io::Result<()> {
+        let mut slot = self.donor.lock();
+        if slot.is_some() {
+            return Ok(());
+        }
+        let (tx, rx) = crossbeam_channel::bounded::<StateRequest>(DONOR_QUEUE);
+        let inner = Arc::downgrade(&self.inner);
+        let handle = std::thread::Builder::new()
+            .name(format!("ha-donor-{}", self.inner.channel.name()))
+            .spawn(move || {
+                while let Ok(req) = rx.recv() {
+                    let Some(inner) = inner.upgrade() else {
+                        return;
+                    };
+                    let manager = inner.managers.read().get(&req.context).cloned();
+                    match manager {
+                        Some(m) => m.send_state(&req.to, &inner),
+                        None => debug!(target: "ha::cluster", "state request from {} for {}: no such context any more", req.to, req.context),
+                    }
+                }
+            })?;
+        *self.inner.donor_queue.lock() = Some(tx);
+        *slot = Some(handle);
+        Ok(())
+    }
+
+    fn stop_donor(&self) {
+        // Dropping the queue ends the thread once it has answered what is queued.
+        self.inner.donor_queue.lock().take();
+        if let Some(handle) = self.donor.lock().take() {
+            let _ = handle.join();
+        }
     }
 
     /// How often the registered managers expire idle sessions ([`DeltaManager::expire`]).
@@ -308,10 +372,31 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_expiry();
+        self.stop_donor();
     }
 }
 
 impl ClusterInner {
+    /// Hands `to`'s request for `context`'s state to the donor thread. Returns false when
+    /// that thread is not running or its queue is full: the caller sends the state itself.
+    pub(crate) fn queue_state_request(&self, context: &str, to: &Member) -> bool {
+        let queue = self.donor_queue.lock();
+        let Some(queue) = queue.as_ref() else {
+            return false;
+        };
+        let req = StateRequest {
+            context: context.to_string(),
+            to: to.clone(),
+        };
+        match queue.try_send(req) {
+            Ok(()) => true,
+            Err(_) => {
+                warn!(target: "ha::cluster", "{DONOR_QUEUE} state requests waiting; sending {context}'s state to {to} from the receiving thread");
+                false
+            }
+        }
+    }
+
     fn deliver(&self, msg: &ClusterMessage, sender: &Member) {
         let listeners: Vec<_> = self.listeners.read().clone();
         let mut taken = false;

@@ -446,8 +446,8 @@ impl DeltaManager {
             self.cfg.max_transfer_queue,
         ));
         let request = self.message(SessionEvent::GetAllSessions);
-        // Acknowledged on receipt: the donor sends its state from its handler, which can
-        // take longer than the send timeout; the transfer's own timeout bounds the wait.
+        // Acknowledged on receipt: the donor sends its state from its donor thread, which
+        // can take longer than the send timeout; the transfer's own timeout bounds the wait.
         let ack = SendOptions::USE_ACK;
         // A member that sends nothing for this long is given up for the next one (a donor
         // that sends batches is waited for up to the whole timeout).
@@ -1365,7 +1365,11 @@ impl DeltaManager {
                     warn!(target: "ha::manager", "{}: cannot tell {sender} this node is starting: {e}", self.context);
                 }
             }
-            SessionEvent::GetAllSessions => self.send_state(sender, cluster),
+            SessionEvent::GetAllSessions => {
+                if !cluster.queue_state_request(&self.context, sender) {
+                    self.send_state(sender, cluster);
+                }
+            }
             SessionEvent::GetSession { id } => {
                 // As replicated: a running request's unfinished changes stay here.
                 let copy = (self.store.lock().get_by_base(id.base())).map(Session::committed);
@@ -1432,7 +1436,7 @@ impl DeltaManager {
 
     /// Answers a state request: bounded batches, then the snapshot time (Tribes
     /// `sendAllSessions=false` behaviour, never one unbounded message).
-    fn send_state(&self, to: &Member, cluster: &ClusterInner) {
+    pub(crate) fn send_state(&self, to: &Member, cluster: &ClusterInner) {
         let snapshot_ms = crate::now_ms();
         let batches = (self.store.lock()).state_batches(self.cfg.send_all_sessions_size);
         let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
