@@ -249,6 +249,17 @@ pub fn ha_node_with_extra(
     cfg: ha::ManagerConfig,
     extra: Vec<Arc<dyn Interceptor>>,
 ) -> Result<(ha::Cluster, Arc<ha::DeltaManager>), ChannelError> {
+    ha_node_custom(port, peers, cfg, extra, DispatchConfig::default())
+}
+
+/// Like [`ha_node_with_extra`], with the dispatch interceptor's settings of the caller's.
+pub fn ha_node_custom(
+    port: u16,
+    peers: &[u16],
+    cfg: ha::ManagerConfig,
+    extra: Vec<Arc<dyn Interceptor>>,
+    dispatch: DispatchConfig,
+) -> Result<(ha::Cluster, Arc<ha::DeltaManager>), ChannelError> {
     let members: Vec<tribes::Member> = peers
         .iter()
         .map(|p| {
@@ -266,7 +277,7 @@ pub fn ha_node_with_extra(
             ..ReceiverConfig::default()
         })
         .heartbeat_interval(None)
-        .interceptor(MessageDispatchInterceptor::default());
+        .interceptor(MessageDispatchInterceptor::new(dispatch));
     for x in extra {
         builder = builder.interceptor_arc(x);
     }
@@ -306,10 +317,21 @@ pub fn started_ha_pair_with_extra(
     cfgs: [ha::ManagerConfig; 2],
     extra: Vec<Arc<dyn Interceptor>>,
 ) -> Result<[(ha::Cluster, Arc<ha::DeltaManager>); 2], ChannelError> {
+    started_ha_pair_custom(cfgs, extra, DispatchConfig::default())
+}
+
+/// Like [`started_ha_pair_with_extra`], with the first node's dispatch settings of the
+/// caller's.
+#[allow(clippy::type_complexity)]
+pub fn started_ha_pair_custom(
+    cfgs: [ha::ManagerConfig; 2],
+    extra: Vec<Arc<dyn Interceptor>>,
+    dispatch: DispatchConfig,
+) -> Result<[(ha::Cluster, Arc<ha::DeltaManager>); 2], ChannelError> {
     let ports = [free_port(), free_port()];
     let [a, b] = cfgs;
     let nodes = [
-        ha_node_with_extra(ports[0], &[ports[1]], a, extra)?,
+        ha_node_custom(ports[0], &[ports[1]], a, extra, dispatch)?,
         ha_node_with(ports[1], &[ports[0]], b)?,
     ];
     for (cluster, _) in &nodes {

@@ -929,3 +929,72 @@ async fn a_handler_sets_its_session_s_interval_and_every_copy_keeps_it() {
     ca.stop().unwrap();
     cb.stop().unwrap();
 }
+
+/// With synchronous replication and the dispatch queue full (the members are slow to
+/// acknowledge), a request's change used to be sent on the request's own runtime thread,
+/// which then waited for the members' ACKs with every other request it carries. Now the
+/// send fails at once: counted as an error, and the change is retold by the session's next
+/// request once the members keep up.
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_dispatch_queue_fails_the_send_instead_of_blocking_the_runtime() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sync = || ha::ManagerConfig {
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    // One dispatch thread that takes one message at a time and queues one more.
+    let dispatch = tribes::interceptors::DispatchConfig {
+        threads: 1,
+        max_queue_messages: 1,
+        batch: 1,
+        ..tribes::interceptors::DispatchConfig::default()
+    };
+    let [(_ca, ma), (cb, mb)] =
+        tribes_suite::started_ha_pair_custom([sync(), sync()], Vec::new(), dispatch).unwrap();
+    // B takes 2 s over every message from now on (A's send timeout is 3 s).
+    let slow = Arc::new(AtomicBool::new(true));
+    let s = Arc::clone(&slow);
+    cb.channel()
+        .add_channel_listener(move |_m: &tribes::ChannelMessage| {
+            if s.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Ok(())
+        });
+    let (app_a, layer) = app(ma.clone());
+    // The first request's change goes out and waits for B; the second's waits in the queue.
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let a = app_a.clone();
+        waiting.push(tokio::spawn(
+            async move { get_with(&a, "/counter", None).await },
+        ));
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The third finds the queue full.
+    let start = std::time::Instant::now();
+    let (status, body, cookie) = get_with(&app_a, "/counter", None).await;
+    let took = start.elapsed();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "1"));
+    assert!(
+        took < Duration::from_secs(1),
+        "the request waited {took:?}: its send ran on the runtime thread"
+    );
+    assert!(layer.stats().errors.load(Ordering::Relaxed) >= 1);
+    for w in waiting {
+        w.await.unwrap();
+    }
+    // B keeps up again: the session's next request tells B the whole story.
+    slow.store(false, Ordering::SeqCst);
+    let cookie = cookie.expect("a new session");
+    let id = ha::SessionId::new(cookie.trim_start_matches("JSESSIONID="));
+    let (_, body, _) = get_with(&app_a, "/counter", Some(&cookie)).await;
+    assert_eq!(body, "2");
+    assert_eq!(
+        mb.session(&id).map(|s| s.get::<u64>("counter").unwrap()),
+        Some(Some(2))
+    );
+}

@@ -665,8 +665,7 @@ impl DeltaManager {
     fn announce_with(self: &Arc<Self>, event: SessionEvent, acked: &mut Acked, lazy: bool) {
         let msg = self.message(event);
         if self.cfg.sync {
-            // Bound first: an `if let` on the guard would hold the lock for the whole send
-            // (up to the send timeout when the dispatch queue is full).
+            // Bound first: an `if let` on the guard would hold the lock for the whole send.
             let cluster = self.cluster.lock().upgrade();
             if let Some(cluster) = cluster {
                 self.send_acked(&cluster, &msg, None, acked, None);
@@ -1128,10 +1127,13 @@ impl DeltaManager {
     }
 
     /// Sends `msg` with a handler that reports to `acked`: queued for the dispatch threads,
-    /// which wait for the ACKs (`ASYNCHRONOUS | USE_ACK | SYNCHRONIZED_ACK`). When their
-    /// queue is full it is sent here, waiting, rather than not at all: a synchronous
-    /// change must reach the members before its response. `permit` stays held until the
-    /// handler hears the outcome.
+    /// which wait for the ACKs (`ASYNCHRONOUS | USE_ACK | SYNCHRONIZED_ACK`). `permit` stays
+    /// held until the handler hears the outcome.
+    ///
+    /// When their queue is full the send fails (`QueueFull`, counted and logged; a change
+    /// is retold like any other that failed) instead of going out on this thread: that is
+    /// a runtime thread, which would wait for the members' ACKs with every other request
+    /// it carries, and a full queue means the members are slow to acknowledge already.
     fn send_acked(
         self: &Arc<Self>,
         cluster: &ClusterInner,
@@ -1142,16 +1144,12 @@ impl DeltaManager {
     ) {
         let wait = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
         let slot = acked.slot(self, &msg.event, permit);
-        let mut sent = cluster.send_with_handler(
+        let sent = cluster.send_with_handler(
             msg,
             to,
             wait | SendOptions::ASYNCHRONOUS,
             Some(slot.clone()),
         );
-        if let Err(SendError::QueueFull { queued, max }) = sent {
-            warn!(target: "ha::manager", "{}: dispatch queue full ({queued} of {max} bytes); sending on this thread", self.context);
-            sent = cluster.send_with_handler(msg, to, wait, Some(slot.clone()));
-        }
         match sent {
             Ok(true) => {}
             // Nobody to tell: nothing sent, nothing to count.
