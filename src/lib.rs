@@ -249,16 +249,18 @@ pub fn ha_node_with_extra(
     cfg: ha::ManagerConfig,
     extra: Vec<Arc<dyn Interceptor>>,
 ) -> Result<(ha::Cluster, Arc<ha::DeltaManager>), ChannelError> {
-    ha_node_custom(port, peers, cfg, extra, DispatchConfig::default())
+    let dispatch = Arc::new(MessageDispatchInterceptor::default());
+    ha_node_custom(port, peers, cfg, extra, dispatch)
 }
 
-/// Like [`ha_node_with_extra`], with the dispatch interceptor's settings of the caller's.
+/// Like [`ha_node_with_extra`], with the caller's dispatch interceptor (which it can keep
+/// to look at its queue).
 pub fn ha_node_custom(
     port: u16,
     peers: &[u16],
     cfg: ha::ManagerConfig,
     extra: Vec<Arc<dyn Interceptor>>,
-    dispatch: DispatchConfig,
+    dispatch: Arc<MessageDispatchInterceptor>,
 ) -> Result<(ha::Cluster, Arc<ha::DeltaManager>), ChannelError> {
     let members: Vec<tribes::Member> = peers
         .iter()
@@ -277,7 +279,7 @@ pub fn ha_node_custom(
             ..ReceiverConfig::default()
         })
         .heartbeat_interval(None)
-        .interceptor(MessageDispatchInterceptor::new(dispatch));
+        .interceptor_arc(dispatch);
     for x in extra {
         builder = builder.interceptor_arc(x);
     }
@@ -317,16 +319,17 @@ pub fn started_ha_pair_with_extra(
     cfgs: [ha::ManagerConfig; 2],
     extra: Vec<Arc<dyn Interceptor>>,
 ) -> Result<[(ha::Cluster, Arc<ha::DeltaManager>); 2], ChannelError> {
-    started_ha_pair_custom(cfgs, extra, DispatchConfig::default())
+    let dispatch = Arc::new(MessageDispatchInterceptor::default());
+    started_ha_pair_custom(cfgs, extra, dispatch)
 }
 
-/// Like [`started_ha_pair_with_extra`], with the first node's dispatch settings of the
-/// caller's.
+/// Like [`started_ha_pair_with_extra`], with the caller's dispatch interceptor in the first
+/// node.
 #[allow(clippy::type_complexity)]
 pub fn started_ha_pair_custom(
     cfgs: [ha::ManagerConfig; 2],
     extra: Vec<Arc<dyn Interceptor>>,
-    dispatch: DispatchConfig,
+    dispatch: Arc<MessageDispatchInterceptor>,
 ) -> Result<[(ha::Cluster, Arc<ha::DeltaManager>); 2], ChannelError> {
     let ports = [free_port(), free_port()];
     let [a, b] = cfgs;

@@ -943,37 +943,46 @@ async fn a_full_dispatch_queue_fails_the_send_instead_of_blocking_the_runtime() 
         ..ha::ManagerConfig::default()
     };
     // One dispatch thread that takes one message at a time and queues one more.
-    let dispatch = tribes::interceptors::DispatchConfig {
-        threads: 1,
-        max_queue_messages: 1,
-        batch: 1,
-        ..tribes::interceptors::DispatchConfig::default()
-    };
+    let dispatch = Arc::new(tribes::interceptors::MessageDispatchInterceptor::new(
+        tribes::interceptors::DispatchConfig {
+            threads: 1,
+            max_queue_messages: 1,
+            batch: 1,
+            ..tribes::interceptors::DispatchConfig::default()
+        },
+    ));
     let [(_ca, ma), (cb, mb)] =
-        tribes_suite::started_ha_pair_custom([sync(), sync()], Vec::new(), dispatch).unwrap();
+        tribes_suite::started_ha_pair_custom([sync(), sync()], Vec::new(), Arc::clone(&dispatch))
+            .unwrap();
     // B takes 2 s over every message from now on (A's send timeout is 3 s).
     let slow = Arc::new(AtomicBool::new(true));
-    let s = Arc::clone(&slow);
+    let entered = Arc::new(AtomicBool::new(false));
+    let (s, e) = (Arc::clone(&slow), Arc::clone(&entered));
     cb.channel()
         .add_channel_listener(move |_m: &tribes::ChannelMessage| {
             if s.load(Ordering::SeqCst) {
+                e.store(true, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_secs(2));
             }
             Ok(())
         });
     let (app_a, layer) = app(ma.clone());
-    // The first request's change goes out and waits for B; the second's waits in the queue.
+    // The first request's message goes out and waits for B; the second's waits in the queue.
     let mut waiting = Vec::new();
-    for _ in 0..2 {
-        let a = app_a.clone();
-        waiting.push(tokio::spawn(
-            async move { get_with(&a, "/counter", None).await },
-        ));
-        for _ in 0..50 {
-            tokio::task::yield_now().await;
-        }
+    let a = app_a.clone();
+    waiting.push(tokio::spawn(
+        async move { get_with(&a, "/counter", None).await },
+    ));
+    while !entered.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a = app_a.clone();
+    waiting.push(tokio::spawn(
+        async move { get_with(&a, "/counter", None).await },
+    ));
+    while dispatch.queued_messages() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     // The third finds the queue full.
     let start = std::time::Instant::now();
     let (status, body, cookie) = get_with(&app_a, "/counter", None).await;

@@ -103,8 +103,10 @@ pub struct Session {
     #[serde(skip)]
     delta: DeltaLog,
     /// A copy made from a first delta that overtook its CREATED: the interval is a
-    /// placeholder until CREATED brings the real one.
-    #[serde(skip)]
+    /// placeholder until CREATED brings the real one. Sent with the copy (state transfer,
+    /// fetch answers), so the receiver's copy takes the late CREATED too; absent (false)
+    /// from older senders.
+    #[serde(default)]
     interval_pending: bool,
     /// When this node last told the members about the session (ms; 0: never). Local only.
     #[serde(skip)]
@@ -637,6 +639,23 @@ impl Session {
 mod tests {
     use super::*;
     use serde::ser::Error as _;
+
+    #[test]
+    fn a_copy_still_waiting_for_its_created_stays_waiting_when_sent_or_merged() {
+        let id = SessionId::new("s1");
+        let waiting = Session::replica_awaiting_created(id.clone(), 0, 1800);
+        // Sent whole (state transfer, fetch answer): the receiver's copy still waits.
+        let bytes = rmp_serde::to_vec_named(&waiting).unwrap();
+        let mut received: Session = rmp_serde::from_slice(&bytes).unwrap();
+        received.created_arrived(60);
+        assert_eq!(received.max_inactive_secs(), 60);
+        // Merged into another waiting copy: the sender's placeholder is not taken for the
+        // real interval.
+        let mut here = Session::replica_awaiting_created(id, 0, 900);
+        here.merge(&waiting);
+        here.created_arrived(60);
+        assert_eq!(here.max_inactive_secs(), 60);
+    }
 
     #[test]
     fn an_interval_of_zero_or_less_never_expires() {

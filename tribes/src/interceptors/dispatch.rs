@@ -98,6 +98,7 @@ impl Default for DispatchConfig {
 /// use tribes::interceptors::{DispatchConfig, MessageDispatchInterceptor};
 /// let d = MessageDispatchInterceptor::new(DispatchConfig { threads: 2, ..Default::default() });
 /// assert_eq!(d.queued_bytes(), 0);
+/// assert_eq!(d.queued_messages(), 0);
 /// ```
 pub struct MessageDispatchInterceptor {
     cfg: DispatchConfig,
@@ -140,6 +141,14 @@ impl MessageDispatchInterceptor {
     /// Payload bytes waiting to be sent.
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// Messages waiting in the queues (not counting those a thread is sending).
+    pub fn queued_messages(&self) -> usize {
+        let running = self.running.lock();
+        (running.as_ref()).map_or(0, |r| {
+            r.queues.iter().map(|q| q.len.load(Ordering::Acquire)).sum()
+        })
     }
 
     /// Asynchronous sends that failed for at least one member.
