@@ -908,3 +908,69 @@ fn joining_members_slow_to_acknowledge_their_state_do_not_hold_up_replication() 
         ch.stop(tribes::Levels::ALL).unwrap();
     }
 }
+
+#[test]
+fn forged_session_messages_are_refused_and_replication_goes_on() {
+    let (a, b) = started_pair();
+    let id = b.manager.create_session().unwrap();
+    b.manager.request_completed(&id).unwrap();
+    assert_eq!(bump(&b, &id), 1);
+    assert_eq!(counter(&a, &id), Some(1));
+    let version = a.manager.session(&id).unwrap().version();
+    let intruder = tribes::GroupChannel::builder()
+        .name("intruder")
+        .port(0)
+        .heartbeat_interval(None)
+        .build()
+        .unwrap();
+    intruder.start(tribes::Levels::ALL).unwrap();
+    let to = [a.cluster.channel().local_member()];
+    let send = |event: ha::SessionEvent| {
+        let msg = ha::SessionMessage {
+            context: "/app".into(),
+            timestamp_ms: ha_now(),
+            event,
+        };
+        let options = tribes::SendOptions::BYTE_MESSAGE
+            | tribes::SendOptions::USE_ACK
+            | tribes::SendOptions::SYNCHRONIZED_ACK;
+        intruder.send(&to, msg.encode().unwrap(), options)
+    };
+    let forged = [
+        // A rename to an id no cookie could carry: the session would be lost to its user.
+        ha::SessionEvent::ChangeSessionId {
+            old: id.clone(),
+            new: SessionId::new(format!("{}; Domain=evil.example", id.as_str())),
+        },
+        // A version nothing can follow: every later change would be dropped as stale.
+        ha::SessionEvent::Delta(ha::Delta {
+            session_id: id.clone(),
+            version: u64::MAX,
+            last_access_ms: ha_now(),
+            actions: vec![ha::Action::SetMaxInactive(i64::MIN)],
+            origin: 7,
+        }),
+        ha::SessionEvent::Created {
+            id: SessionId::new("../../etc/passwd"),
+            max_inactive_secs: 60,
+        },
+    ];
+    for event in forged {
+        let refused = send(event.clone());
+        assert!(
+            matches!(refused, Err(tribes::SendError::Faulty(_))),
+            "{event:?} was acknowledged: {refused:?}"
+        );
+    }
+    assert_eq!(a.cluster.refused_messages(), 3);
+    assert!(!a.manager.contains(&SessionId::new("../../etc/passwd")));
+    let copy = a.manager.session(&id).expect("the session keeps its id");
+    assert_eq!(copy.version(), version);
+    // B's changes still reach A.
+    assert_eq!(bump(&b, &id), 2);
+    assert_eq!(counter(&a, &id), Some(2));
+    intruder.stop(tribes::Levels::ALL).unwrap();
+    for n in [&a, &b] {
+        n.cluster.stop().unwrap();
+    }
+}

@@ -114,6 +114,8 @@ pub(crate) struct ClusterInner {
     send_options: RwLock<SendOptions>,
     /// The queue of the thread that sends state to joining members, while it runs.
     donor_queue: Mutex<Option<crossbeam_channel::Sender<StateRequest>>>,
+    /// Session messages refused by [`SessionEvent::check`].
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -126,6 +128,7 @@ impl Cluster {
             listeners: RwLock::new(Vec::new()),
             send_options: RwLock::new(SendOptions::ASYNCHRONOUS),
             donor_queue: Mutex::new(None),
+            refused: std::sync::atomic::AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&inner);
         inner.channel.add_channel_listener(SessionListener(weak));
@@ -284,6 +287,16 @@ impl Cluster {
             drop(stop);
             let _ = handle.join();
         }
+    }
+
+    /// Session messages from members refused as forged or corrupt (a malformed session id,
+    /// a version beyond [`MAX_VERSION`](crate::message::MAX_VERSION); see
+    /// [`SessionEvent::check`]): nothing of them was applied, and their senders got a
+    /// FAIL_ACK if they asked for an ACK.
+    pub fn refused_messages(&self) -> u64 {
+        self.inner
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The channel.
@@ -482,6 +495,17 @@ impl tribes::ChannelListener for SessionListener {
                 return Ok(());
             }
         };
+        if let Err(e) = sm.event.check() {
+            let n = cluster
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            // Sparse: a member sending nothing else cannot fill the log.
+            if n.is_power_of_two() {
+                warn!(target: "ha::cluster", "refused a session message from {} ({n} so far): {e}", msg.sender);
+            }
+            return Err(ProcessError::new(e.to_string()));
+        }
         let manager = cluster.managers.read().get(&sm.context).cloned();
         match manager {
             Some(m) => m.handle(sm, &msg.sender, &cluster),

@@ -87,7 +87,96 @@ pub enum SessionEvent {
     StateNotReady,
 }
 
+/// The highest session version a received message may carry. No session gets there (a
+/// change every nanosecond would take 292 years); a message beyond it is forged or corrupt,
+/// and applying it would pin the session's copies at a version nothing can follow.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+
 impl SessionEvent {
+    /// Checks what a member sent before anything of it is applied: every session id in it
+    /// [well formed](SessionId::is_well_formed) (as a cookie could name it), and every
+    /// version at most [`MAX_VERSION`]. The receiving listener refuses (FAIL_ACK, logged)
+    /// a message that fails.
+    ///
+    /// ```
+    /// use ha::{SessionEvent, SessionId};
+    /// let rename = |new: &str| SessionEvent::ChangeSessionId {
+    ///     old: SessionId::new("a1"),
+    ///     new: SessionId::new(new),
+    /// };
+    /// assert!(rename("b2.node1").check().is_ok());
+    /// assert!(rename("b2; Domain=evil.example").check().is_err());
+    /// ```
+    pub fn check(&self) -> Result<(), SessionError> {
+        let id = |id: &SessionId| {
+            if SessionId::is_well_formed(id.as_str()) {
+                Ok(())
+            } else {
+                let shown: String = id.as_str().chars().take(40).collect();
+                Err(SessionError::Codec(format!(
+                    "{} carries a malformed session id {shown:?}",
+                    self.name()
+                )))
+            }
+        };
+        let version = |v: u64| {
+            if v <= MAX_VERSION {
+                Ok(())
+            } else {
+                Err(SessionError::Codec(format!(
+                    "{} carries version {v}, beyond {MAX_VERSION}",
+                    self.name()
+                )))
+            }
+        };
+        let delta = |d: &Delta| id(&d.session_id).and_then(|()| version(d.version));
+        let session = |s: &Session| id(s.id()).and_then(|()| version(s.version()));
+        match self {
+            Self::Created { id: i, .. } | Self::Expired { id: i } | Self::GetSession { id: i } => {
+                id(i)
+            }
+            Self::Accessed {
+                id: i, version: v, ..
+            } => id(i).and_then(|()| version(*v)),
+            Self::Delta(d) => delta(d),
+            Self::ChangeSessionId { old, new } => id(old).and_then(|()| id(new)),
+            Self::SessionData { session: s } => session(s),
+            Self::AllSessionData {
+                sessions,
+                held_back,
+                buried,
+            } => {
+                sessions.iter().try_for_each(session)?;
+                held_back.iter().try_for_each(delta)?;
+                buried.iter().try_for_each(|(old, to)| {
+                    id(old)?;
+                    to.as_ref().map_or(Ok(()), id)
+                })
+            }
+            Self::GetAllSessions
+            | Self::TransferComplete { .. }
+            | Self::NoContextManager
+            | Self::StateNotReady => Ok(()),
+        }
+    }
+
+    /// The event's name in logs.
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Created { .. } => "CREATED",
+            Self::Expired { .. } => "EXPIRED",
+            Self::Accessed { .. } => "ACCESSED",
+            Self::GetAllSessions => "GET_ALL_SESSIONS",
+            Self::AllSessionData { .. } => "ALL_SESSION_DATA",
+            Self::Delta(_) => "DELTA",
+            Self::TransferComplete { .. } => "TRANSFERCOMPLETE",
+            Self::ChangeSessionId { .. } => "CHANGE_SESSION_ID",
+            Self::NoContextManager => "NOCONTEXTMANAGER",
+            Self::GetSession { .. } => "GET_SESSION",
+            Self::SessionData { .. } => "SESSION_DATA",
+            Self::StateNotReady => "STATE_NOT_READY",
+        }
+    }
     /// Tomcat's event number, for logs.
     pub fn code(&self) -> i32 {
         match self {
