@@ -1007,3 +1007,37 @@ async fn a_full_dispatch_queue_fails_the_send_instead_of_blocking_the_runtime() 
         Some(Some(2))
     );
 }
+
+/// Browsers send what sites set: a non-ASCII byte in another cookie used to make the
+/// whole `Cookie` header unreadable (a new session, and a Set-Cookie that replaced the
+/// user's); and of two `JSESSIONID` cookies (set for different paths) only the first was
+/// tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_is_found_among_odd_and_repeated_cookies() {
+    let manager = ha::DeltaManager::new("/", ha::ManagerConfig::default());
+    let app = router(ReplicationLayer::new(manager));
+    let (_, body, cookie) = get_with(&app, "/counter", None).await;
+    assert_eq!(body, "1");
+    let sid = cookie.unwrap();
+    let send = |header_value: Vec<u8>| {
+        let req = Request::get("/counter")
+            .header(
+                header::COOKIE,
+                http::HeaderValue::from_bytes(&header_value).unwrap(),
+            )
+            .body(Body::empty())
+            .unwrap();
+        app.clone().oneshot(req)
+    };
+    let mut odd = b"theme=caf\xe9; ".to_vec();
+    odd.extend_from_slice(sid.as_bytes());
+    let resp = send(odd).await.unwrap();
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+    let body = axum::body::to_bytes(resp.into_body(), 64).await.unwrap();
+    assert_eq!(&body[..], b"2");
+    let repeated = format!("JSESSIONID=0123456789abcdef; {sid}").into_bytes();
+    let resp = send(repeated).await.unwrap();
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+    let body = axum::body::to_bytes(resp.into_body(), 64).await.unwrap();
+    assert_eq!(&body[..], b"3");
+}

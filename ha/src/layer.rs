@@ -384,16 +384,14 @@ where
             .filter
             .as_ref()
             .is_some_and(|re| re.is_match(req.uri().path()));
-        let requested = cookie(&req, &cfg.cookie)
-            .filter(|v| could_be_session_id(v))
-            .map(SessionId::new);
+        let requested = requested_session(&req, &cfg);
         // With read-your-writes: the change of this session its client last saw, as
         // (version, origin): `<base>-<version>-<origin hex>` (or `<base>-<version>`).
         let seen_version = requested
             .as_ref()
             .filter(|_| cfg.read_your_writes.is_some())
             .and_then(|id| {
-                let value = cookie(&req, &cfg.version_cookie)?;
+                let value = cookies(&req, &cfg.version_cookie).into_iter().next()?;
                 let mut parts = value.split('-');
                 let (base, version) = (parts.next()?, parts.next()?.parse::<u64>().ok()?);
                 let origin = match parts.next() {
@@ -650,15 +648,33 @@ fn could_be_session_id(value: &str) -> bool {
     ok
 }
 
-fn cookie<B>(req: &Request<B>, name: &str) -> Option<String> {
+/// The values of every cookie called `name`, in header order. Read as bytes: a byte that
+/// is not visible ASCII in another cookie (browsers send what sites set) costs that cookie
+/// only, not the whole header, and with it the session.
+fn cookies<B>(req: &Request<B>, name: &str) -> Vec<String> {
     req.headers()
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim().to_string())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .filter_map(|kv| {
+            let eq = kv.iter().position(|b| *b == b'=')?;
+            let (k, v) = (kv[..eq].trim_ascii(), kv[eq + 1..].trim_ascii());
+            (k == name.as_bytes()).then(|| std::str::from_utf8(v).ok().map(str::to_owned))?
+        })
+        .collect()
+}
+
+/// The session a request names. Browsers send two cookies of one name when the site set
+/// them for different paths; as Tomcat does, the first that names a session held here
+/// wins (under any route), else the first that could name one.
+fn requested_session<B>(req: &Request<B>, cfg: &Config) -> Option<SessionId> {
+    let candidates: Vec<SessionId> = cookies(req, &cfg.cookie)
+        .into_iter()
+        .filter(|v| could_be_session_id(v))
+        .map(SessionId::new)
+        .collect();
+    let held = candidates.iter().position(|id| cfg.manager.knows(id));
+    candidates.into_iter().nth(held.unwrap_or(0))
 }
 
 struct Handle {
