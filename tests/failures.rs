@@ -531,6 +531,75 @@ fn connections_over_the_limit_are_refused_and_counted_and_the_node_keeps_serving
 }
 
 #[test]
+fn connections_opened_and_left_make_room_for_new_peers() {
+    // Connections that were opened and never used used to hold their places for good:
+    // with `max_connections` of them, no new peer could connect (a node that restarted
+    // could not replicate to this one again).
+    let opts = GroupOptions {
+        receiver: tribes::transport::ReceiverConfig {
+            max_connections: 2,
+            ..Default::default()
+        },
+        ..GroupOptions::fast_failing()
+    };
+    let g = static_group(1, &opts).unwrap();
+    let addr = g[0].local_member().addr();
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let stats = g[0].receiver_stats().unwrap();
+    assert!(wait_until(Duration::from_secs(3), || {
+        stats.accepted.load(Ordering::Relaxed) >= 2
+    }));
+    // Silent for 5 s: the silent longest gives its place to a real sender.
+    std::thread::sleep(Duration::from_millis(5200));
+    let other = static_group(1, &GroupOptions::fast_failing()).unwrap();
+    let to = [g[0].local_member()];
+    other[0]
+        .send(&to, &b"x"[..], SendOptions::USE_ACK)
+        .expect("a new peer gets a place");
+    assert_eq!(stats.idle_closed.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.refused.load(Ordering::Relaxed), 0);
+    let mut held = held.into_iter();
+    expect_closed(held.next().unwrap());
+}
+
+#[test]
+fn a_connection_silent_past_the_idle_timeout_is_closed_and_active_ones_stay() {
+    let opts = GroupOptions {
+        receiver: tribes::transport::ReceiverConfig {
+            idle_timeout: Some(Duration::from_millis(300)),
+            selector_timeout: Duration::from_millis(50),
+            ..Default::default()
+        },
+        ..GroupOptions::fast_failing()
+    };
+    let g = static_group(2, &opts).unwrap();
+    let addr = g[0].local_member().addr();
+    // Half a frame, then nothing: its buffer used to be held until the peer closed.
+    let mut stalled = TcpStream::connect(addr).unwrap();
+    stalled
+        .write_all(b"FLT2002\x00\x00\x10\x00partial")
+        .unwrap();
+    let start = Instant::now();
+    expect_closed(stalled);
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+    // (The other node's connection from its start-up notices went silent too.)
+    let stats = g[0].receiver_stats().unwrap();
+    assert!(stats.idle_closed.load(Ordering::Relaxed) >= 1);
+    // A peer that goes on sending keeps its connection; one that pauses past the timeout
+    // reconnects on its next send without an error.
+    let to = [g[0].local_member()];
+    for pause in [0, 0, 600, 0] {
+        std::thread::sleep(Duration::from_millis(pause));
+        g[1].send(&to, &b"x"[..], SendOptions::USE_ACK)
+            .expect("sent and acknowledged");
+    }
+}
+
+#[test]
 fn binding_an_address_this_host_does_not_have_fails_at_once() {
     // TEST-NET-1: never a local address. Binding fails on the spot (nothing is sent); it
     // used to be tried on all 100 auto-bind ports before the error came back.

@@ -30,8 +30,18 @@ pub struct ReceiverConfig {
     /// Bytes of decoded but unprocessed frames kept per connection before the receiver stops
     /// reading it (back-pressure). Default 4 MiB.
     pub read_ahead: usize,
-    /// Concurrent connections accepted; further ones are closed. Default 1024.
+    /// Concurrent connections accepted. Default 1024. At the limit, the connection silent
+    /// longest makes room if it has been silent for 5 s or more (nothing of it waiting or
+    /// being processed); otherwise the new one is closed.
     pub max_connections: usize,
+    /// A connection that sends nothing for this long, with nothing of it waiting or being
+    /// processed, is closed (a half-sent frame included). Default 300 s; `None` keeps them
+    /// for good (Tribes). Senders reconnect on their next send: ours check a connection
+    /// idle for more than `SenderConfig::idle_check_after` before using it, and Tribes
+    /// retries on a fresh one. Without it, connections that were opened and left (or that
+    /// stopped half-way through a frame, holding its buffer) stay until the peer closes
+    /// them.
+    pub idle_timeout: Option<Duration>,
     /// Selector poll timeout. Default 5 s (Tribes `selectorTimeout`).
     pub selector_timeout: Duration,
     /// SO_RCVBUF of accepted sockets. Default 65536 (Tribes `rxBufSize`).
@@ -60,6 +70,7 @@ impl Default for ReceiverConfig {
             max_body_size: DEFAULT_MAX_BODY_SIZE,
             read_ahead: 4 * 1024 * 1024,
             max_connections: 1024,
+            idle_timeout: Some(Duration::from_secs(300)),
             selector_timeout: Duration::from_secs(5),
             rx_buf_size: 65536,
             tx_buf_size: 25188,
@@ -91,6 +102,12 @@ impl ReceiverConfig {
         }
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(invalid(
+                "idle_timeout",
+                "must be above zero (or None to keep idle connections)",
+            ));
         }
         if self.selector_timeout.is_zero() {
             return Err(invalid(

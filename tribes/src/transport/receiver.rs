@@ -19,7 +19,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver as ChanRx, Sender as ChanTx, TrySendError};
@@ -68,6 +68,9 @@ pub struct ReceiverStats {
     pub panics: AtomicU64,
     /// Connections refused because `max_connections` were open.
     pub refused: AtomicU64,
+    /// Connections closed for silence (`idle_timeout`, or to make room at
+    /// `max_connections`).
+    pub idle_closed: AtomicU64,
 }
 
 /// Whether the `n`th occurrence (from 1) of a failure a peer can cause at will is logged at
@@ -150,6 +153,7 @@ impl Receiver {
             stats: Arc::clone(&stats),
             // One read takes up to 256 KiB: fewer syscalls for large frames.
             scratch: vec![0u8; 256 * 1024],
+            last_sweep: Instant::now(),
         };
         let selector = thread::Builder::new()
             .name(format!("tribes-rx-{name}"))
@@ -316,9 +320,9 @@ impl ConnShared {
         } else {
             out.extend_from_slice(bytes);
         }
-        if out.len() > MAX_PENDING_ACK_BYTES {
+        // Once per connection: it is closed, but ACKs may still come until it is.
+        if out.len() > MAX_PENDING_ACK_BYTES && !self.broken.swap(true, Ordering::Relaxed) {
             warn!(target: "tribes::transport", "peer {} does not read its ACKs; closing", self.peer);
-            self.broken.store(true, Ordering::Relaxed);
         }
     }
 
@@ -348,6 +352,20 @@ struct Conn {
     paused: bool,
     /// EOF seen or a decode error: no more reading; close once the inbox is processed.
     finished: bool,
+    /// When bytes last came in (or the connection was accepted).
+    last_active: Instant,
+}
+
+/// How long a connection must have been silent before a new one may take its place at
+/// `max_connections`: long enough that a peer's pooled connection between two sends is not
+/// mistaken for an abandoned one.
+const EVICT_SILENT: Duration = Duration::from_secs(5);
+
+/// Whether the connection has nothing waiting, being processed or being answered, so that
+/// closing it loses nothing (a half-received frame is not a message yet).
+fn quiet(shared: &ConnShared) -> bool {
+    let inbox = shared.inbox.lock();
+    inbox.msgs.is_empty() && !inbox.scheduled && shared.pending_out.lock().is_empty()
 }
 
 /// A decoded message waiting for a worker.
@@ -382,6 +400,8 @@ struct Selector {
     cfg: ReceiverConfig,
     stats: Arc<ReceiverStats>,
     scratch: Vec<u8>,
+    /// When idle connections were last looked for.
+    last_sweep: Instant,
 }
 
 impl Selector {
@@ -415,6 +435,7 @@ impl Selector {
             }
             self.handle_done();
             self.retry_starved();
+            self.close_idle(Instant::now());
         }
         // Shutdown. Connections that wait for a worker (the queue was full) hold messages
         // that were read, and may have been acknowledged on receipt: they still go to the
@@ -423,7 +444,7 @@ impl Selector {
         // messages, with a log line; a handler that never returns holds up the stop anyway,
         // which joins its worker.
         if let Some(jobs) = self.jobs.take() {
-            let until = std::time::Instant::now() + Duration::from_secs(5);
+            let until = Instant::now() + Duration::from_secs(5);
             for conn in self.starved.drain(..) {
                 if jobs.send_deadline(Job::Serve(conn), until).is_err() {
                     warn!(target: "tribes::transport", "receiver stopping: the workers took no more work for 5 s; messages read on a waiting connection are dropped");
@@ -441,7 +462,9 @@ impl Selector {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
-                    if self.conns.len() >= self.cfg.max_connections {
+                    if self.conns.len() >= self.cfg.max_connections
+                        && !self.evict_silent(Instant::now())
+                    {
                         let n = self.stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
                         if sparse(n) {
                             warn!(target: "tribes::transport", "refusing {peer}: {} connections open ({n} refused so far)", self.conns.len());
@@ -477,6 +500,7 @@ impl Selector {
                             decoder: FrameDecoder::new(self.cfg.max_body_size),
                             paused: false,
                             finished: false,
+                            last_active: Instant::now(),
                         },
                     );
                     // Data may already be waiting; edge-triggered readiness would not report it.
@@ -539,6 +563,7 @@ impl Selector {
                 }
                 Ok(n) => {
                     conn.paused = false;
+                    conn.last_active = Instant::now();
                     // A short read drained the socket: on Linux every later arrival raises a
                     // new edge, so the read that would only return WouldBlock is skipped
                     // (one syscall less per message under request/ACK traffic).
@@ -633,6 +658,55 @@ impl Selector {
                 }
             }
         }
+    }
+
+    /// Closes connections silent for longer than `idle_timeout` with nothing in progress;
+    /// looks at most once a second.
+    fn close_idle(&mut self, now: Instant) {
+        let Some(timeout) = self.cfg.idle_timeout else {
+            return;
+        };
+        if now.saturating_duration_since(self.last_sweep) < timeout.min(Duration::from_secs(1)) {
+            return;
+        }
+        self.last_sweep = now;
+        let idle: Vec<usize> = (self.conns.iter())
+            .filter(|(_, c)| {
+                !c.finished
+                    && now.saturating_duration_since(c.last_active) >= timeout
+                    && quiet(&c.shared)
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for token in idle {
+            if let Some(conn) = self.conns.get_mut(&token) {
+                let n = self.stats.idle_closed.fetch_add(1, Ordering::Relaxed) + 1;
+                debug!(target: "tribes::transport", "closing connection from {}: silent for {timeout:?} ({n} so far)", conn.shared.peer);
+                conn.finished = true;
+            }
+            self.maybe_close(token);
+        }
+    }
+
+    /// At `max_connections`: closes the connection silent longest, if it has been silent
+    /// for [`EVICT_SILENT`] with nothing in progress, so a new peer is not locked out by
+    /// connections that were opened and left. Returns whether one was closed.
+    fn evict_silent(&mut self, now: Instant) -> bool {
+        let victim = (self.conns.iter())
+            .filter(|(_, c)| now.saturating_duration_since(c.last_active) >= EVICT_SILENT)
+            .filter(|(_, c)| c.finished || quiet(&c.shared))
+            .min_by_key(|(_, c)| c.last_active)
+            .map(|(t, c)| (*t, c.shared.peer));
+        let Some((token, peer)) = victim else {
+            return false;
+        };
+        let n = self.stats.idle_closed.fetch_add(1, Ordering::Relaxed) + 1;
+        debug!(target: "tribes::transport", "{} connections open: closing the one from {peer}, silent longest, to make room ({n} closed for silence so far)", self.conns.len());
+        if let Some(conn) = self.conns.get_mut(&token) {
+            conn.finished = true;
+        }
+        self.maybe_close(token);
+        !self.conns.contains_key(&token)
     }
 
     fn maybe_close(&mut self, token: usize) {
