@@ -974,3 +974,70 @@ fn forged_session_messages_are_refused_and_replication_goes_on() {
         n.cluster.stop().unwrap();
     }
 }
+
+#[test]
+fn a_state_request_answered_after_the_manager_stopped_gets_not_ready() {
+    // A request that waited for A's donor thread while A's manager stopped used to get an
+    // empty state and "complete": its asker started without the sessions, sure it had them.
+    let (a, b) = started_pair();
+    let id = b.manager.create_session().unwrap();
+    b.manager.request_completed(&id).unwrap();
+    assert!(a.manager.contains(&id));
+    let a_member = a.cluster.channel().local_member();
+    let ask = ha::SessionMessage {
+        context: "/app".into(),
+        timestamp_ms: ha_now(),
+        event: ha::SessionEvent::GetAllSessions,
+    }
+    .encode()
+    .unwrap();
+    let heard = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let joiner = |name: &str, pause: Duration| {
+        let ch = tribes::GroupChannel::builder()
+            .name(name)
+            .port(0)
+            .heartbeat_interval(None)
+            .build()
+            .unwrap();
+        let heard = Arc::clone(&heard);
+        let name = name.to_string();
+        ch.add_channel_listener(move |m: &tribes::ChannelMessage| {
+            if let Ok(sm) = ha::SessionMessage::decode(&m.payload) {
+                heard.lock().push((name.clone(), sm.event.code()));
+            }
+            std::thread::sleep(pause);
+            Ok(())
+        });
+        ch.start(tribes::Levels::ALL).unwrap();
+        let options = tribes::SendOptions::BYTE_MESSAGE | tribes::SendOptions::USE_ACK;
+        ch.send(std::slice::from_ref(&a_member), ask.clone(), options)
+            .unwrap();
+        ch
+    };
+    // The first holds A's donor thread for about 2 s; the second waits in its queue.
+    let slow = joiner("slow", Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(200));
+    let late = joiner("late", Duration::ZERO);
+    std::thread::sleep(Duration::from_millis(200));
+    a.manager.stop();
+    assert!(wait_until(Duration::from_secs(10), || heard
+        .lock()
+        .iter()
+        .any(|(n, _)| n == "late")));
+    let late_heard: Vec<i32> = (heard.lock().iter())
+        .filter(|(n, _)| n == "late")
+        .map(|(_, c)| *c)
+        .collect();
+    let not_ready = ha::SessionEvent::StateNotReady.code();
+    assert_eq!(
+        late_heard,
+        vec![not_ready],
+        "the late asker heard {late_heard:?}"
+    );
+    for ch in [slow, late] {
+        ch.stop(tribes::Levels::ALL).unwrap();
+    }
+    for n in [&a, &b] {
+        n.cluster.stop().unwrap();
+    }
+}

@@ -22,8 +22,20 @@ use crate::message::{SessionEvent, SessionMessage};
 /// Default of [`Cluster::set_expire_interval`].
 const DEFAULT_EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
-/// State requests waiting for the donor thread; more are answered on the receiving thread.
+/// State requests waiting for the donor thread; more are dropped (their askers go on to
+/// the next member when nothing comes).
 const DONOR_QUEUE: usize = 16;
+
+/// What became of a state request handed to the donor thread.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum DonorQueue {
+    /// The donor thread answers it.
+    Queued,
+    /// Its queue was full: dropped, with a warning.
+    Dropped,
+    /// No donor thread (the channel was started without `Cluster::start`): answer here.
+    NotRunning,
+}
 
 /// A member's request for one context's sessions, waiting for the donor thread.
 struct StateRequest {
@@ -114,6 +126,9 @@ pub(crate) struct ClusterInner {
     send_options: RwLock<SendOptions>,
     /// The queue of the thread that sends state to joining members, while it runs.
     donor_queue: Mutex<Option<crossbeam_channel::Sender<StateRequest>>>,
+    /// Set while the donor thread stops: it answers nothing more (queued requests and the
+    /// rest of a transfer are dropped), so a stop does not wait for whole transfers.
+    donor_stopping: std::sync::atomic::AtomicBool,
     /// Session messages refused by [`SessionEvent::check`].
     refused: std::sync::atomic::AtomicU64,
 }
@@ -128,6 +143,7 @@ impl Cluster {
             listeners: RwLock::new(Vec::new()),
             send_options: RwLock::new(SendOptions::ASYNCHRONOUS),
             donor_queue: Mutex::new(None),
+            donor_stopping: std::sync::atomic::AtomicBool::new(false),
             refused: std::sync::atomic::AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&inner);
@@ -173,8 +189,9 @@ impl Cluster {
     /// State goes out from the donor thread, one request at a time, so a joining member
     /// that is slow to acknowledge its batches holds that thread, not one of the
     /// receiver's workers (which carry every other member's replication meanwhile). Tribes
-    /// sends it from the receiving thread, as this node does when the donor's queue (16
-    /// requests) is full or the channel was started without `Cluster::start`.
+    /// sends it from the receiving thread, as this node does when the channel was started
+    /// without `Cluster::start`. Beyond 16 waiting requests, more are dropped with a
+    /// warning (their askers go on to the next member).
     pub fn start(&self) -> Result<(), tribes::ChannelError> {
         self.start_donor()?;
         if let Err(e) = self.inner.channel.start(tribes::Levels::ALL) {
@@ -216,6 +233,10 @@ impl Cluster {
                     let Some(inner) = inner.upgrade() else {
                         return;
                     };
+                    if inner.donor_stopping() {
+                        debug!(target: "ha::cluster", "stopping: state request from {} dropped", req.to);
+                        continue;
+                    }
                     let manager = inner.managers.read().get(&req.context).cloned();
                     match manager {
                         Some(m) => m.send_state(&req.to, &inner),
@@ -223,13 +244,20 @@ impl Cluster {
                     }
                 }
             })?;
+        self.inner
+            .donor_stopping
+            .store(false, std::sync::atomic::Ordering::Release);
         *self.inner.donor_queue.lock() = Some(tx);
         *slot = Some(handle);
         Ok(())
     }
 
     fn stop_donor(&self) {
-        // Dropping the queue ends the thread once it has answered what is queued.
+        // The thread drops what is queued and the rest of a running transfer; dropping the
+        // queue ends it.
+        self.inner
+            .donor_stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         self.inner.donor_queue.lock().take();
         if let Some(handle) = self.donor.lock().take() {
             let _ = handle.join();
@@ -390,24 +418,33 @@ impl Drop for Cluster {
 }
 
 impl ClusterInner {
-    /// Hands `to`'s request for `context`'s state to the donor thread. Returns false when
-    /// that thread is not running or its queue is full: the caller sends the state itself.
-    pub(crate) fn queue_state_request(&self, context: &str, to: &Member) -> bool {
+    /// Hands `to`'s request for `context`'s state to the donor thread (see [`DonorQueue`]).
+    /// A full queue drops it rather than sending from the receiving thread: that is what
+    /// the donor thread keeps free. The asker goes on to the next member when no state comes
+    /// for a quarter of its transfer timeout.
+    pub(crate) fn queue_state_request(&self, context: &str, to: &Member) -> DonorQueue {
         let queue = self.donor_queue.lock();
         let Some(queue) = queue.as_ref() else {
-            return false;
+            return DonorQueue::NotRunning;
         };
         let req = StateRequest {
             context: context.to_string(),
             to: to.clone(),
         };
         match queue.try_send(req) {
-            Ok(()) => true,
-            Err(_) => {
-                warn!(target: "ha::cluster", "{DONOR_QUEUE} state requests waiting; sending {context}'s state to {to} from the receiving thread");
-                false
+            Ok(()) => DonorQueue::Queued,
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                warn!(target: "ha::cluster", "{DONOR_QUEUE} state requests waiting; dropping {to}'s request for {context} (it will ask another member)");
+                DonorQueue::Dropped
             }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => DonorQueue::NotRunning,
         }
+    }
+
+    /// Whether the donor thread is stopping (see `donor_stopping`).
+    pub(crate) fn donor_stopping(&self) -> bool {
+        self.donor_stopping
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn deliver(&self, msg: &ClusterMessage, sender: &Member) {

@@ -12,7 +12,7 @@ use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 use tribes::{Member, ProcessError, SendError, SendOptions};
 
-use crate::cluster::{Cluster, ClusterInner};
+use crate::cluster::{Cluster, ClusterInner, DonorQueue};
 use crate::error::SessionError;
 use crate::message::{SessionEvent, SessionMessage};
 use crate::session::{Session, SessionId};
@@ -1364,7 +1364,7 @@ impl DeltaManager {
                 }
             }
             SessionEvent::GetAllSessions => {
-                if !cluster.queue_state_request(&self.context, sender) {
+                if cluster.queue_state_request(&self.context, sender) == DonorQueue::NotRunning {
                     self.send_state(sender, cluster);
                 }
             }
@@ -1436,9 +1436,27 @@ impl DeltaManager {
     /// `sendAllSessions=false` behaviour, never one unbounded message).
     pub(crate) fn send_state(&self, to: &Member, cluster: &ClusterInner) {
         let snapshot_ms = crate::now_ms();
-        let batches = (self.store.lock()).state_batches(self.cfg.send_all_sessions_size);
+        let batches = {
+            let store = self.store.lock();
+            // Looked at under the store's lock: `stop` clears `ready` before it swaps in an
+            // empty store, so a stopped (or still starting) manager never passes that off as
+            // the state. The request may have waited for the donor thread meanwhile.
+            (self.ready.load(Ordering::Acquire))
+                .then(|| store.state_batches(self.cfg.send_all_sessions_size))
+        };
         let sync = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+        let Some(batches) = batches else {
+            let reply = self.message(SessionEvent::StateNotReady);
+            if let Err(e) = self.send_via(cluster, &reply, Some(to), SendOptions::USE_ACK) {
+                warn!(target: "ha::manager", "{}: cannot tell {to} this node has no state to give: {e}", self.context);
+            }
+            return;
+        };
         for batch in batches {
+            if cluster.donor_stopping() {
+                warn!(target: "ha::manager", "{}: stopping; state transfer to {to} abandoned", self.context);
+                return;
+            }
             let msg = self.message(batch);
             if let Err(e) = self.send_via(cluster, &msg, Some(to), sync) {
                 warn!(target: "ha::manager", "state transfer to {to} failed: {e}");

@@ -85,6 +85,7 @@ impl Verdicts {
         if member.is_shutting_down() {
             self.remove_suspects.remove(&key);
             self.add_suspects.remove(&key);
+            self.retry.remove(&key);
             return match self.members.remove(&key) {
                 Some(_) => Next::ReportGone,
                 None => Next::Done,
@@ -318,6 +319,13 @@ mod tests {
         let next = v.member_added(b.clone());
         probe(&mut v, &b, next, false, t0);
         assert_eq!(v.member_disappeared(&shutting_down(&b)), Next::Done);
+        assert!(v.heartbeat(t0, None).is_empty());
+        // Nor is one whose add probe waits for a retry.
+        let c = member(4003);
+        assert_eq!(v.member_added(c.clone()), Next::Probe(Check::Add));
+        assert!(v.begin_probe(c.key(), Check::Add));
+        v.probe_not_queued(c.clone(), Check::Add);
+        assert_eq!(v.member_disappeared(&shutting_down(&c)), Next::Done);
         assert!(v.heartbeat(t0, None).is_empty());
     }
 
