@@ -1130,26 +1130,32 @@ impl DeltaManager {
     /// which wait for the ACKs (`ASYNCHRONOUS | USE_ACK | SYNCHRONIZED_ACK`). `permit` stays
     /// held until the handler hears the outcome.
     ///
-    /// When their queue is full the send fails (`QueueFull`, counted and logged; a change
-    /// is retold like any other that failed) instead of going out on this thread: that is
-    /// a runtime thread, which would wait for the members' ACKs with every other request
-    /// it carries, and a full queue means the members are slow to acknowledge already.
+    /// When their queue is full the message waits for room, in `acked` (which tries again
+    /// every millisecond while it is awaited, for up to [`QUEUE_WAIT`], then fails with
+    /// `QueueFull`), instead of going out on this thread: that is a runtime thread, which
+    /// would wait for the members' ACKs with every other request it carries.
     fn send_acked(
         self: &Arc<Self>,
-        cluster: &ClusterInner,
+        cluster: &Arc<ClusterInner>,
         msg: &SessionMessage,
         to: Option<&Member>,
         acked: &mut Acked,
         permit: Option<Arc<FetchPermit>>,
     ) {
-        let wait = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK;
+        let wait = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK | SendOptions::ASYNCHRONOUS;
         let slot = acked.slot(self, &msg.event, permit);
-        let sent = cluster.send_with_handler(
-            msg,
-            to,
-            wait | SendOptions::ASYNCHRONOUS,
-            Some(slot.clone()),
-        );
+        let sent = cluster.send_with_handler(msg, to, wait, Some(slot.clone()));
+        if let Err(SendError::QueueFull { .. }) = sent {
+            debug!(target: "ha::manager", "{}: dispatch queue full; the message waits for room", self.context);
+            *slot.retry.lock() = Some(Retry {
+                cluster: Arc::downgrade(cluster),
+                msg: msg.clone(),
+                to: to.cloned(),
+                options: wait,
+                until: Instant::now() + QUEUE_WAIT,
+            });
+            return;
+        }
         match sent {
             Ok(true) => {}
             // Nobody to tell: nothing sent, nothing to count.
@@ -1563,6 +1569,10 @@ fn needs_repair<'a>(event: &'a SessionEvent, applied: &Applied) -> Option<&'a Se
 pub(crate) struct Acked {
     /// Messages sent (waited for or not).
     sent: usize,
+    /// A pause before messages that wait for room in the dispatch queue are tried again
+    /// (on a tokio runtime; elsewhere the polling thread sleeps).
+    #[cfg(feature = "axum")]
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
     slots: Vec<Arc<AckSlot>>,
     /// The first failure of a send whose outcome was known at once.
     failed: Option<SendError>,
@@ -1584,6 +1594,7 @@ impl Acked {
             kind: crate::stats::kind(event),
             lagging: (manager.lagging_for(event)).map(|(l, id)| (Arc::clone(l), id.clone())),
             permit: Mutex::new(permit),
+            retry: Mutex::new(None),
         });
         self.sent += 1;
         self.slots.push(Arc::clone(&slot));
@@ -1623,9 +1634,58 @@ struct AckSlot {
     lagging: Option<(Arc<Lagging>, SessionId)>,
     /// A fetch's place among the concurrent fetches, given back with the outcome.
     permit: Mutex<Option<Arc<FetchPermit>>>,
+    /// The message, while it waits for room in the dispatch queue (see `send_acked`).
+    retry: Mutex<Option<Retry>>,
+}
+
+/// A message refused by a full dispatch queue, sent again when its [`Acked`] is polled.
+struct Retry {
+    cluster: Weak<ClusterInner>,
+    msg: SessionMessage,
+    to: Option<Member>,
+    options: SendOptions,
+    /// Past this, it fails with `QueueFull`.
+    until: Instant,
+}
+
+/// How long a message refused by a full dispatch queue waits for room (see `send_acked`).
+pub(crate) const QUEUE_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether a message of an [`Acked`] still waits for room in the dispatch queue.
+#[derive(PartialEq, Eq)]
+enum Room {
+    Taken,
+    Waiting,
 }
 
 impl AckSlot {
+    /// Sends the message again if it waits for room in the dispatch queue.
+    fn retry(self: &Arc<Self>, now: Instant) -> Room {
+        let Some(r) = self.retry.lock().take() else {
+            return Room::Taken;
+        };
+        let Some(cluster) = r.cluster.upgrade() else {
+            self.finish(Err(SendError::NotStarted));
+            return Room::Taken;
+        };
+        let handler: Arc<dyn tribes::interceptors::ErrorHandler> = Arc::clone(self) as _;
+        match cluster.send_with_handler(&r.msg, r.to.as_ref(), r.options, Some(handler)) {
+            Ok(true) => Room::Taken,
+            Ok(false) => {
+                self.record(Ok(()), false);
+                Room::Taken
+            }
+            Err(SendError::QueueFull { .. }) if now < r.until => {
+                *self.retry.lock() = Some(r);
+                Room::Waiting
+            }
+            Err(e) => {
+                self.finish(Err(e));
+                Room::Taken
+            }
+        }
+    }
+
     /// Records how the send ended (see `record`), counted.
     fn finish(&self, outcome: Result<(), SendError>) {
         self.record(outcome, true);
@@ -1674,9 +1734,18 @@ impl tribes::interceptors::ErrorHandler for AckSlot {
 impl Future for Acked {
     type Output = Result<(), SendError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // Registered before looking, so an outcome recorded in between still wakes us.
         *self.waker.lock() = Some(cx.waker().clone());
+        let now = Instant::now();
+        // Every waiting message is tried (no short cut): each may find room.
+        let waiting = (self.slots.iter())
+            .map(|s| s.retry(now))
+            .filter(|r| *r == Room::Waiting)
+            .count();
+        if waiting > 0 {
+            self.pause_for_room(cx);
+        }
         let mut result = match &self.failed {
             Some(e) => Err(e.clone()),
             None => Ok(()),
@@ -1689,6 +1758,28 @@ impl Future for Acked {
             }
         }
         Poll::Ready(result)
+    }
+}
+
+impl Acked {
+    /// Arranges to be polled again in a millisecond, to try the messages that wait for room
+    /// in the dispatch queue again.
+    fn pause_for_room(&mut self, cx: &mut Context<'_>) {
+        let pause = Duration::from_millis(1);
+        #[cfg(feature = "axum")]
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let sleep = self
+                .pause
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(pause)));
+            if sleep.as_mut().poll(cx).is_ready() {
+                self.pause = None;
+                cx.waker().wake_by_ref();
+            }
+            return;
+        }
+        // A thread blocked on this future (`block_on`): it may as well sleep.
+        std::thread::sleep(pause);
+        cx.waker().wake_by_ref();
     }
 }
 
