@@ -618,3 +618,64 @@ fn binding_an_address_this_host_does_not_have_fails_at_once() {
         other => panic!("expected a bind error, got {other}"),
     }
 }
+
+#[test]
+fn settings_as_large_as_a_duration_goes_work_and_zero_heartbeats_or_huge_pools_are_refused() {
+    // `Duration::MAX` means "never give up"; these used to panic on `Instant` overflow at
+    // the first send, at start or at stop.
+    let opts = GroupOptions {
+        sender: tribes::transport::SenderConfig {
+            timeout: Duration::MAX,
+            ..Default::default()
+        },
+        dispatch: DispatchConfig {
+            stop_drain: Duration::MAX,
+            ..Default::default()
+        },
+        extra: Some(Arc::new(|_| {
+            let fd = tribes::interceptors::TcpFailureDetector::new(
+                tribes::interceptors::FailureDetectorConfig {
+                    connect_timeout: Duration::MAX,
+                    ..Default::default()
+                },
+            );
+            vec![Arc::new(fd) as Arc<dyn tribes::interceptors::Interceptor>]
+        })),
+        ..GroupOptions::default()
+    };
+    let g = static_group(2, &opts).unwrap();
+    assert!(g[0].wait_for_members(1, Duration::MAX));
+    let to = [g[1].local_member()];
+    g[0].send(&to, &b"sync"[..], SendOptions::USE_ACK).unwrap();
+    g[0].send(&to, &b"async"[..], SendOptions::ASYNCHRONOUS)
+        .unwrap();
+    for ch in &g {
+        ch.stop(tribes::Levels::ALL).unwrap();
+    }
+    // A heartbeat every 0 s would spin a core.
+    let err = tribes::GroupChannel::builder()
+        .heartbeat_interval(Some(Duration::ZERO))
+        .build()
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(err, tribes::ChannelError::Config(ref e) if e.field == "heartbeat_interval"),
+        "{err}"
+    );
+    // A dispatch pool that cannot be allocated is refused at start, not a panic.
+    let huge = tribes::GroupChannel::builder()
+        .port(0)
+        .interceptor(tribes::interceptors::MessageDispatchInterceptor::new(
+            DispatchConfig {
+                threads: usize::MAX,
+                ..Default::default()
+            },
+        ))
+        .build()
+        .unwrap();
+    let err = huge.start(tribes::Levels::ALL).unwrap_err();
+    assert!(
+        matches!(err, tribes::ChannelError::Config(ref e) if e.field == "threads"),
+        "{err}"
+    );
+}

@@ -1041,3 +1041,56 @@ fn a_state_request_answered_after_the_manager_stopped_gets_not_ready() {
         n.cluster.stop().unwrap();
     }
 }
+
+#[test]
+fn a_state_transfer_timeout_of_zero_is_refused_and_one_of_duration_max_works() {
+    let cluster = Cluster::new(tribes::GroupChannel::builder().port(0).build().unwrap());
+    let zero = DeltaManager::new(
+        "/z",
+        ha::ManagerConfig {
+            state_transfer_timeout: Duration::ZERO,
+            ..ha::ManagerConfig::default()
+        },
+    );
+    let err = cluster.register(&zero).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ha::SessionError::InvalidConfig {
+                field: "state_transfer_timeout",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // "Wait for good": the joiner used to panic on `Instant` overflow once it had a member.
+    let (pa, pb) = (free_port(), free_port());
+    let a = node(pa, &[pb]);
+    assert!(a.manager.start(&a.cluster));
+    let id = a.manager.create_session().unwrap();
+    a.manager.request_completed(&id).unwrap();
+    let (cb, mb) = tribes_suite::ha_node_with(
+        pb,
+        &[pa],
+        ha::ManagerConfig {
+            sync: true,
+            ..ha::ManagerConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(cb.channel().wait_for_members(1, Duration::from_secs(5)));
+    let forever = DeltaManager::new(
+        "/app2",
+        ha::ManagerConfig {
+            state_transfer_timeout: Duration::MAX,
+            ..ha::ManagerConfig::default()
+        },
+    );
+    cb.register(&forever).unwrap();
+    // No manager for /app2 on A: it answers NOCONTEXTMANAGER at once.
+    forever.start(&cb);
+    assert!(mb.start(&cb));
+    assert!(mb.contains(&id));
+    cb.stop().unwrap();
+    a.cluster.stop().unwrap();
+}

@@ -53,6 +53,14 @@ pub use store::{Applied, SessionStore, StoreStats};
 pub use transfer::{Offer, StateTransfer};
 
 /// Wall clock in ms since the Unix epoch.
+/// `from + after`, or a century after `from` when that would overflow: settings and
+/// arguments may be as large as `Duration::MAX` ("wait for good"), and `Instant + Duration`
+/// panics on overflow.
+pub(crate) fn deadline(from: std::time::Instant, after: std::time::Duration) -> std::time::Instant {
+    const FAR: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+    from.checked_add(after).unwrap_or(from + FAR)
+}
+
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

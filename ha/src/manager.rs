@@ -125,6 +125,12 @@ impl ManagerConfig {
         if self.send_all_sessions_size == 0 {
             return invalid("send_all_sessions_size", "must be at least 1");
         }
+        if self.state_transfer_timeout.is_zero() {
+            return invalid(
+                "state_transfer_timeout",
+                "must be above zero (a joining node would start without waiting for any state)",
+            );
+        }
         if self.max_transfer_queue == 0 {
             return invalid(
                 "max_transfer_queue",
@@ -439,10 +445,10 @@ impl DeltaManager {
         }
         let now = crate::now_ms();
         let started = Instant::now();
-        let deadline = started + self.cfg.state_transfer_timeout;
+        let deadline = crate::deadline(started, self.cfg.state_transfer_timeout);
         *self.transfer.lock() = Some(StateTransfer::new(
             now,
-            self.cfg.state_transfer_timeout.as_millis() as i64,
+            i64::try_from(self.cfg.state_transfer_timeout.as_millis()).unwrap_or(i64::MAX),
             self.cfg.max_transfer_queue,
         ));
         let request = self.message(SessionEvent::GetAllSessions);
@@ -529,7 +535,7 @@ impl DeltaManager {
     fn wait_for_state(&self, deadline: Instant, quiet: Duration) -> StateWait {
         let mut t = self.transfer.lock();
         let mut seen = self.transfer_batches.load(Ordering::Acquire);
-        let mut until = deadline.min(Instant::now() + quiet);
+        let mut until = deadline.min(crate::deadline(Instant::now(), quiet));
         loop {
             let outcome = match t.as_mut() {
                 None => Some(StateWait::Complete),
@@ -543,7 +549,7 @@ impl DeltaManager {
             let batches = self.transfer_batches.load(Ordering::Acquire);
             if batches != seen {
                 seen = batches;
-                until = deadline.min(Instant::now() + quiet);
+                until = deadline.min(crate::deadline(Instant::now(), quiet));
                 continue;
             }
             if timed_out {
@@ -856,7 +862,8 @@ impl DeltaManager {
     /// assert!(asked_at.elapsed() < Duration::from_secs(10));
     /// ```
     pub fn catch_up(self: &Arc<Self>, id: &SessionId, version: u64, wait: Duration) -> bool {
-        if block_on(self.version_reached(id, version), Instant::now() + wait) == Some(true) {
+        let until = crate::deadline(Instant::now(), wait);
+        if block_on(self.version_reached(id, version), until) == Some(true) {
             return true;
         }
         debug!(target: "ha::manager", "{}: v{version} of {id} did not arrive in {wait:?}; asking the members", self.context);

@@ -38,6 +38,7 @@
 //! ```
 
 pub mod channel;
+mod deadline;
 pub mod error;
 pub mod id;
 mod idle;

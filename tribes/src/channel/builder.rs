@@ -141,6 +141,12 @@ impl ChannelBuilder {
 
     /// Validates the configuration and builds the (not yet started) channel.
     pub fn build(self) -> Result<GroupChannel, ChannelError> {
+        if self.heartbeat_interval.is_some_and(|i| i.is_zero()) {
+            return Err(ChannelError::Config(crate::error::ConfigError {
+                field: "heartbeat_interval",
+                reason: "must be above zero (zero would spin a core); None turns it off".into(),
+            }));
+        }
         self.receiver.validate()?;
         self.sender.validate()?;
         if let Some(m) = &self.multicast {

@@ -7,7 +7,7 @@ mod listener;
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use crossbeam_channel::Sender as ChanTx;
@@ -263,7 +263,7 @@ impl GroupChannel {
 
     /// Waits until at least `n` members are seen; returns whether that happened in time.
     pub fn wait_for_members(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::from_now(timeout);
         let mut members = self.top.members.lock();
         while members.len() < n {
             if self

@@ -91,6 +91,32 @@ impl Default for DispatchConfig {
     }
 }
 
+impl DispatchConfig {
+    /// Checks that the values can work (called by `start`): at most 1024 threads and a
+    /// batch of at most 65,536 messages, which are allocated up front. Zeros are taken as 1.
+    ///
+    /// ```
+    /// use tribes::interceptors::DispatchConfig;
+    /// assert!(DispatchConfig::default().validate().is_ok());
+    /// assert!(DispatchConfig { threads: usize::MAX, ..Default::default() }.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(crate::error::ConfigError {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if self.threads > 1024 {
+            return invalid("threads", "at most 1024");
+        }
+        if self.batch > 65536 {
+            return invalid("batch", "at most 65536 messages");
+        }
+        Ok(())
+    }
+}
+
 /// Sends ASYNCHRONOUS messages from a bounded queue on named dispatch threads
 /// (`tribes-dispatch-<channel>-<n>`).
 ///
@@ -219,6 +245,7 @@ impl Interceptor for MessageDispatchInterceptor {
         if !levels.contains(Levels::SND_TX) {
             return Ok(());
         }
+        self.cfg.validate()?;
         let mut running = self.running.lock();
         if running.is_some() {
             return Ok(());
@@ -272,7 +299,7 @@ impl Interceptor for MessageDispatchInterceptor {
         if let Some(r) = running {
             let _ = r
                 .drain_until
-                .set(std::time::Instant::now() + self.cfg.stop_drain);
+                .set(crate::deadline::from_now(self.cfg.stop_drain));
             drop(r.queues);
             for t in r.threads {
                 let _ = t.join();

@@ -241,7 +241,7 @@ fn query_a(server: SocketAddr, name: &str, timeout: Duration) -> io::Result<Vec<
     q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
     socket.send_to(&q, server)?;
     let mut buf = [0u8; 1500];
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::from_now(timeout);
     loop {
         let (n, from) = socket.recv_from(&mut buf)?;
         if from == server && n >= 12 && buf[..2] == id.to_be_bytes() {

@@ -366,7 +366,7 @@ impl RxLoop {
                 }
                 Err(e) => {
                     warn!(target: "tribes::membership", "multicast recovery failed: {e}; retrying in {:?}", self.cfg.recovery_sleep);
-                    let until = Instant::now() + self.cfg.recovery_sleep;
+                    let until = crate::deadline::from_now(self.cfg.recovery_sleep);
                     while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
                         std::thread::sleep(Duration::from_millis(50));
                     }

@@ -134,7 +134,7 @@ impl Sender {
         if Batch::enqueue(self, frame, members, ack) {
             return Ok(());
         }
-        let deadline = Instant::now() + self.cfg.timeout;
+        let deadline = crate::deadline::from_now(self.cfg.timeout);
         let mut faulty = Vec::new();
         let mut tickets = Vec::with_capacity(members.len());
         for m in members {
@@ -347,7 +347,7 @@ impl Sender {
     fn finish(&self, t: &mut Ticket, frames: &[Frame]) -> Result<(), Failure> {
         loop {
             // This member's own deadline, for the ACK wait and for a resend alike.
-            let own = t.written + self.cfg.timeout;
+            let own = crate::deadline::after(t.written, self.cfg.timeout);
             let res = if t.ack {
                 t.conn.wait_acks(&t.seqs, own)
             } else {
@@ -794,7 +794,7 @@ impl Batch {
     }
 
     fn flush(sender: &Sender, entries: Vec<BatchEntry>, failures: &mut Vec<(usize, FaultyMember)>) {
-        let deadline = Instant::now() + sender.cfg.timeout;
+        let deadline = crate::deadline::from_now(sender.cfg.timeout);
         let mut pending = Vec::new();
         for e in entries {
             match sender.write_with_retry(&e.member, &e.frames, e.ack, deadline) {

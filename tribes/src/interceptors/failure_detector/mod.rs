@@ -267,8 +267,10 @@ impl Interceptor for TcpFailureDetector {
         }
         drop(done_tx);
         let rounds = count.div_ceil(self.cfg.threads.max(1)) as u32;
-        let deadline =
-            Instant::now() + self.cfg.connect_timeout * 2 * rounds + Duration::from_millis(100);
+        let deadline = crate::deadline::from_now(
+            (self.cfg.connect_timeout.saturating_mul(2 * rounds))
+                .saturating_add(Duration::from_millis(100)),
+        );
         for _ in 0..count {
             // Ends early when every queued check reported (a check not queued dropped its
             // sender), or at the deadline.
