@@ -295,7 +295,7 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_bytes_decode_to_an_error_not_a_panic(
+    fn arbitrary_bytes_never_panic_the_decoder(
         bytes in prop::collection::vec(any::<u8>(), 0..256),
     ) {
         if let Ok(m) = SessionMessage::decode(&bytes) {
@@ -1060,13 +1060,11 @@ proptest! {
 // Minimal reproductions of what the properties found
 // ---------------------------------------------------------------------------------------------
 
-/// Shrunk from `a_joiner_ends_with_what_its_donor_ends_with_over_the_wire_with_late_created`.
-/// The donor holds a copy made from the session's first delta, its CREATED (interval 60)
-/// still on its way; a node joins and gets the donor's state; then the CREATED reaches both.
-/// The donor takes the interval 60; the joiner keeps the placeholder (1800) for good, as the
-/// copy's "waiting for CREATED" flag does not travel. The same goes for a fetch answer
-/// (`SessionEvent::SessionData`), and a copy that is itself waiting takes the sender's
-/// placeholder for the real interval (`Session::merge`).
+/// Shrunk from `a_joiner_ends_with_what_its_donor_ends_with_over_the_wire_with_late_created`
+/// (a regression test). The donor holds a copy made from the session's first delta, its
+/// CREATED (interval 60) still on its way; a node joins and gets the donor's state; then the
+/// CREATED reaches both, and both take the interval 60. The joiner used to keep the
+/// placeholder (1800) for good, as the copy's "waiting for CREATED" flag did not travel.
 #[test]
 fn a_late_created_sets_the_interval_of_a_copy_that_came_by_state_transfer() {
     let id = SessionId::new("s");
@@ -1086,6 +1084,6 @@ fn a_late_created_sets_the_interval_of_a_copy_that_came_by_state_transfer() {
     assert_eq!(
         joiner.get(&id).unwrap().max_inactive_secs(),
         CREATED_SECS,
-        "the joiner's copy keeps the placeholder interval"
+        "the joiner's copy kept the placeholder interval"
     );
 }
