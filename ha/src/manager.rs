@@ -255,6 +255,18 @@ impl Lagging {
 
 /// Hears how an asynchronous message about a session ended, on the dispatch thread: a
 /// failure makes the session lagging.
+/// Logs the `n`th replication failure of a manager: the 1st, 2nd, 4th ... and every
+/// 1000th at warn level, the others at debug. While a member is down (until the failure
+/// detector removes it) or the dispatch queue is full, every request fails alike; one line
+/// each would bury everything else in the log.
+fn note_failure(context: &str, e: &SendError, n: u64) {
+    if n.is_power_of_two() || n % 1000 == 0 {
+        warn!(target: "ha::manager", "{context}: replication failed: {e} ({n} failures so far)");
+    } else {
+        debug!(target: "ha::manager", "{context}: replication failed: {e}");
+    }
+}
+
 struct NoteLagging {
     lagging: Arc<Lagging>,
     session: SessionId,
@@ -1537,8 +1549,8 @@ impl DeltaManager {
                 Ok(())
             }
             Err(e) => {
-                warn!(target: "ha::manager", "{}: replication failed: {e}", self.context);
-                self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                let n = self.counters.send_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                note_failure(&self.context, &e, n);
                 if let Some((lagging, id)) = self.lagging_for(&msg.event) {
                     lagging.note(id);
                 }
@@ -1710,8 +1722,8 @@ impl AckSlot {
                 match &outcome {
                     Ok(()) => m.counters.sent_kind(self.kind),
                     Err(e) => {
-                        warn!(target: "ha::manager", "{}: replication failed: {e}", m.context);
-                        m.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                        let n = m.counters.send_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                        note_failure(&m.context, e, n);
                         if let Some((lagging, id)) = &self.lagging {
                             lagging.note(id);
                         }
