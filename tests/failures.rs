@@ -679,3 +679,53 @@ fn settings_as_large_as_a_duration_goes_work_and_zero_heartbeats_or_huge_pools_a
         "{err}"
     );
 }
+
+#[test]
+fn incomplete_frames_over_the_budget_cost_the_connection_holding_the_most() {
+    // Each connection could hold an incomplete frame of up to `max_body_size`, with no
+    // bound over all of them: peers that begin large frames and stop could pin gigabytes.
+    let opts = GroupOptions {
+        receiver: tribes::transport::ReceiverConfig {
+            max_body_size: 1024 * 1024,
+            max_partial_bytes: 1536 * 1024,
+            ..Default::default()
+        },
+        ..GroupOptions::fast_failing()
+    };
+    let g = static_group(2, &opts).unwrap();
+    let addr = g[0].local_member().addr();
+    let begin = |body: usize| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let mut head = b"FLT2002".to_vec();
+        head.extend_from_slice(&(1024 * 1024i32).to_be_bytes());
+        s.write_all(&head).unwrap();
+        s.write_all(&vec![0u8; body]).unwrap();
+        s
+    };
+    let small = begin(600 * 1024);
+    let stats = g[0].receiver_stats().unwrap();
+    assert!(wait_until(Duration::from_secs(3), || {
+        stats.accepted.load(Ordering::Relaxed) >= 2
+    }));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(stats.partial_closed.load(Ordering::Relaxed), 0);
+    // 600 + 1000 KiB > 1536 KiB: the one holding more goes.
+    let large = begin(1000 * 1024);
+    expect_closed(large);
+    assert_eq!(stats.partial_closed.load(Ordering::Relaxed), 1);
+    // The other keeps its place, and the node keeps serving.
+    small
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    let err = (&small).read(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{err}"
+    );
+    let to = [g[0].local_member()];
+    g[1].send(&to, &b"x"[..], SendOptions::USE_ACK).unwrap();
+}

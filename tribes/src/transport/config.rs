@@ -34,6 +34,12 @@ pub struct ReceiverConfig {
     /// longest makes room if it has been silent for 5 s or more (nothing of it waiting or
     /// being processed); otherwise the new one is closed.
     pub max_connections: usize,
+    /// Bytes of frames not yet complete held over all connections. When more arrive, the
+    /// connection holding the most is closed (what it sent before is still delivered).
+    /// Default 512 MiB, at least `max_body_size` (Tribes has no bound: each connection may
+    /// hold up to the largest frame, so a thousand peers that each begin a large frame and
+    /// stop could take gigabytes).
+    pub max_partial_bytes: usize,
     /// A connection that sends nothing for this long, with nothing of it waiting or being
     /// processed, is closed (a half-sent frame included). Default 300 s; `None` keeps them
     /// for good (Tribes). Senders reconnect on their next send: ours check a connection
@@ -71,6 +77,7 @@ impl Default for ReceiverConfig {
             read_ahead: 4 * 1024 * 1024,
             max_connections: 1024,
             idle_timeout: Some(Duration::from_secs(300)),
+            max_partial_bytes: 512 * 1024 * 1024,
             selector_timeout: Duration::from_secs(5),
             rx_buf_size: 65536,
             tx_buf_size: 25188,
@@ -102,6 +109,12 @@ impl ReceiverConfig {
         }
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.max_partial_bytes < self.max_body_size {
+            return Err(invalid(
+                "max_partial_bytes",
+                "must be at least max_body_size (or the largest frame could never arrive)",
+            ));
         }
         if self.idle_timeout.is_some_and(|t| t.is_zero()) {
             return Err(invalid(

@@ -71,6 +71,9 @@ pub struct ReceiverStats {
     /// Connections closed for silence (`idle_timeout`, or to make room at
     /// `max_connections`).
     pub idle_closed: AtomicU64,
+    /// Connections closed because incomplete frames over all connections passed
+    /// `max_partial_bytes` (each was the one holding the most).
+    pub partial_closed: AtomicU64,
 }
 
 /// Whether the `n`th occurrence (from 1) of a failure a peer can cause at will is logged at
@@ -154,6 +157,7 @@ impl Receiver {
             // One read takes up to 256 KiB: fewer syscalls for large frames.
             scratch: vec![0u8; 256 * 1024],
             last_sweep: Instant::now(),
+            partial_total: 0,
         };
         let selector = thread::Builder::new()
             .name(format!("tribes-rx-{name}"))
@@ -402,6 +406,8 @@ struct Selector {
     scratch: Vec<u8>,
     /// When idle connections were last looked for.
     last_sweep: Instant,
+    /// Bytes of incomplete frames held by all connections' decoders.
+    partial_total: usize,
 }
 
 impl Selector {
@@ -535,6 +541,7 @@ impl Selector {
         let mut reads = 0;
         let mut schedule = false;
         let mut drained = false;
+        let partial_before = conn.decoder.buffered();
         while !conn.finished && !drained {
             {
                 let mut inbox = conn.shared.inbox.lock();
@@ -607,10 +614,35 @@ impl Selector {
         if conn.finished {
             conn.shared.inbox.lock().notify = true;
         }
+        self.partial_total = self.partial_total - partial_before + conn.decoder.buffered();
         if schedule {
             let shared = Arc::clone(&conn.shared);
             self.schedule(shared);
         }
+        while self.partial_total > self.cfg.max_partial_bytes && self.shed_partial() {}
+    }
+
+    /// Closes the connection holding the most bytes of an incomplete frame, dropping them
+    /// (they are not a message yet; what it sent before is still delivered). Returns false
+    /// when no connection holds any.
+    fn shed_partial(&mut self) -> bool {
+        let largest = (self.conns.iter_mut())
+            .filter(|(_, c)| c.decoder.buffered() > 0)
+            .max_by_key(|(_, c)| c.decoder.buffered());
+        let Some((&token, conn)) = largest else {
+            return false;
+        };
+        let held = conn.decoder.buffered();
+        conn.decoder = FrameDecoder::new(self.cfg.max_body_size);
+        conn.finished = true;
+        conn.shared.inbox.lock().notify = true;
+        self.partial_total -= held;
+        let n = self.stats.partial_closed.fetch_add(1, Ordering::Relaxed) + 1;
+        if sparse(n) {
+            warn!(target: "tribes::transport", "incomplete frames passed {} bytes: closing the connection from {}, which held {held} ({n} closed so far)", self.cfg.max_partial_bytes, conn.shared.peer);
+        }
+        self.maybe_close(token);
+        true
     }
 
     /// Hands a connection whose inbox just became non-empty to the worker pool.
@@ -725,7 +757,10 @@ impl Selector {
                 return;
             }
         }
-        let conn = self.conns.remove(&token).map(|c| c.shared);
+        let conn = self.conns.remove(&token).map(|c| {
+            self.partial_total -= c.decoder.buffered();
+            c.shared
+        });
         if let Some(shared) = conn {
             let _ = self.poll.registry().deregister(&mut ShareSource(&shared));
             let _ = shared.stream.shutdown(std::net::Shutdown::Both);
