@@ -999,6 +999,15 @@ async fn a_full_dispatch_queue_does_not_block_the_runtime() {
         took < Duration::from_millis(400),
         "the static request waited {took:?}: a send held the runtime thread"
     );
+    // A request dropped while its change waits for room (its client went away): the
+    // change is not sent, but counted as failed (and so retold), not silently lost.
+    let errors_before = ma.stats().send_errors;
+    let a = app_a.clone();
+    let dropped = tokio::spawn(async move { get_with(&a, "/counter", None).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    dropped.abort();
+    assert!(dropped.await.unwrap_err().is_cancelled());
+    assert!(ma.stats().send_errors > errors_before);
     // Every request replicated before it answered, the one that waited for room too.
     for r in requests {
         let (status, body, cookie) = r.await.unwrap();

@@ -262,6 +262,11 @@ impl Cluster {
         if let Some(handle) = self.donor.lock().take() {
             let _ = handle.join();
         }
+        // Stopped: a channel started again without `Cluster::start` answers state requests
+        // from its receiving thread, which must not find the flag set.
+        self.inner
+            .donor_stopping
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// How often the registered managers expire idle sessions ([`DeltaManager::expire`]).
@@ -485,7 +490,7 @@ impl ClusterInner {
         self.send_bytes(bytes, to, options, handler)
     }
 
-    fn send_bytes(
+    pub(crate) fn send_bytes(
         &self,
         bytes: Vec<u8>,
         to: Option<&Member>,

@@ -52,15 +52,17 @@ pub use stats::{EventCounts, ManagerStats};
 pub use store::{Applied, SessionStore, StoreStats};
 pub use transfer::{Offer, StateTransfer};
 
-/// Wall clock in ms since the Unix epoch.
 /// `from + after`, or a century after `from` when that would overflow: settings and
 /// arguments may be as large as `Duration::MAX` ("wait for good"), and `Instant + Duration`
-/// panics on overflow.
+/// panics on overflow. (The same rule as `tribes`' own, which is private to it.)
 pub(crate) fn deadline(from: std::time::Instant, after: std::time::Duration) -> std::time::Instant {
     const FAR: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
-    from.checked_add(after).unwrap_or(from + FAR)
+    from.checked_add(after)
+        .or_else(|| from.checked_add(FAR))
+        .unwrap_or(from)
 }
 
+/// Wall clock in ms since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -253,8 +253,6 @@ impl Lagging {
     }
 }
 
-/// Hears how an asynchronous message about a session ended, on the dispatch thread: a
-/// failure makes the session lagging.
 /// Logs the `n`th replication failure of a manager: the 1st, 2nd, 4th ... and every
 /// 1000th at warn level, the others at debug. While a member is down (until the failure
 /// detector removes it) or the dispatch queue is full, every request fails alike; one line
@@ -267,6 +265,8 @@ fn note_failure(context: &str, e: &SendError, n: u64) {
     }
 }
 
+/// Hears how an asynchronous message about a session ended, on the dispatch thread: a
+/// failure makes the session lagging.
 struct NoteLagging {
     lagging: Arc<Lagging>,
     session: SessionId,
@@ -1162,16 +1162,28 @@ impl DeltaManager {
         permit: Option<Arc<FetchPermit>>,
     ) {
         let wait = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK | SendOptions::ASYNCHRONOUS;
+        // Behind a message that waits for room, this one waits too: a request's messages
+        // reach the members in order (a rename before the delta under the new id).
+        let behind = acked.parked();
         let slot = acked.slot(self, &msg.event, permit);
-        let sent = cluster.send_with_handler(msg, to, wait, Some(slot.clone()));
-        if let Err(SendError::QueueFull { .. }) = sent {
+        let bytes = match msg.encode() {
+            Ok(b) => b,
+            Err(e) => return slot.finish(Err(SendError::Serialize(e.to_string()))),
+        };
+        let sent = if let Some(refused) = behind {
+            Err(refused)
+        } else {
+            cluster.send_bytes(bytes.clone(), to, wait, Some(slot.clone()))
+        };
+        if let Err(refused @ SendError::QueueFull { .. }) = &sent {
             debug!(target: "ha::manager", "{}: dispatch queue full; the message waits for room", self.context);
             *slot.retry.lock() = Some(Retry {
                 cluster: Arc::downgrade(cluster),
-                msg: msg.clone(),
+                bytes,
                 to: to.cloned(),
                 options: wait,
-                until: Instant::now() + QUEUE_WAIT,
+                until: crate::deadline(Instant::now(), QUEUE_WAIT),
+                refused: refused.clone(),
             });
             return;
         }
@@ -1478,7 +1490,7 @@ impl DeltaManager {
             return;
         };
         for batch in batches {
-            if cluster.donor_stopping() {
+            if cluster.donor_stopping() || !self.ready.load(Ordering::Acquire) {
                 warn!(target: "ha::manager", "{}: stopping; state transfer to {to} abandoned", self.context);
                 return;
             }
@@ -1592,6 +1604,8 @@ pub(crate) struct Acked {
     /// (on a tokio runtime; elsewhere the polling thread sleeps).
     #[cfg(feature = "axum")]
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The next pause while a message waits for room: 1 ms, doubling up to 32 ms.
+    backoff: Duration,
     slots: Vec<Arc<AckSlot>>,
     /// The first failure of a send whose outcome was known at once.
     failed: Option<SendError>,
@@ -1660,11 +1674,14 @@ struct AckSlot {
 /// A message refused by a full dispatch queue, sent again when its [`Acked`] is polled.
 struct Retry {
     cluster: Weak<ClusterInner>,
-    msg: SessionMessage,
+    /// The message, encoded once.
+    bytes: Vec<u8>,
     to: Option<Member>,
     options: SendOptions,
     /// Past this, it fails with `QueueFull`.
     until: Instant,
+    /// The refusal, reported if it never gets room.
+    refused: SendError,
 }
 
 /// How long a message refused by a full dispatch queue waits for room (see `send_acked`).
@@ -1688,7 +1705,7 @@ impl AckSlot {
             return Room::Taken;
         };
         let handler: Arc<dyn tribes::interceptors::ErrorHandler> = Arc::clone(self) as _;
-        match cluster.send_with_handler(&r.msg, r.to.as_ref(), r.options, Some(handler)) {
+        match cluster.send_bytes(r.bytes.clone(), r.to.as_ref(), r.options, Some(handler)) {
             Ok(true) => Room::Taken,
             Ok(false) => {
                 self.record(Ok(()), false);
@@ -1697,6 +1714,10 @@ impl AckSlot {
             Err(SendError::QueueFull { .. }) if now < r.until => {
                 *self.retry.lock() = Some(r);
                 Room::Waiting
+            }
+            Err(SendError::QueueFull { .. }) => {
+                self.finish(Err(r.refused));
+                Room::Taken
             }
             Err(e) => {
                 self.finish(Err(e));
@@ -1757,12 +1778,9 @@ impl Future for Acked {
         // Registered before looking, so an outcome recorded in between still wakes us.
         *self.waker.lock() = Some(cx.waker().clone());
         let now = Instant::now();
-        // Every waiting message is tried (no short cut): each may find room.
-        let waiting = (self.slots.iter())
-            .map(|s| s.retry(now))
-            .filter(|r| *r == Room::Waiting)
-            .count();
-        if waiting > 0 {
+        // In order, up to the first that still waits: the members get them in order.
+        let waiting = (self.slots.iter()).any(|s| s.retry(now) == Room::Waiting);
+        if waiting {
             self.pause_for_room(cx);
         }
         let mut result = match &self.failed {
@@ -1784,21 +1802,44 @@ impl Acked {
     /// Arranges to be polled again in a millisecond, to try the messages that wait for room
     /// in the dispatch queue again.
     fn pause_for_room(&mut self, cx: &mut Context<'_>) {
-        let pause = Duration::from_millis(1);
+        let pause = self
+            .backoff
+            .clamp(Duration::from_millis(1), Duration::from_millis(32));
         #[cfg(feature = "axum")]
-        if tokio::runtime::Handle::try_current().is_ok() {
+        if !IN_BLOCK_ON.get() && tokio::runtime::Handle::try_current().is_ok() {
             let sleep = self
                 .pause
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(pause)));
             if sleep.as_mut().poll(cx).is_ready() {
                 self.pause = None;
+                self.backoff = pause * 2;
                 cx.waker().wake_by_ref();
             }
             return;
         }
         // A thread blocked on this future (`block_on`): it may as well sleep.
         std::thread::sleep(pause);
+        self.backoff = pause * 2;
         cx.waker().wake_by_ref();
+    }
+
+    /// The refusal of a message of this request that waits for room in the dispatch queue,
+    /// if one does.
+    fn parked(&self) -> Option<SendError> {
+        (self.slots.iter()).find_map(|s| s.retry.lock().as_ref().map(|r| r.refused.clone()))
+    }
+}
+
+/// A request dropped while its messages wait for room (its client went away, a timeout):
+/// they are not sent, but counted as failed, so a change is retold like any failed one.
+impl Drop for Acked {
+    fn drop(&mut self) {
+        for slot in &self.slots {
+            let parked = slot.retry.lock().take();
+            if let Some(r) = parked {
+                slot.finish(Err(r.refused));
+            }
+        }
     }
 }
 
@@ -1818,6 +1859,12 @@ impl Drop for FetchPermit {
 /// interceptor dropped on its way down, whose handler never hears.
 pub(crate) const ACK_WAIT_LIMIT: Duration = Duration::from_secs(10);
 
+thread_local! {
+    /// Set while [`block_on`] polls on this thread: a future that must pause (see
+    /// `Acked::pause_for_room`) sleeps the thread then, whatever runtime it may be on.
+    static IN_BLOCK_ON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs `future` on this thread until it is ready, or `None` once `deadline` passed: the
 /// blocking API over the async one (the thread parks; the receiver or dispatch thread that
 /// completes the future unparks it).
@@ -1832,7 +1879,10 @@ fn block_on<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
     let mut cx = Context::from_waker(&waker);
     let mut future = std::pin::pin!(future);
     loop {
-        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+        let was = IN_BLOCK_ON.replace(true);
+        let polled = future.as_mut().poll(&mut cx);
+        IN_BLOCK_ON.set(was);
+        if let Poll::Ready(out) = polled {
             return Some(out);
         }
         let left = deadline.checked_duration_since(Instant::now())?;
@@ -1840,7 +1890,6 @@ fn block_on<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
     }
 }
 
-/// Whether `store` holds `id` (any route) at `version` or newer.
 /// Whether the copy of `id` here has the change `change` (version, origin; origin 0: any
 /// change at that version or later will do).
 fn holds_change(store: &SessionStore, id: &SessionId, (version, origin): (u64, u64)) -> bool {

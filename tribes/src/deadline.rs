@@ -12,7 +12,9 @@ const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// `from + after`, or a point a century after `from` when that would overflow.
 pub(crate) fn after(from: Instant, after: Duration) -> Instant {
-    from.checked_add(after).unwrap_or(from + FAR)
+    (from.checked_add(after))
+        .or_else(|| from.checked_add(FAR))
+        .unwrap_or(from)
 }
 
 /// `now + after` (see [`after`]).

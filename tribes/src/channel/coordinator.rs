@@ -64,7 +64,7 @@ impl Coordinator {
     pub(crate) fn discovery_time(&self) -> Duration {
         self.mcast_cfg
             .as_ref()
-            .map(|c| c.frequency * 2)
+            .map(|c| c.frequency.saturating_mul(2))
             .unwrap_or_default()
     }
 

@@ -131,6 +131,8 @@ pub struct MessageDispatchInterceptor {
     queued: Arc<AtomicUsize>,
     running: Mutex<Option<Running>>,
     failures: Arc<AtomicU64>,
+    /// Messages refused for a full queue.
+    refused: AtomicU64,
 }
 
 /// One dispatch thread's queue, and how many messages wait in it: the channel is
@@ -161,6 +163,7 @@ impl MessageDispatchInterceptor {
             queued: Arc::new(AtomicUsize::new(0)),
             running: Mutex::new(None),
             failures: Arc::new(AtomicU64::new(0)),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -175,6 +178,11 @@ impl MessageDispatchInterceptor {
         (running.as_ref()).map_or(0, |r| {
             r.queues.iter().map(|q| q.len.load(Ordering::Acquire)).sum()
         })
+    }
+
+    /// Messages refused because the queue was full ([`SendError::QueueFull`]).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Asynchronous sends that failed for at least one member.
@@ -221,10 +229,17 @@ impl Interceptor for MessageDispatchInterceptor {
             if self.cfg.always_send {
                 return next.send(out);
             }
-            if bytes_full {
-                warn!(target: "tribes::dispatch", "async queue full ({before} of {max} bytes); refusing message");
+            // Sparse: while the queue is full every send is refused alike (and a caller
+            // may try again every few milliseconds).
+            let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() || n % 1000 == 0 {
+                if bytes_full {
+                    warn!(target: "tribes::dispatch", "async queue full ({before} of {max} bytes); refusing message ({n} refused so far)");
+                } else {
+                    warn!(target: "tribes::dispatch", "async queue full ({waiting} messages); refusing message ({n} refused so far)");
+                }
             } else {
-                warn!(target: "tribes::dispatch", "async queue full ({waiting} messages); refusing message");
+                debug!(target: "tribes::dispatch", "async queue full; refusing message");
             }
             return Err(SendError::QueueFull {
                 queued: before,

@@ -30,9 +30,12 @@ pub struct ReceiverConfig {
     /// Bytes of decoded but unprocessed frames kept per connection before the receiver stops
     /// reading it (back-pressure). Default 4 MiB.
     pub read_ahead: usize,
-    /// Concurrent connections accepted. Default 1024. At the limit, the connection silent
-    /// longest makes room if it has been silent for 5 s or more (nothing of it waiting or
-    /// being processed); otherwise the new one is closed.
+    /// Concurrent connections accepted. Default 1024. At the limit, a connection silent for
+    /// 5 s or more (nothing of it waiting or being processed) makes room, one that never
+    /// delivered a message first, else the one silent longest; otherwise the new one is
+    /// closed. (A peer whose connection was closed that way and that writes its next
+    /// message without ACK into it without checking first, as Tribes' sender does, loses
+    /// that message; ours checks a connection idle for `idle_check_after` first.)
     pub max_connections: usize,
     /// Bytes of frames not yet complete held over all connections. When more arrive, the
     /// connection holding the most is closed (what it sent before is still delivered).
@@ -40,13 +43,11 @@ pub struct ReceiverConfig {
     /// hold up to the largest frame, so a thousand peers that each begin a large frame and
     /// stop could take gigabytes).
     pub max_partial_bytes: usize,
-    /// A connection that sends nothing for this long, with nothing of it waiting or being
-    /// processed, is closed (a half-sent frame included). Default 300 s; `None` keeps them
-    /// for good (Tribes). Senders reconnect on their next send: ours check a connection
-    /// idle for more than `SenderConfig::idle_check_after` before using it, and Tribes
-    /// retries on a fresh one. Without it, connections that were opened and left (or that
-    /// stopped half-way through a frame, holding its buffer) stay until the peer closes
-    /// them.
+    /// A connection that never delivered a message, or stopped half-way through one, and
+    /// sends nothing for this long is closed (with its partial frame). Default 300 s;
+    /// `None` keeps them for good (Tribes). A peer's working connection between two
+    /// messages is not affected, however long it is silent. Checked about once a second,
+    /// and at least every `selector_timeout`.
     pub idle_timeout: Option<Duration>,
     /// Selector poll timeout. Default 5 s (Tribes `selectorTimeout`).
     pub selector_timeout: Duration,

@@ -358,6 +358,8 @@ struct Conn {
     finished: bool,
     /// When bytes last came in (or the connection was accepted).
     last_active: Instant,
+    /// A complete frame came in: a peer's working connection, not one opened and left.
+    delivered: bool,
 }
 
 /// How long a connection must have been silent before a new one may take its place at
@@ -507,6 +509,7 @@ impl Selector {
                             paused: false,
                             finished: false,
                             last_active: Instant::now(),
+                            delivered: false,
                         },
                     );
                     // Data may already be waiting; edge-triggered readiness would not report it.
@@ -585,7 +588,10 @@ impl Selector {
                                 .transpose()
                         });
                         match next {
-                            Ok(Some(first)) => schedule |= first,
+                            Ok(Some(first)) => {
+                                conn.delivered = true;
+                                schedule |= first;
+                            }
                             Ok(None) => break,
                             Err(e) => {
                                 // Like Tribes: no ACK for an invalid package; what came
@@ -702,15 +708,29 @@ impl Selector {
             return;
         }
         self.last_sweep = now;
+        // Only connections that never delivered a message, or stopped half-way through one:
+        // a peer's working connection between two sends is left alone (a sender that does
+        // not check its connection before writing, such as Tribes' for messages without
+        // ACK, would lose the first message written into a closed one).
         let idle: Vec<usize> = (self.conns.iter())
             .filter(|(_, c)| {
                 !c.finished
+                    && !c.paused
+                    && (!c.delivered || c.decoder.has_partial())
                     && now.saturating_duration_since(c.last_active) >= timeout
                     && quiet(&c.shared)
             })
             .map(|(t, _)| *t)
             .collect();
         for token in idle {
+            // A last look: what came since is read (and keeps the connection).
+            self.read(token, false);
+            let revived = (self.conns.get(&token))
+                .is_none_or(|c| c.finished || c.last_active >= now || !quiet(&c.shared));
+            if revived {
+                self.maybe_close(token);
+                continue;
+            }
             if let Some(conn) = self.conns.get_mut(&token) {
                 let n = self.stats.idle_closed.fetch_add(1, Ordering::Relaxed) + 1;
                 debug!(target: "tribes::transport", "closing connection from {}: silent for {timeout:?} ({n} so far)", conn.shared.peer);
@@ -726,12 +746,17 @@ impl Selector {
     fn evict_silent(&mut self, now: Instant) -> bool {
         let victim = (self.conns.iter())
             .filter(|(_, c)| now.saturating_duration_since(c.last_active) >= EVICT_SILENT)
-            .filter(|(_, c)| c.finished || quiet(&c.shared))
-            .min_by_key(|(_, c)| c.last_active)
+            .filter(|(_, c)| !c.paused && !c.finished && quiet(&c.shared))
+            .min_by_key(|(_, c)| (c.delivered, c.last_active))
             .map(|(t, c)| (*t, c.shared.peer));
         let Some((token, peer)) = victim else {
             return false;
         };
+        // A last look: what came since is read (and keeps the connection).
+        self.read(token, false);
+        if (self.conns.get(&token)).is_none_or(|c| c.last_active >= now || !quiet(&c.shared)) {
+            return false;
+        }
         let n = self.stats.idle_closed.fetch_add(1, Ordering::Relaxed) + 1;
         debug!(target: "tribes::transport", "{} connections open: closing the one from {peer}, silent longest, to make room ({n} closed for silence so far)", self.conns.len());
         if let Some(conn) = self.conns.get_mut(&token) {
