@@ -1016,7 +1016,10 @@ fn a_state_request_answered_after_the_manager_stopped_gets_not_ready() {
     };
     // The first holds A's donor thread for about 2 s; the second waits in its queue.
     let slow = joiner("slow", Duration::from_secs(1));
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(wait_until(Duration::from_secs(10), || heard
+        .lock()
+        .iter()
+        .any(|(n, _)| n == "slow")));
     let late = joiner("late", Duration::ZERO);
     std::thread::sleep(Duration::from_millis(200));
     a.manager.stop();
