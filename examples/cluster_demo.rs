@@ -347,6 +347,10 @@ fn node_main(args: &[String]) -> Res<()> {
     let mut layer = ReplicationLayer::new(manager).filter(r"/static/.*")?;
     if read_your_writes {
         layer = layer.read_your_writes(READ_YOUR_WRITES_WAIT);
+    } else if peers.is_empty() {
+        // No replication (the local-only and unshared references): no version cookie to
+        // set or check, so they measure the app alone.
+        layer = layer.without_read_your_writes();
     }
     let app = Router::new()
         .route("/counter", get(counter))

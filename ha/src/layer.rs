@@ -53,6 +53,12 @@ pub struct LayerStats {
 /// Default of [`ReplicationLayer::fetch_grace`].
 const DEFAULT_FETCH_GRACE: Duration = Duration::from_millis(2);
 
+/// The read-your-writes wait a layer over a synchronous manager starts with (see
+/// [`ReplicationLayer::read_your_writes`]): none. There a copy is behind only after a
+/// failed replication, so there is nothing to wait for: the member asks for the session at
+/// once.
+pub const SYNC_VERSION_WAIT: Duration = Duration::ZERO;
+
 /// The attributes of the cookies the layer sets (the session cookie and, with
 /// read-your-writes, its version cookie).
 ///
@@ -231,13 +237,18 @@ impl ReplicationLayer {
             // ids (with its route) that requests could not name.
             warn!(target: "ha::layer", "{e}: requests may not find their sessions");
         }
+        let sync = manager.config().sync;
         Self {
             cfg: Arc::new(Config {
                 manager,
                 cookie: "JSESSIONID".into(),
                 filter: None,
                 stats: Arc::default(),
-                read_your_writes: None,
+                // With synchronous replication a copy is behind only where a change could not
+                // be replicated (a member that froze past the send timeout and came back
+                // with the change still in its socket): the version cookie lets it notice
+                // and fetch, instead of answering from its old copy.
+                read_your_writes: sync.then_some(SYNC_VERSION_WAIT),
                 fetch_grace: DEFAULT_FETCH_GRACE,
                 version_cookie: "JSESSIONID_V".into(),
                 // The defaults always render.
@@ -298,6 +309,20 @@ impl ReplicationLayer {
     /// ```
     pub fn read_your_writes(self, wait: Duration) -> Self {
         self.with(|c| c.read_your_writes = Some(wait))
+    }
+
+    /// No version cookie and no version check: with synchronous replication (where they
+    /// are on by default, waiting [`SYNC_VERSION_WAIT`]) a member that missed a change,
+    /// such as one that froze past the send timeout, then answers from its old copy until
+    /// it catches up.
+    ///
+    /// ```no_run
+    /// use ha::{DeltaManager, ManagerConfig, layer::ReplicationLayer};
+    /// let manager = DeltaManager::new("/", ManagerConfig { sync: true, ..ManagerConfig::default() });
+    /// let layer = ReplicationLayer::new(manager).without_read_your_writes();
+    /// ```
+    pub fn without_read_your_writes(self) -> Self {
+        self.with(|c| c.read_your_writes = None)
     }
 
     /// How long a request naming a session this node has not seen (or only seen created,
@@ -543,9 +568,12 @@ impl Config {
         let mut asked = false;
         if let (Some(seen), Some(wait)) = (seen_version, self.read_your_writes) {
             if !manager.holds(&id, seen) {
-                let arrived = tokio::time::timeout(wait, manager.change_reached(&id, seen))
-                    .await
-                    .unwrap_or(false);
+                // No wait at all when there is none: a zero timer still lasts a tick of the
+                // runtime's clock (a millisecond).
+                let arrived = !wait.is_zero()
+                    && tokio::time::timeout(wait, manager.change_reached(&id, seen))
+                        .await
+                        .unwrap_or(false);
                 if !arrived {
                     asked = true;
                     if !bounded(manager.fetch_change_acked(&id, seen))
