@@ -1132,3 +1132,36 @@ async fn without_version_checks_a_member_that_froze_answers_from_its_old_copy() 
 async fn a_sync_member_that_froze_fetches_what_it_missed() {
     assert_eq!(next_request_on_a_member_that_froze(true).await, "3");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cookie_after_a_logout_asks_nobody() {
+    // Sync layers check the version cookie; a tab still sending a logged-out session's
+    // cookies must not make the node ask every member about it (and log a warning).
+    let sync = || ha::ManagerConfig {
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    let [(ca, ma), (cb, mb)] = started_ha_pair([sync(), sync()]).unwrap();
+    let app = |m: Arc<ha::DeltaManager>| {
+        Router::new()
+            .route("/counter", get(counter))
+            .route("/logout", get(log_out))
+            .layer(ReplicationLayer::new(m))
+    };
+    let (a, b) = (app(ma), app(Arc::clone(&mb)));
+    let mut jar = Vec::new();
+    assert_eq!(get_jar(&a, "/counter", &mut jar).await, "1");
+    assert_eq!(get_jar(&a, "/counter", &mut jar).await, "2");
+    let stale = jar.clone();
+    assert!(stale.iter().any(|(k, _)| k == "JSESSIONID_V"), "{stale:?}");
+    assert_eq!(get_jar(&a, "/logout", &mut jar).await, "bye");
+    let mut old = stale;
+    assert_eq!(
+        get_jar(&b, "/counter", &mut old).await,
+        "1",
+        "a new session"
+    );
+    assert_eq!(mb.stats().version_fetches, 0);
+    ca.stop().unwrap();
+    cb.stop().unwrap();
+}

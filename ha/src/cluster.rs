@@ -492,7 +492,7 @@ impl ClusterInner {
 
     pub(crate) fn send_bytes(
         &self,
-        bytes: Vec<u8>,
+        bytes: impl Into<Bytes>,
         to: Option<&Member>,
         options: SendOptions,
         handler: Option<Arc<dyn tribes::interceptors::ErrorHandler>>,

@@ -289,7 +289,9 @@ impl ReplicationLayer {
     }
 
     /// Read-your-writes for asynchronous replication behind a non-sticky balancer (off by
-    /// default, as in Tribes). Each response that changed the session also sets a second
+    /// default for an asynchronous manager, as in Tribes; on, with no wait, for a
+    /// synchronous one: see [`SYNC_VERSION_WAIT`]). A `wait` of zero asks the members as
+    /// soon as the copy is found behind. Each response that changed the session also sets a second
     /// cookie, `<cookie name>_V`, to `<session id base>-<version>-<origin>` (the change's
     /// version, and in hex the node that made it); a request whose node
     /// holds an older copy of that session, because the change is still on its way, waits

@@ -960,6 +960,11 @@ impl DeltaManager {
         id: &SessionId,
         change: (u64, u64),
     ) -> bool {
+        // Invalidated, expired or renamed away here lately (a logout, a login, a tab still
+        // sending the old cookie): nobody's copy would be taken anyway.
+        if !self.knows(id) && self.store.lock().is_buried(id) {
+            return false;
+        }
         self.counters
             .version_fetches
             .fetch_add(1, Ordering::Relaxed);
@@ -1150,8 +1155,8 @@ impl DeltaManager {
     /// held until the handler hears the outcome.
     ///
     /// When their queue is full the message waits for room, in `acked` (which tries again
-    /// every millisecond while it is awaited, for up to [`QUEUE_WAIT`], then fails with
-    /// `QueueFull`), instead of going out on this thread: that is a runtime thread, which
+    /// while it is awaited, after 1, 2, 4 ... up to 32 ms, for up to [`QUEUE_WAIT`], then
+    /// fails with `QueueFull`), instead of going out on this thread: that is a runtime thread, which
     /// would wait for the members' ACKs with every other request it carries.
     fn send_acked(
         self: &Arc<Self>,
@@ -1166,8 +1171,9 @@ impl DeltaManager {
         // reach the members in order (a rename before the delta under the new id).
         let behind = acked.parked();
         let slot = acked.slot(self, &msg.event, permit);
+        // Shared, not copied, by the send and a retry.
         let bytes = match msg.encode() {
-            Ok(b) => b,
+            Ok(b) => bytes::Bytes::from(b),
             Err(e) => return slot.finish(Err(SendError::Serialize(e.to_string()))),
         };
         let sent = if let Some(refused) = behind {
@@ -1492,6 +1498,9 @@ impl DeltaManager {
         for batch in batches {
             if cluster.donor_stopping() || !self.ready.load(Ordering::Acquire) {
                 warn!(target: "ha::manager", "{}: stopping; state transfer to {to} abandoned", self.context);
+                // So the joiner asks another member now, not after its whole timeout.
+                let reply = self.message(SessionEvent::StateNotReady);
+                let _ = self.send_via(cluster, &reply, Some(to), SendOptions::USE_ACK);
                 return;
             }
             let msg = self.message(batch);
@@ -1675,7 +1684,7 @@ struct AckSlot {
 struct Retry {
     cluster: Weak<ClusterInner>,
     /// The message, encoded once.
-    bytes: Vec<u8>,
+    bytes: bytes::Bytes,
     to: Option<Member>,
     options: SendOptions,
     /// Past this, it fails with `QueueFull`.
@@ -1799,8 +1808,8 @@ impl Future for Acked {
 }
 
 impl Acked {
-    /// Arranges to be polled again in a millisecond, to try the messages that wait for room
-    /// in the dispatch queue again.
+    /// Arranges to be polled again after the next pause (1, 2, 4 ... up to 32 ms), to try
+    /// the messages that wait for room in the dispatch queue again.
     fn pause_for_room(&mut self, cx: &mut Context<'_>) {
         let pause = self
             .backoff
@@ -1879,9 +1888,18 @@ fn block_on<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
     let mut cx = Context::from_waker(&waker);
     let mut future = std::pin::pin!(future);
     loop {
-        let was = IN_BLOCK_ON.replace(true);
-        let polled = future.as_mut().poll(&mut cx);
-        IN_BLOCK_ON.set(was);
+        let polled = {
+            // Restored when dropped, also if the poll panics (a caught panic must not
+            // leave a runtime thread marked as blocking).
+            struct Restore(bool);
+            impl Drop for Restore {
+                fn drop(&mut self) {
+                    IN_BLOCK_ON.set(self.0);
+                }
+            }
+            let _restore = Restore(IN_BLOCK_ON.replace(true));
+            future.as_mut().poll(&mut cx)
+        };
         if let Poll::Ready(out) = polled {
             return Some(out);
         }

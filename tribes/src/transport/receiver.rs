@@ -744,19 +744,22 @@ impl Selector {
     /// for [`EVICT_SILENT`] with nothing in progress, so a new peer is not locked out by
     /// connections that were opened and left. Returns whether one was closed.
     fn evict_silent(&mut self, now: Instant) -> bool {
-        let victim = (self.conns.iter())
+        let mut candidates: Vec<(bool, Instant, usize)> = (self.conns.iter())
             .filter(|(_, c)| now.saturating_duration_since(c.last_active) >= EVICT_SILENT)
             .filter(|(_, c)| !c.paused && !c.finished && quiet(&c.shared))
-            .min_by_key(|(_, c)| (c.delivered, c.last_active))
-            .map(|(t, c)| (*t, c.shared.peer));
+            .map(|(t, c)| (c.delivered, c.last_active, *t))
+            .collect();
+        // Never-used ones first, then the silent longest.
+        candidates.sort_unstable();
+        let victim = candidates.into_iter().find_map(|(_, _, token)| {
+            // A last look: what came since is read (and keeps the connection).
+            self.read(token, false);
+            let c = self.conns.get(&token)?;
+            (c.last_active < now && quiet(&c.shared)).then_some((token, c.shared.peer))
+        });
         let Some((token, peer)) = victim else {
             return false;
         };
-        // A last look: what came since is read (and keeps the connection).
-        self.read(token, false);
-        if (self.conns.get(&token)).is_none_or(|c| c.last_active >= now || !quiet(&c.shared)) {
-            return false;
-        }
         let n = self.stats.idle_closed.fetch_add(1, Ordering::Relaxed) + 1;
         debug!(target: "tribes::transport", "{} connections open: closing the one from {peer}, silent longest, to make room ({n} closed for silence so far)", self.conns.len());
         if let Some(conn) = self.conns.get_mut(&token) {
