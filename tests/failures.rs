@@ -500,8 +500,8 @@ fn stop_sends_what_is_queued_for_a_bounded_time_then_fails_the_rest() {
     drop(silent);
 }
 
-#[test]
-fn connections_over_the_limit_are_refused_and_counted_and_the_node_keeps_serving() {
+/// A node that takes two connections at most, and two connections to it that send nothing.
+fn node_full_of_idle_connections() -> (Vec<tribes::GroupChannel>, Vec<TcpStream>) {
     let opts = GroupOptions {
         receiver: tribes::transport::ReceiverConfig {
             max_connections: 2,
@@ -516,6 +516,14 @@ fn connections_over_the_limit_are_refused_and_counted_and_the_node_keeps_serving
     assert!(wait_until(Duration::from_secs(3), || {
         stats.accepted.load(Ordering::Relaxed) >= 2
     }));
+    (g, held)
+}
+
+#[test]
+fn connections_over_the_limit_are_refused_and_counted_and_the_node_keeps_serving() {
+    let (g, held) = node_full_of_idle_connections();
+    let addr = g[0].local_member().addr();
+    let stats = g[0].receiver_stats().unwrap();
     // Over the limit: closed at once, each one counted (and only sparsely logged).
     for _ in 0..5 {
         expect_closed(TcpStream::connect(addr).unwrap());
@@ -535,20 +543,8 @@ fn connections_opened_and_left_make_room_for_new_peers() {
     // Connections that were opened and never used used to hold their places for good:
     // with `max_connections` of them, no new peer could connect (a node that restarted
     // could not replicate to this one again).
-    let opts = GroupOptions {
-        receiver: tribes::transport::ReceiverConfig {
-            max_connections: 2,
-            ..Default::default()
-        },
-        ..GroupOptions::fast_failing()
-    };
-    let g = static_group(1, &opts).unwrap();
-    let addr = g[0].local_member().addr();
-    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let (g, held) = node_full_of_idle_connections();
     let stats = g[0].receiver_stats().unwrap();
-    assert!(wait_until(Duration::from_secs(3), || {
-        stats.accepted.load(Ordering::Relaxed) >= 2
-    }));
     // Silent for 5 s: the silent longest gives its place to a real sender.
     std::thread::sleep(Duration::from_millis(5200));
     let other = static_group(1, &GroupOptions::fast_failing()).unwrap();

@@ -852,6 +852,28 @@ fn a_starting_node_asks_the_next_member_when_the_oldest_sends_nothing() {
     silent.stop(tribes::Levels::ALL).unwrap();
 }
 
+/// A channel outside the cluster (no membership, no heartbeat), built and not started: it
+/// stands for a member that misbehaves.
+fn outsider(name: impl Into<String>) -> tribes::GroupChannel {
+    tribes::GroupChannel::builder()
+        .name(name)
+        .port(0)
+        .heartbeat_interval(None)
+        .build()
+        .unwrap()
+}
+
+/// `event` for context `/app`, encoded as a member sends it.
+fn app_message(event: ha::SessionEvent) -> Vec<u8> {
+    ha::SessionMessage {
+        context: "/app".into(),
+        timestamp_ms: ha_now(),
+        event,
+    }
+    .encode()
+    .unwrap()
+}
+
 #[test]
 fn joining_members_slow_to_acknowledge_their_state_do_not_hold_up_replication() {
     // Each of these "joining members" asks A for its state and then takes 4 s to process
@@ -864,21 +886,10 @@ fn joining_members_slow_to_acknowledge_their_state_do_not_hold_up_replication() 
     b.manager.request_completed(&id).unwrap();
     assert_eq!(bump(&b, &id), 1);
     let a_member = a.cluster.channel().local_member();
-    let ask = ha::SessionMessage {
-        context: "/app".into(),
-        timestamp_ms: ha_now(),
-        event: ha::SessionEvent::GetAllSessions,
-    }
-    .encode()
-    .unwrap();
+    let ask = app_message(ha::SessionEvent::GetAllSessions);
     let mut joiners = Vec::new();
     for i in 0..8 {
-        let ch = tribes::GroupChannel::builder()
-            .name(format!("slow-joiner{i}"))
-            .port(0)
-            .heartbeat_interval(None)
-            .build()
-            .unwrap();
+        let ch = outsider(format!("slow-joiner{i}"));
         ch.add_channel_listener(|_: &tribes::ChannelMessage| {
             std::thread::sleep(Duration::from_secs(4));
             Ok(())
@@ -917,24 +928,14 @@ fn forged_session_messages_are_refused_and_replication_goes_on() {
     assert_eq!(bump(&b, &id), 1);
     assert_eq!(counter(&a, &id), Some(1));
     let version = a.manager.session(&id).unwrap().version();
-    let intruder = tribes::GroupChannel::builder()
-        .name("intruder")
-        .port(0)
-        .heartbeat_interval(None)
-        .build()
-        .unwrap();
+    let intruder = outsider("intruder");
     intruder.start(tribes::Levels::ALL).unwrap();
     let to = [a.cluster.channel().local_member()];
     let send = |event: ha::SessionEvent| {
-        let msg = ha::SessionMessage {
-            context: "/app".into(),
-            timestamp_ms: ha_now(),
-            event,
-        };
         let options = tribes::SendOptions::BYTE_MESSAGE
             | tribes::SendOptions::USE_ACK
             | tribes::SendOptions::SYNCHRONIZED_ACK;
-        intruder.send(&to, msg.encode().unwrap(), options)
+        intruder.send(&to, app_message(event), options)
     };
     let forged = [
         // A rename to an id no cookie could carry: the session would be lost to its user.
@@ -984,21 +985,10 @@ fn a_state_request_answered_after_the_manager_stopped_gets_not_ready() {
     b.manager.request_completed(&id).unwrap();
     assert!(a.manager.contains(&id));
     let a_member = a.cluster.channel().local_member();
-    let ask = ha::SessionMessage {
-        context: "/app".into(),
-        timestamp_ms: ha_now(),
-        event: ha::SessionEvent::GetAllSessions,
-    }
-    .encode()
-    .unwrap();
+    let ask = app_message(ha::SessionEvent::GetAllSessions);
     let heard = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let joiner = |name: &str, pause: Duration| {
-        let ch = tribes::GroupChannel::builder()
-            .name(name)
-            .port(0)
-            .heartbeat_interval(None)
-            .build()
-            .unwrap();
+        let ch = outsider(name);
         let heard = Arc::clone(&heard);
         let name = name.to_string();
         ch.add_channel_listener(move |m: &tribes::ChannelMessage| {

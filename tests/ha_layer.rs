@@ -299,25 +299,38 @@ async fn a_request_waiting_for_acks_does_not_hold_up_the_worker() {
     other_requests_go_on_while_one_waits_for_acks().await;
 }
 
-async fn other_requests_go_on_while_one_waits_for_acks() {
+/// Makes `channel` take `pause` over every message it receives while the returned `slow`
+/// flag is set (it starts set); the returned `entered` flag is set by the first of them.
+fn hold_messages(
+    channel: &tribes::GroupChannel,
+    pause: Duration,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
     use std::sync::atomic::{AtomicBool, Ordering};
+    let slow = Arc::new(AtomicBool::new(true));
+    let entered = Arc::new(AtomicBool::new(false));
+    let (s, e) = (Arc::clone(&slow), Arc::clone(&entered));
+    channel.add_channel_listener(move |_m: &tribes::ChannelMessage| {
+        if s.load(Ordering::SeqCst) {
+            e.store(true, Ordering::SeqCst);
+            std::thread::sleep(pause);
+        }
+        Ok(())
+    });
+    (slow, entered)
+}
+
+async fn other_requests_go_on_while_one_waits_for_acks() {
+    use std::sync::atomic::Ordering;
     let sync = || ha::ManagerConfig {
         sync: true,
         ..ha::ManagerConfig::default()
     };
     let [(_ca, ma), (cb, mb)] = started_ha_pair([sync(), sync()]).unwrap();
     // B holds up every message it gets from now on, so A's ACKs take that long.
-    let slow = Arc::new(AtomicBool::new(true));
-    let entered = Arc::new(AtomicBool::new(false));
-    let (s, e) = (Arc::clone(&slow), Arc::clone(&entered));
-    cb.channel()
-        .add_channel_listener(move |_m: &tribes::ChannelMessage| {
-            if s.load(Ordering::SeqCst) {
-                e.store(true, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            Ok(())
-        });
+    let (slow, entered) = hold_messages(cb.channel(), Duration::from_millis(300));
     let (app_a, _) = app(ma);
     let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
 
@@ -936,7 +949,7 @@ async fn a_handler_sets_its_session_s_interval_and_every_copy_keeps_it() {
 /// answered meanwhile, and the waiting one still replicates before it answers.
 #[tokio::test(flavor = "current_thread")]
 async fn a_full_dispatch_queue_does_not_block_the_runtime() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     let sync = || ha::ManagerConfig {
         sync: true,
         ..ha::ManagerConfig::default()
@@ -954,17 +967,7 @@ async fn a_full_dispatch_queue_does_not_block_the_runtime() {
         tribes_suite::started_ha_pair_custom([sync(), sync()], Vec::new(), Arc::clone(&dispatch))
             .unwrap();
     // B takes half a second over every message from now on.
-    let slow = Arc::new(AtomicBool::new(true));
-    let entered = Arc::new(AtomicBool::new(false));
-    let (s, e) = (Arc::clone(&slow), Arc::clone(&entered));
-    cb.channel()
-        .add_channel_listener(move |_m: &tribes::ChannelMessage| {
-            if s.load(Ordering::SeqCst) {
-                e.store(true, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Ok(())
-        });
+    let (slow, entered) = hold_messages(cb.channel(), Duration::from_millis(500));
     let (app_a, layer) = app(ma.clone());
     // The first request's CREATED goes out and waits for B; its delta takes the queue's
     // one place.

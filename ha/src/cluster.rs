@@ -543,7 +543,7 @@ impl tribes::ChannelListener for SessionListener {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 + 1;
             // Sparse: a member sending nothing else cannot fill the log.
-            if n.is_power_of_two() {
+            if crate::sparse(n) {
                 warn!(target: "ha::cluster", "refused a session message from {} ({n} so far): {e}", msg.sender);
             }
             return Err(ProcessError::new(e.to_string()));

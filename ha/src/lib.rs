@@ -62,6 +62,13 @@ pub(crate) fn deadline(from: std::time::Instant, after: std::time::Duration) -> 
         .unwrap_or(from)
 }
 
+/// Whether the `n`th occurrence (from 1) of a failure that can repeat at will (a member
+/// down, a forged message, a flood of new sessions) is logged at warn level: the 1st, 2nd,
+/// 4th, 8th ... (the others go to debug level; counters keep them all).
+pub(crate) fn sparse(n: u64) -> bool {
+    n.is_power_of_two()
+}
+
 /// Wall clock in ms since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()

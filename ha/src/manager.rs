@@ -209,8 +209,6 @@ struct Lagging {
     set: Mutex<HashSet<String>>,
     /// `set` is not empty: requests skip its lock when it is.
     any: AtomicBool,
-    /// Asynchronous failures heard (for sparse logging).
-    failures: AtomicU64,
     /// Sessions not remembered because the set was full.
     overflow: AtomicU64,
 }
@@ -246,19 +244,18 @@ impl Lagging {
             self.any.store(true, Ordering::Release);
         } else if !set.contains(id.base()) {
             let n = self.overflow.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
+            if crate::sparse(n) {
                 warn!(target: "ha::manager", "{MAX_LAGGING} sessions already wait to be retold after failed replications; {n} more not remembered (their members catch up on their next change)");
             }
         }
     }
 }
 
-/// Logs the `n`th replication failure of a manager: the 1st, 2nd, 4th ... and every
-/// 1000th at warn level, the others at debug. While a member is down (until the failure
-/// detector removes it) or the dispatch queue is full, every request fails alike; one line
-/// each would bury everything else in the log.
+/// Logs the `n`th replication failure of a manager ([`crate::sparse`]). While a member is
+/// down (until the failure detector removes it) or the dispatch queue is full, every
+/// request fails alike; one line each would bury everything else in the log.
 fn note_failure(context: &str, e: &SendError, n: u64) {
-    if n.is_power_of_two() || n % 1000 == 0 {
+    if crate::sparse(n) {
         warn!(target: "ha::manager", "{context}: replication failed: {e} ({n} failures so far)");
     } else {
         debug!(target: "ha::manager", "{context}: replication failed: {e}");
@@ -277,16 +274,15 @@ impl tribes::interceptors::ErrorHandler for NoteLagging {
     fn handle_completion(&self, _id: tribes::UniqueId) {}
 
     fn handle_error(&self, error: SendError, _id: tribes::UniqueId) {
-        // With a handler, the dispatch thread leaves the telling to it: the 1st, 2nd, 4th
-        // ... failure at warn level (a dead member fails every message until the failure
-        // detector removes it; a stopping dispatcher fails what is left).
-        let n = self.lagging.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n.is_power_of_two() && !matches!(error, SendError::NotStarted) {
-            warn!(target: "ha::manager", "replication of session {} failed: {error} ({n} asynchronous failures so far)", self.session);
+        // With a handler, the dispatch thread leaves the telling to it, sparsely as for the
+        // manager's other failures (a dead member fails every message until the failure
+        // detector removes it); a stopping dispatcher's leftovers only at debug level.
+        let n = self.counters.send_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        if crate::sparse(n) && !matches!(error, SendError::NotStarted) {
+            warn!(target: "ha::manager", "replication of session {} failed: {error} ({n} failures so far)", self.session);
         } else {
             debug!(target: "ha::manager", "replication of session {} failed: {error}", self.session);
         }
-        self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
         self.lagging.note(&self.session);
     }
 }
@@ -632,8 +628,8 @@ impl DeltaManager {
                 .rejected_sessions
                 .fetch_add(1, Ordering::Relaxed)
                 + 1;
-            // The 1st, 2nd, 4th, 8th ... refusal: a flood must not flood the log.
-            if n.is_power_of_two() {
+            // A flood of new clients must not flood the log.
+            if crate::sparse(n) {
                 warn!(target: "ha::manager", "context {}: {limit} sessions held, the limit (max_active_sessions); refusing a new one ({n} refused so far)", self.context);
             }
             return Err(SessionError::TooManySessions { limit });

@@ -55,3 +55,10 @@ pub use id::UniqueId;
 pub use member::{Member, MemberKey};
 pub use options::SendOptions;
 pub use wire::ChannelMessage;
+
+/// Whether the `n`th occurrence (from 1) of a failure that can repeat at will (a peer's bad
+/// input, a full queue) is logged at warn level: the 1st, 2nd, 4th, 8th ..., so a flood
+/// cannot flood the log (the others go to debug level; counters keep them all).
+pub(crate) fn sparse(n: u64) -> bool {
+    n.is_power_of_two()
+}

@@ -232,7 +232,7 @@ impl Interceptor for MessageDispatchInterceptor {
             // Sparse: while the queue is full every send is refused alike (and a caller
             // may try again every few milliseconds).
             let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() || n % 1000 == 0 {
+            if crate::sparse(n) {
                 if bytes_full {
                     warn!(target: "tribes::dispatch", "async queue full ({before} of {max} bytes); refusing message ({n} refused so far)");
                 } else {

@@ -315,17 +315,15 @@ impl RxLoop {
                             let res = table.handle_beacon(&data, Instant::now());
                             (res, (table.refused() > before).then(|| table.refused()))
                         };
-                        if let Some(n) = refused {
-                            if n == 1 || n % 100 == 0 {
-                                warn!(target: "tribes::membership", "membership full ({} members): refused the beacon of a new member from {from} ({n} so far)", self.cfg.max_members);
-                            }
+                        if let Some(n) = refused.filter(|n| crate::sparse(*n)) {
+                            warn!(target: "tribes::membership", "membership full ({} members): refused the beacon of a new member from {from} ({n} so far)", self.cfg.max_members);
                         }
                         match res {
                             Ok(events) => self.emit(events),
                             Err(e) => {
                                 let n = self.malformed.fetch_add(1, Ordering::Relaxed) + 1;
                                 // Bad input is logged, rate-limited so a flood cannot fill logs.
-                                if n == 1 || n % 100 == 0 {
+                                if crate::sparse(n) {
                                     warn!(target: "tribes::membership", "malformed beacon from {from} ({n} so far): {e}");
                                 }
                             }

@@ -76,13 +76,6 @@ pub struct ReceiverStats {
     pub partial_closed: AtomicU64,
 }
 
-/// Whether the `n`th occurrence (from 1) of a failure a peer can cause at will is logged at
-/// warn level: the 1st, 2nd, 4th, 8th ..., so a flood of bad connections cannot flood the
-/// log from the selector thread (the others go to debug level; the counters have them all).
-fn sparse(n: u64) -> bool {
-    n.is_power_of_two()
-}
-
 /// A running receiver. [`Receiver::stop`] joins every thread it started.
 pub struct Receiver {
     addr: SocketAddr,
@@ -474,7 +467,7 @@ impl Selector {
                         && !self.evict_silent(Instant::now())
                     {
                         let n = self.stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
-                        if sparse(n) {
+                        if crate::sparse(n) {
                             warn!(target: "tribes::transport", "refusing {peer}: {} connections open ({n} refused so far)", self.conns.len());
                         } else {
                             debug!(target: "tribes::transport", "refusing {peer}: {} connections open", self.conns.len());
@@ -598,7 +591,7 @@ impl Selector {
                                 // before it is still delivered, then the connection closes.
                                 let n =
                                     self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed) + 1;
-                                if sparse(n) {
+                                if crate::sparse(n) {
                                     warn!(target: "tribes::transport", "closing connection from {}: {e} ({n} closed for bad frames so far)", conn.shared.peer);
                                 } else {
                                     debug!(target: "tribes::transport", "closing connection from {}: {e}", conn.shared.peer);
@@ -644,7 +637,7 @@ impl Selector {
         conn.shared.inbox.lock().notify = true;
         self.partial_total -= held;
         let n = self.stats.partial_closed.fetch_add(1, Ordering::Relaxed) + 1;
-        if sparse(n) {
+        if crate::sparse(n) {
             warn!(target: "tribes::transport", "incomplete frames passed {} bytes: closing the connection from {}, which held {held} ({n} closed so far)", self.cfg.max_partial_bytes, conn.shared.peer);
         }
         self.maybe_close(token);
@@ -723,11 +716,7 @@ impl Selector {
             .map(|(t, _)| *t)
             .collect();
         for token in idle {
-            // A last look: what came since is read (and keeps the connection).
-            self.read(token, false);
-            let revived = (self.conns.get(&token))
-                .is_none_or(|c| c.finished || c.last_active >= now || !quiet(&c.shared));
-            if revived {
+            if !self.still_silent(token, now) {
                 self.maybe_close(token);
                 continue;
             }
@@ -751,15 +740,13 @@ impl Selector {
             .collect();
         // Never-used ones first, then the silent longest.
         candidates.sort_unstable();
-        let victim = candidates.into_iter().find_map(|(_, _, token)| {
-            // A last look: what came since is read (and keeps the connection).
-            self.read(token, false);
-            let c = self.conns.get(&token)?;
-            (c.last_active < now && quiet(&c.shared)).then_some((token, c.shared.peer))
-        });
-        let Some((token, peer)) = victim else {
+        let victim = (candidates.into_iter())
+            .map(|(_, _, token)| token)
+            .find(|token| self.still_silent(*token, now));
+        let Some(token) = victim else {
             return false;
         };
+        let peer = self.conns[&token].shared.peer;
         let n = self.stats.idle_closed.fetch_add(1, Ordering::Relaxed) + 1;
         debug!(target: "tribes::transport", "{} connections open: closing the one from {peer}, silent longest, to make room ({n} closed for silence so far)", self.conns.len());
         if let Some(conn) = self.conns.get_mut(&token) {
@@ -767,6 +754,15 @@ impl Selector {
         }
         self.maybe_close(token);
         !self.conns.contains_key(&token)
+    }
+
+    /// A last look before a connection is closed for silence: reads what came since `now`
+    /// (which keeps it), and tells whether it may be closed: still silent (or closed by its
+    /// peer meanwhile) with nothing in progress.
+    fn still_silent(&mut self, token: usize, now: Instant) -> bool {
+        self.read(token, false);
+        (self.conns.get(&token))
+            .is_some_and(|c| (c.finished || c.last_active < now) && quiet(&c.shared))
     }
 
     fn maybe_close(&mut self, token: usize) {
