@@ -43,9 +43,7 @@ use axum::routing::get;
 use axum::Router;
 use ha::layer::{ReplicationLayer, Session};
 use ha::{Cluster, DeltaManager, ManagerConfig};
-use tribes::interceptors::{
-    MessageDispatchInterceptor, StaticMembershipInterceptor, TcpFailureDetector,
-};
+use tribes::interceptors::{MessageDispatchInterceptor, StaticMembershipInterceptor};
 use tribes::transport::ReceiverConfig;
 use tribes::{GroupChannel, Member, UniqueId};
 
@@ -325,7 +323,7 @@ fn node_main(args: &[String]) -> Res<()> {
             ..ReceiverConfig::default()
         })
         .interceptor(MessageDispatchInterceptor::default())
-        .interceptor(TcpFailureDetector::default())
+        .interceptor(Cluster::failure_detector())
         .interceptor(StaticMembershipInterceptor::new(members))
         .build()?;
     let cluster = Cluster::new(channel);

@@ -284,7 +284,7 @@ pub fn ha_node_custom(
         builder = builder.interceptor_arc(x);
     }
     let channel = builder
-        .interceptor(tribes::interceptors::TcpFailureDetector::default())
+        .interceptor(ha::Cluster::failure_detector())
         .interceptor(StaticMembershipInterceptor::new(members))
         .build()?;
     let cluster = ha::Cluster::new(channel);
@@ -483,3 +483,134 @@ impl HangingPort {
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// A TCP relay on 127.0.0.1 to `target` that can be frozen, to play a member whose process
+/// stopped (SIGSTOP, a long pause): while frozen it neither accepts nor relays, but the
+/// kernel still completes connections to it and buffers what is written, so a connect
+/// succeeds and only a missing answer (an ACK) gives the member away. Thawed, it relays
+/// what waited. Its threads end when the value drops.
+pub struct FreezableRelay {
+    addr: SocketAddr,
+    frozen: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FreezableRelay {
+    /// Listens on a fresh loopback port and relays every connection to `target`.
+    pub fn start(target: SocketAddr) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let frozen = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, s) = (Arc::clone(&frozen), Arc::clone(&stop));
+        let acceptor = std::thread::Builder::new()
+            .name("test-relay".into())
+            .spawn(move || Self::accept_loop(listener, target, f, s))?;
+        Ok(Self {
+            addr,
+            frozen,
+            stop,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// Where to connect to reach `target` through the relay.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops (or resumes) accepting and relaying.
+    pub fn set_frozen(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::SeqCst);
+    }
+
+    fn accept_loop(
+        listener: std::net::TcpListener,
+        target: SocketAddr,
+        frozen: Arc<AtomicBool>,
+        stop: Arc<AtomicBool>,
+    ) {
+        let mut pumps = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            if frozen.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            let Ok((inbound, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            };
+            let Ok(outbound) = std::net::TcpStream::connect(target) else {
+                continue; // the target is down: the inbound connection closes
+            };
+            for (from, to) in [(&inbound, &outbound), (&outbound, &inbound)] {
+                let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+                    continue;
+                };
+                let (f, s) = (Arc::clone(&frozen), Arc::clone(&stop));
+                let pump = std::thread::Builder::new()
+                    .name("test-relay-pump".into())
+                    .spawn(move || Self::pump(from, to, &f, &s));
+                pumps.extend(pump.ok());
+            }
+        }
+        for p in pumps {
+            let _ = p.join();
+        }
+    }
+
+    fn pump(
+        mut from: std::net::TcpStream,
+        mut to: std::net::TcpStream,
+        frozen: &AtomicBool,
+        stop: &AtomicBool,
+    ) {
+        use std::io::{ErrorKind, Read, Write};
+        // Reads wake up now and then to see the flags.
+        // Writes give up after a while, so a target that stopped reading cannot hold the
+        // relay's drop.
+        if from.set_nonblocking(false).is_err()
+            || from
+                .set_read_timeout(Some(Duration::from_millis(20)))
+                .is_err()
+            || to.set_write_timeout(Some(Duration::from_secs(2))).is_err()
+        {
+            return;
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        while !stop.load(Ordering::SeqCst) {
+            if frozen.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    // Read just before a freeze: held until the thaw, as a process that
+                    // stopped right after its read would.
+                    while frozen.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Drop for FreezableRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+    }
+}

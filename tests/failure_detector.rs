@@ -449,3 +449,142 @@ fn a_channel_that_was_never_started_does_not_send() {
         );
     }
 }
+
+/// A channel with a detector that runs the read test (short timeouts) above the injector,
+/// and the sender timeout given.
+fn read_test_channel(name: &str, send_timeout: Duration) -> (GroupChannel, Arc<Injector>) {
+    let inj = Arc::new(Injector::default());
+    let ch = GroupChannel::builder()
+        .name(name)
+        .port(0)
+        .heartbeat_interval(None)
+        .sender(tribes::transport::SenderConfig {
+            timeout: send_timeout,
+            ..Default::default()
+        })
+        .interceptor(TcpFailureDetector::new(FailureDetectorConfig {
+            connect_timeout: Duration::from_millis(300),
+            perform_read_test: true,
+            read_test_timeout: Duration::from_millis(300),
+            ..Default::default()
+        }))
+        .interceptor_arc(inj.clone())
+        .build()
+        .unwrap();
+    ch.start(Levels::DEFAULT).unwrap();
+    (ch, inj)
+}
+
+#[test]
+fn the_read_test_tells_a_frozen_member_from_a_live_one() {
+    // A stopped process's kernel still accepts connections and buffers the probe, so the
+    // send test takes it for alive; only the read test's missing ACK gives it away.
+    let (a, inj) = read_test_channel("fd-read", Duration::from_secs(3));
+    let (plain, plain_fd, plain_inj) = detector_channel();
+    let b = plain_node("b-read");
+    let bm = b.local_member();
+    let relay = tribes_suite::FreezableRelay::start(bm.addr()).unwrap();
+    relay.set_frozen(true);
+    let frozen = Member::with_id(relay.addr(), UniqueId::random());
+    for i in [&inj, &plain_inj] {
+        i.added(&bm);
+        i.added(&frozen);
+    }
+    // A live member answers the read test (its receiver ACKs the probe).
+    assert!(wait_until(Duration::from_secs(3), || a
+        .members()
+        .contains(&bm)));
+    // The send test alone lets the frozen one in.
+    assert!(wait_until(Duration::from_secs(3), || plain
+        .members()
+        .contains(&frozen)));
+    assert_eq!(plain_fd.members().len(), 2);
+    // The read test does not, however long it is given (its probe took 0.3 s).
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        a.members(),
+        vec![bm.clone()],
+        "the frozen member was let in"
+    );
+    // Thawed, it answers the probe of the next heartbeat.
+    relay.set_frozen(false);
+    assert!(wait_until(Duration::from_secs(5), || {
+        a.heartbeat();
+        std::thread::sleep(Duration::from_millis(50));
+        a.members().contains(&frozen)
+    }));
+    a.stop(Levels::ALL).unwrap();
+    plain.stop(Levels::ALL).unwrap();
+}
+
+#[test]
+fn a_member_that_freezes_is_removed_after_a_failed_send_and_back_when_it_thaws() {
+    // Static (or DNS) membership keeps listing a member that froze, and would never report
+    // it again: the detector reports it gone after the failed send, looks for it on every
+    // heartbeat, and reports it added once it answers, without a restart of either side.
+    let (a, inj) = read_test_channel("fd-freeze", Duration::from_millis(800));
+    let b = plain_node("b-freeze");
+    let delivered = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let d = Arc::clone(&delivered);
+    b.add_channel_listener(move |m: &ChannelMessage| {
+        if m.payload[..] != PROBE_PAYLOAD[..] {
+            d.lock().push(m.payload.to_vec());
+        }
+        Ok(())
+    });
+    let relay = tribes_suite::FreezableRelay::start(b.local_member().addr()).unwrap();
+    let bm = Member::with_id(relay.addr(), UniqueId::random());
+    inj.added(&bm);
+    assert!(wait_until(Duration::from_secs(3), || a
+        .members()
+        .contains(&bm)));
+    a.send(
+        std::slice::from_ref(&bm),
+        &b"before"[..],
+        SendOptions::USE_ACK,
+    )
+    .expect("delivered while b runs");
+    relay.set_frozen(true);
+    let failed = a.send(
+        std::slice::from_ref(&bm),
+        &b"frozen"[..],
+        SendOptions::USE_ACK,
+    );
+    assert!(failed.is_err(), "no ACK from a frozen member");
+    assert!(
+        wait_until(Duration::from_secs(3), || !a.members().contains(&bm)),
+        "the failed send got b probed, and the read test found it frozen"
+    );
+    // Still frozen: heartbeats look for it but do not let it back.
+    for _ in 0..3 {
+        a.heartbeat();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert!(!a.members().contains(&bm));
+    relay.set_frozen(false);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            a.heartbeat();
+            std::thread::sleep(Duration::from_millis(50));
+            a.members().contains(&bm)
+        }),
+        "b answers again and is a member again"
+    );
+    a.send(
+        std::slice::from_ref(&bm),
+        &b"after"[..],
+        SendOptions::USE_ACK,
+    )
+    .expect("delivered once b is back");
+    // What b got: the message sent before, the one that waited in the relay, and the one
+    // after (the probes are not messages to the application).
+    assert!(wait_until(Duration::from_secs(3), || delivered
+        .lock()
+        .len()
+        >= 3));
+    let got = delivered.lock().clone();
+    assert_eq!(got.first().map(Vec::as_slice), Some(&b"before"[..]));
+    assert_eq!(got.last().map(Vec::as_slice), Some(&b"after"[..]));
+    a.stop(Levels::ALL).unwrap();
+    b.stop(Levels::ALL).unwrap();
+}

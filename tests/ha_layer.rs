@@ -1136,6 +1136,72 @@ async fn a_sync_member_that_froze_fetches_what_it_missed() {
     assert_eq!(next_request_on_a_member_that_froze(true).await, "3");
 }
 
+/// A member whose process froze (here: the relay every message to it goes through stops,
+/// while the kernel still accepts connections) costs one request the send timeout; the
+/// failed send gets it probed, the read test of `Cluster::failure_detector` finds it
+/// frozen, and the next requests answer at once. Thawed, it is a member again without a
+/// restart, and serves the session with every change it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_member_costs_one_slow_request_and_is_back_when_it_thaws() {
+    use std::time::Instant;
+    let sync = || ha::ManagerConfig {
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let relay = tribes_suite::FreezableRelay::start(([127, 0, 0, 1], pb).into()).unwrap();
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa], sync()).unwrap();
+    // The writer knows the other member by the relay's address.
+    let (ca, ma) = tribes_suite::ha_node_with(pa, &[relay.addr().port()], sync()).unwrap();
+    for c in [&ca, &cb] {
+        assert!(c.channel().wait_for_members(1, Duration::from_secs(5)));
+    }
+    ma.start(&ca);
+    mb.start(&cb);
+    let (writer, _) = app(ma);
+    let (frozen, _) = app(mb);
+    let mut jar = Vec::new();
+    assert_eq!(get_jar(&writer, "/counter", &mut jar).await, "1");
+    assert_eq!(get_jar(&frozen, "/counter", &mut jar).await, "2");
+
+    relay.set_frozen(true);
+    // This request's replication waits for the ACK until the send timeout (3 s).
+    assert_eq!(get_jar(&writer, "/counter", &mut jar).await, "3");
+    assert!(
+        tribes_suite::wait_until(Duration::from_secs(10), || ca
+            .channel()
+            .members()
+            .is_empty()),
+        "the frozen member is reported gone (send timeout, then the read test's 5 s)"
+    );
+    // No member left to wait for: the next requests do not wait out another send timeout.
+    let t0 = Instant::now();
+    assert_eq!(get_jar(&writer, "/counter", &mut jar).await, "4");
+    assert_eq!(get_jar(&writer, "/counter", &mut jar).await, "5");
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "two requests took {:?}",
+        t0.elapsed()
+    );
+
+    relay.set_frozen(false);
+    let back = tribes_suite::wait_until(Duration::from_secs(10), || {
+        ca.channel().heartbeat();
+        std::thread::sleep(Duration::from_millis(50));
+        !ca.channel().members().is_empty()
+    });
+    assert!(
+        back,
+        "the thawed member answers a heartbeat's probe and is a member again"
+    );
+    // It missed versions 4 and 5: the version cookie makes it fetch them.
+    assert_eq!(get_jar(&frozen, "/counter", &mut jar).await, "6");
+    assert_eq!(get_jar(&writer, "/counter", &mut jar).await, "7");
+    assert_eq!(get_jar(&frozen, "/counter", &mut jar).await, "8");
+    ca.stop().unwrap();
+    cb.stop().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_cookie_after_a_logout_asks_nobody() {
     // Sync layers check the version cookie; a tab still sending a logged-out session's

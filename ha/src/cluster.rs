@@ -157,12 +157,13 @@ impl Cluster {
     }
 
     /// A cluster over a channel built from `builder` with Tribes' cluster defaults: when no
-    /// interceptor was added, `MessageDispatchInterceptor` then `TcpFailureDetector` (as
-    /// `SimpleTcpCluster` does). Membership is the builder's: multicast as here (Tribes'
-    /// own), or static or DNS membership, which are interceptors, so a builder with one has
-    /// interceptors and gets no defaults: add the dispatch interceptor and the failure
-    /// detector above it yourself (the README's axum node does). A builder with no
-    /// membership at all makes a node that never sees another.
+    /// interceptor was added, `MessageDispatchInterceptor` then the failure detector of
+    /// [`Cluster::failure_detector`] (as `SimpleTcpCluster` does, with the read test on).
+    /// Membership is the builder's: multicast as here (Tribes' own), or static or DNS
+    /// membership, which are interceptors, so a builder with one has interceptors and gets
+    /// no defaults: add the dispatch interceptor and the failure detector above it yourself
+    /// (the README's axum node does). A builder with no membership at all makes a node that
+    /// never sees another.
     ///
     /// ```no_run
     /// use tribes::membership::McastConfig;
@@ -177,9 +178,32 @@ impl Cluster {
         } else {
             builder
                 .interceptor(tribes::interceptors::MessageDispatchInterceptor::default())
-                .interceptor(tribes::interceptors::TcpFailureDetector::default())
+                .interceptor(Self::failure_detector())
         };
         Ok(Self::new(builder.build()?))
+    }
+
+    /// The failure detector a session cluster wants: Tribes' `TcpFailureDetector` with its
+    /// read test on (`perform_read_test`; Tribes leaves it off). Without it, a member whose
+    /// process froze (stopped, swapping, a long pause) stays a member, since its kernel
+    /// still accepts the probe's connection, and every synchronous request then waits out
+    /// the send timeout on it. With it, the member is reported gone after the first failed
+    /// send (within the send timeout plus `read_test_timeout`, 5 s), and added again when it
+    /// answers.
+    ///
+    /// ```
+    /// let channel = tribes::GroupChannel::builder()
+    ///     .port(0)
+    ///     .interceptor(tribes::interceptors::MessageDispatchInterceptor::default())
+    ///     .interceptor(ha::Cluster::failure_detector())
+    ///     .build()?;
+    /// # Ok::<(), tribes::ChannelError>(())
+    /// ```
+    pub fn failure_detector() -> tribes::interceptors::TcpFailureDetector {
+        tribes::interceptors::TcpFailureDetector::new(tribes::interceptors::FailureDetectorConfig {
+            perform_read_test: true,
+            ..Default::default()
+        })
     }
 
     /// Starts the thread that sends this node's sessions to joining members

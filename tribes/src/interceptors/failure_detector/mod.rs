@@ -6,6 +6,13 @@
 //! FAIL_ACK) trigger a check of the member. A member carrying the shutdown command is gone at
 //! once.
 //!
+//! A probe connects and writes Tribes' probe message; with the read test it also waits for
+//! the ACK, which tells a frozen process from a live one. A member reported gone here after
+//! a failed send or a forced check, while the membership below still lists it (static and
+//! DNS membership do not notice a silent member), is probed again on every heartbeat and
+//! reported added when it answers, so a member that was paused or cut off comes back
+//! without a restart. Tribes forgets such a member until membership reports it afresh.
+//!
 //! Unlike Tribes, probes never run on the thread that delivered the event (membership
 //! receiver, heartbeat, sender): they run in parallel on a small pool of named threads
 //! (`tribes-fd-<channel>-<n>`), so one unreachable host cannot stall membership for `connect_timeout`
@@ -16,7 +23,7 @@
 
 mod verdicts;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -50,6 +57,19 @@ pub struct FailureDetectorConfig {
     pub connect_timeout: Duration,
     /// Write the probe message after connecting. Default true (Tribes `performSendTest`).
     pub perform_send_test: bool,
+    /// Ask for an ACK of the probe message and wait up to [`read_test_timeout`] for it:
+    /// the only check that tells a frozen process (stopped, swapping, stuck in a long
+    /// pause) from a live one, since the kernel accepts a frozen process's connections
+    /// and buffers what is written to them. The ACK comes from the member's receiver as
+    /// soon as it reads the probe, whatever its workers are doing. Needs
+    /// `perform_send_test`. Default false (Tribes `performReadTest`); `ha`'s cluster
+    /// defaults turn it on.
+    ///
+    /// [`read_test_timeout`]: Self::read_test_timeout
+    pub perform_read_test: bool,
+    /// How long the read test waits for the ACK. Default 5000 ms (Tribes
+    /// `readTestTimeout`).
+    pub read_test_timeout: Duration,
     /// How long a member that was reported gone but answered stays a suspect that is
     /// re-checked on every heartbeat; `None` = forever. Default 300 s (Tribes).
     pub remove_suspects_timeout: Option<Duration>,
@@ -65,6 +85,8 @@ impl Default for FailureDetectorConfig {
         Self {
             connect_timeout: Duration::from_millis(1000),
             perform_send_test: true,
+            perform_read_test: false,
+            read_test_timeout: Duration::from_millis(5000),
             remove_suspects_timeout: Some(Duration::from_secs(300)),
             threads: 4,
             max_pending: 1024,
@@ -185,7 +207,7 @@ impl Interceptor for TcpFailureDetector {
             // A FAIL_ACK means the member is alive and answered.
             if f.failure != Failure::RemoteProcess {
                 debug!(target: "tribes::failure_detector", "send to {} failed ({}); verifying", f.member, f.failure);
-                self.enqueue(f.member.clone(), Check::Remove);
+                self.enqueue(f.member.clone(), Check::SendFailed);
             }
         }
     }
@@ -256,8 +278,8 @@ impl Interceptor for TcpFailureDetector {
         // theirs as the levels below start) are checked now, and `start` returns once they
         // are settled: a node that asks its members for state right after start (a
         // session manager) finds those that answer. The probe threads share them out, and
-        // a probe takes at most a connect and a write timeout, so the wait is bounded by
-        // that per round of probes.
+        // a probe takes at most a connect, a write and (read test) a read timeout, so the
+        // wait is bounded by that per round of probes.
         let deferred = self.state.lock().take_deferred();
         let count = deferred.len();
         // One place per check: no send ever waits.
@@ -268,7 +290,7 @@ impl Interceptor for TcpFailureDetector {
         drop(done_tx);
         let rounds = count.div_ceil(self.cfg.threads.max(1)) as u32;
         let deadline = crate::deadline::from_now(
-            (self.cfg.connect_timeout.saturating_mul(2 * rounds))
+            (Prober::longest(&self.cfg).saturating_mul(rounds))
                 .saturating_add(Duration::from_millis(100)),
         );
         for _ in 0..count {
@@ -332,10 +354,48 @@ impl Prober {
         let Some(local) = self.handle.local_member() else {
             return false;
         };
-        // Tribes sends the probe as a byte message, without ACK (reference §12.6).
-        let msg = ChannelMessage::control(local, &PROBE_PAYLOAD, SendOptions::BYTE_MESSAGE);
+        // Tribes sends the probe as a byte message, with an ACK asked only for the read test
+        // (reference §12.6).
+        let options = if self.cfg.perform_read_test {
+            SendOptions::BYTE_MESSAGE | SendOptions::USE_ACK
+        } else {
+            SendOptions::BYTE_MESSAGE
+        };
+        let msg = ChannelMessage::control(local, &PROBE_PAYLOAD, options);
         let _ = stream.set_write_timeout(Some(self.cfg.connect_timeout));
-        (&stream).write_all(&msg.encode_frame()).is_ok()
+        if let Err(e) = (&stream).write_all(&msg.encode_frame()) {
+            debug!(target: "tribes::failure_detector", "{m} accepted a connection but not the probe: {e}");
+            return false;
+        }
+        if !self.cfg.perform_read_test {
+            return true;
+        }
+        // Any byte back will do, as in Tribes: an ACK, or a FAIL_ACK from a member that is
+        // alive but refused the probe.
+        let mut reply = [0u8; 1];
+        let _ = stream.set_read_timeout(Some(self.cfg.read_test_timeout));
+        match (&stream).read(&mut reply) {
+            Ok(1..) => true,
+            Ok(0) => {
+                debug!(target: "tribes::failure_detector", "{m} closed the connection instead of answering the probe");
+                false
+            }
+            Err(e) => {
+                debug!(target: "tribes::failure_detector", "{m} did not answer the probe within {:?}: {e}", self.cfg.read_test_timeout);
+                false
+            }
+        }
+    }
+
+    /// The longest one probe can take: connect, write and (with the read test) the wait
+    /// for the ACK.
+    fn longest(cfg: &FailureDetectorConfig) -> Duration {
+        let read = if cfg.perform_read_test {
+            cfg.read_test_timeout
+        } else {
+            Duration::ZERO
+        };
+        cfg.connect_timeout.saturating_mul(2).saturating_add(read)
     }
 
     fn settle(&self, job: Job, alive: bool) {

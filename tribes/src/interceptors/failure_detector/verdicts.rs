@@ -13,9 +13,15 @@ use crate::member::{Member, MemberKey};
 pub(crate) enum Check {
     /// Reported added below: report up once reachable.
     Add,
-    /// Reported gone below (or a send failed): keep as a suspect while reachable.
+    /// Reported gone below: keep as a suspect while reachable.
     Remove,
-    /// Forced check of a current member: only a dead one changes anything.
+    /// A send to it failed while the layer below still lists it: keep as a suspect while
+    /// reachable; once it does not answer, report it gone but look for it again on every
+    /// heartbeat, since the layer below (static or DNS membership, which list it still)
+    /// will not report it added again when it comes back.
+    SendFailed,
+    /// Forced check of a current member: only a dead one changes anything (and, as after
+    /// a failed send, it is looked for again on every heartbeat).
     Verify,
 }
 
@@ -42,9 +48,11 @@ pub(crate) enum Report {
 pub(crate) struct Verdicts {
     /// Members reported up.
     members: HashMap<MemberKey, Member>,
-    /// Reported gone below, but answered (since when): kept, re-checked on heartbeat.
-    remove_suspects: HashMap<MemberKey, (Member, Instant)>,
-    /// Reported added below, but did not answer: not reported, re-checked on heartbeat.
+    /// Reported gone below (or a send failed), but answered: kept, re-checked on heartbeat.
+    remove_suspects: HashMap<MemberKey, Suspect>,
+    /// Reported added below (or reported gone up after a failed send or forced check, while
+    /// the layer below still lists it), but did not answer: not a member, re-checked on
+    /// heartbeat and reported added once it answers.
     add_suspects: HashMap<MemberKey, Member>,
     /// Probes queued or running, so one member is not probed twice at once.
     probing: HashMap<MemberKey, Check>,
@@ -56,13 +64,22 @@ pub(crate) struct Verdicts {
     retry: HashMap<MemberKey, (Member, Check)>,
 }
 
+/// A member that was reported gone, or failed a send, but answered its probe.
+struct Suspect {
+    member: Member,
+    since: Instant,
+    /// The layer below still lists it (only a send failed): if it falls silent, it is
+    /// looked for again after being reported gone.
+    listed: bool,
+}
+
 impl Verdicts {
     pub(crate) fn members(&self) -> impl Iterator<Item = &Member> {
         self.members.values()
     }
 
     pub(crate) fn remove_suspects(&self) -> impl Iterator<Item = &Member> {
-        self.remove_suspects.values().map(|(m, _)| m)
+        self.remove_suspects.values().map(|s| &s.member)
     }
 
     /// The layer below reports `member` added.
@@ -157,16 +174,28 @@ impl Verdicts {
                 }
                 None
             }
-            (Check::Remove, true) => {
+            (Check::Remove | Check::SendFailed, true) => {
                 if self.members.contains_key(&key) {
-                    self.remove_suspects.entry(key).or_insert((member, now));
+                    let listed = check == Check::SendFailed;
+                    let suspect = self.remove_suspects.entry(key).or_insert(Suspect {
+                        member,
+                        since: now,
+                        listed,
+                    });
+                    // Reported gone below: no longer listed there, whatever failed before.
+                    suspect.listed &= listed;
                 }
                 None
             }
             (Check::Verify, true) => None,
-            (Check::Remove | Check::Verify, false) => {
-                self.remove_suspects.remove(&key);
-                self.members.remove(&key).map(Report::Gone)
+            (Check::Remove | Check::SendFailed | Check::Verify, false) => {
+                let suspect = self.remove_suspects.remove(&key);
+                let gone = self.members.remove(&key)?;
+                let listed = check != Check::Remove && suspect.is_none_or(|s| s.listed);
+                if listed {
+                    self.add_suspects.insert(key, member);
+                }
+                Some(Report::Gone(gone))
             }
         }
     }
@@ -180,12 +209,16 @@ impl Verdicts {
     ) -> Vec<(Member, Check)> {
         if let Some(timeout) = suspect_timeout {
             self.remove_suspects
-                .retain(|_, (_, since)| now.saturating_duration_since(*since) < timeout);
+                .retain(|_, s| now.saturating_duration_since(s.since) < timeout);
         }
-        let suspects = self
-            .remove_suspects
-            .values()
-            .map(|(m, _)| (m.clone(), Check::Remove));
+        let suspects = self.remove_suspects.values().map(|s| {
+            let check = if s.listed {
+                Check::SendFailed
+            } else {
+                Check::Remove
+            };
+            (s.member.clone(), check)
+        });
         let adds = self.add_suspects.values().map(|m| (m.clone(), Check::Add));
         let mut out: Vec<(Member, Check)> = suspects.chain(adds).collect();
         out.extend(self.retry.drain().map(|(_, v)| v));
@@ -342,6 +375,78 @@ mod tests {
         );
         // A late answer for a member already gone changes nothing.
         assert_eq!(v.settle(a, Check::Remove, true, t0), None);
+        assert_eq!((v.members().count(), v.remove_suspects().count()), (0, 0));
+    }
+
+    #[test]
+    fn a_member_that_fails_a_send_and_then_its_probe_is_gone_until_it_answers_again() {
+        let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
+        let next = v.member_added(a.clone());
+        probe(&mut v, &a, next, true, t0);
+        // The layer below still lists it (static membership): nobody would report it again.
+        assert_eq!(
+            v.settle(a.clone(), Check::SendFailed, false, t0),
+            Some(Report::Gone(a.clone()))
+        );
+        assert_eq!(v.members().count(), 0);
+        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Add)]);
+        assert_eq!(v.settle(a.clone(), Check::Add, false, t0), None);
+        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Add)]);
+        assert_eq!(
+            v.settle(a.clone(), Check::Add, true, t0),
+            Some(Report::Added(a.clone()))
+        );
+        assert!(v.heartbeat(t0, None).is_empty());
+        // A forced check that finds it dead does the same.
+        assert_eq!(
+            v.settle(a.clone(), Check::Verify, false, t0),
+            Some(Report::Gone(a.clone()))
+        );
+        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Add)]);
+        // Until the layer below drops it too: then it is that layer's to report again.
+        assert_eq!(v.member_disappeared(&a), Next::Done);
+        assert!(v.heartbeat(t0, None).is_empty());
+    }
+
+    #[test]
+    fn a_member_reported_gone_below_is_not_looked_for_after_its_probe_fails() {
+        let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
+        let next = v.member_added(a.clone());
+        probe(&mut v, &a, next, true, t0);
+        let next = v.member_disappeared(&a);
+        assert_eq!(probe(&mut v, &a, next, false, t0), Some(Report::Gone(a)));
+        assert!(v.heartbeat(t0, None).is_empty());
+    }
+
+    #[test]
+    fn a_suspect_remembers_whether_the_layer_below_still_lists_it() {
+        let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
+        let next = v.member_added(a.clone());
+        probe(&mut v, &a, next, true, t0);
+        // A send failed but it answers: a suspect, re-checked as a failed send.
+        assert_eq!(v.settle(a.clone(), Check::SendFailed, true, t0), None);
+        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::SendFailed)]);
+        // Then the layer below reports it gone, and it still answers: re-checked as gone.
+        let next = v.member_disappeared(&a);
+        assert_eq!(probe(&mut v, &a, next, true, t0), None);
+        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Remove)]);
+        // A later failed send does not make it listed again; silent: gone for good.
+        assert_eq!(v.settle(a.clone(), Check::SendFailed, true, t0), None);
+        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Remove)]);
+        assert_eq!(
+            v.settle(a.clone(), Check::SendFailed, false, t0),
+            Some(Report::Gone(a))
+        );
+        assert!(v.heartbeat(t0, None).is_empty());
+    }
+
+    #[test]
+    fn a_failed_send_to_a_stranger_reports_nothing_and_looks_for_nobody() {
+        let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
+        assert!(v.begin_probe(a.key(), Check::SendFailed));
+        assert_eq!(v.settle(a.clone(), Check::SendFailed, false, t0), None);
+        assert_eq!(v.settle(a, Check::SendFailed, true, t0), None);
+        assert!(v.heartbeat(t0, None).is_empty());
         assert_eq!((v.members().count(), v.remove_suspects().count()), (0, 0));
     }
 
