@@ -1087,3 +1087,65 @@ fn a_state_transfer_timeout_of_zero_is_refused_and_one_of_duration_max_works() {
     cb.stop().unwrap();
     a.cluster.stop().unwrap();
 }
+
+#[test]
+fn a_state_batch_with_a_malformed_entry_loses_only_that_entry() {
+    // The "donor" is a plain channel that answers the joiner's GET_ALL_SESSIONS with one
+    // batch of three sessions, one of them under an id no cookie could carry, then the
+    // transfer's end. The joiner used to refuse the whole batch, and start without the two
+    // good sessions.
+    let donor = Arc::new(outsider("donor"));
+    donor.start(tribes::Levels::ALL).unwrap();
+    let (tx, asked) = crossbeam_channel::bounded::<tribes::Member>(4);
+    donor.add_channel_listener(move |m: &tribes::ChannelMessage| {
+        let asks = ha::SessionMessage::decode(&m.payload)
+            .is_ok_and(|sm| matches!(sm.event, ha::SessionEvent::GetAllSessions));
+        if asks {
+            let _ = tx.try_send(m.sender.clone());
+        }
+        Ok(())
+    });
+    let answer = {
+        let donor = Arc::clone(&donor);
+        std::thread::spawn(move || {
+            let joiner = asked.recv_timeout(Duration::from_secs(10)).unwrap();
+            let session = |id: &str, n: u32| {
+                let mut s = ha::Session::new(SessionId::new(id), ha_now(), 1800);
+                s.insert("counter", &n).unwrap();
+                s
+            };
+            let batch = ha::SessionEvent::AllSessionData {
+                sessions: vec![
+                    session("good1", 1),
+                    session("../bad", 2),
+                    session("good2", 3),
+                ],
+                held_back: Vec::new(),
+                buried: Vec::new(),
+            };
+            let end = ha::SessionEvent::TransferComplete {
+                snapshot_ms: ha_now(),
+            };
+            let options = tribes::SendOptions::BYTE_MESSAGE | tribes::SendOptions::USE_ACK;
+            for event in [batch, end] {
+                donor
+                    .send(std::slice::from_ref(&joiner), app_message(event), options)
+                    .unwrap();
+            }
+        })
+    };
+    let joiner = node(free_port(), &[donor.local_member().addr().port()]);
+    assert!(joiner
+        .cluster
+        .channel()
+        .wait_for_members(1, Duration::from_secs(5)));
+    assert!(joiner.manager.start(&joiner.cluster), "state received");
+    answer.join().unwrap();
+    assert_eq!(counter(&joiner, &SessionId::new("good1")), Some(1));
+    assert_eq!(counter(&joiner, &SessionId::new("good2")), Some(3));
+    assert!(!joiner.manager.contains(&SessionId::new("../bad")));
+    assert_eq!(joiner.manager.len(), 2);
+    assert_eq!(joiner.cluster.refused_messages(), 1);
+    joiner.cluster.stop().unwrap();
+    donor.stop(tribes::Levels::ALL).unwrap();
+}

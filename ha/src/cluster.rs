@@ -349,7 +349,9 @@ impl Cluster {
     /// Session messages from members refused as forged or corrupt (a malformed session id,
     /// a version beyond [`MAX_VERSION`](crate::message::MAX_VERSION); see
     /// [`SessionEvent::check`]): nothing of them was applied, and their senders got a
-    /// FAIL_ACK if they asked for an ACK.
+    /// FAIL_ACK if they asked for an ACK. Of a state batch, only the bad entries are
+    /// refused (each counts one here), and the rest is applied
+    /// ([`SessionEvent::drop_malformed`]).
     pub fn refused_messages(&self) -> u64 {
         self.inner
             .refused
@@ -549,7 +551,7 @@ impl tribes::ChannelListener for SessionListener {
         let Some(cluster) = self.0.upgrade() else {
             return Ok(());
         };
-        let sm = match SessionMessage::decode(&msg.payload) {
+        let mut sm = match SessionMessage::decode(&msg.payload) {
             Ok(m) => m,
             Err(e) => {
                 match rmp_serde::from_slice::<ClusterMessage>(&msg.payload) {
@@ -561,6 +563,18 @@ impl tribes::ChannelListener for SessionListener {
                 return Ok(());
             }
         };
+        // A state batch keeps what is well formed: one bad entry costs that entry, not the
+        // joiner's whole batch.
+        if let Some((dropped, e)) = sm.event.drop_malformed() {
+            let before = cluster
+                .refused
+                .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
+            let n = before + dropped as u64;
+            // Sparse, as below: when the count passes a power of two.
+            if (before + 1).next_power_of_two() <= n {
+                warn!(target: "ha::cluster", "dropped {dropped} malformed entries of a state batch from {} and kept the rest ({n} refused so far): {e}", msg.sender);
+            }
+        }
         if let Err(e) = sm.event.check() {
             let n = cluster
                 .refused

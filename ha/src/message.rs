@@ -108,56 +108,77 @@ impl SessionEvent {
     /// assert!(rename("b2; Domain=evil.example").check().is_err());
     /// ```
     pub fn check(&self) -> Result<(), SessionError> {
-        let id = |id: &SessionId| {
-            if SessionId::is_well_formed(id.as_str()) {
-                Ok(())
-            } else {
-                let shown: String = id.as_str().chars().take(40).collect();
-                Err(SessionError::Codec(format!(
-                    "{} carries a malformed session id {shown:?}",
-                    self.name()
-                )))
-            }
-        };
-        let version = |v: u64| {
-            if v <= MAX_VERSION {
-                Ok(())
-            } else {
-                Err(SessionError::Codec(format!(
-                    "{} carries version {v}, beyond {MAX_VERSION}",
-                    self.name()
-                )))
-            }
-        };
-        let delta = |d: &Delta| id(&d.session_id).and_then(|()| version(d.version));
-        let session = |s: &Session| id(s.id()).and_then(|()| version(s.version()));
+        let what = self.name();
         match self {
             Self::Created { id: i, .. } | Self::Expired { id: i } | Self::GetSession { id: i } => {
-                id(i)
+                check_id(i, what)
             }
             Self::Accessed {
                 id: i, version: v, ..
-            } => id(i).and_then(|()| version(*v)),
-            Self::Delta(d) => delta(d),
-            Self::ChangeSessionId { old, new } => id(old).and_then(|()| id(new)),
-            Self::SessionData { session: s } => session(s),
+            } => check_id(i, what).and_then(|()| check_version(*v, what)),
+            Self::Delta(d) => check_delta(d, what),
+            Self::ChangeSessionId { old, new } => {
+                check_id(old, what).and_then(|()| check_id(new, what))
+            }
+            Self::SessionData { session: s } => check_session(s, what),
             Self::AllSessionData {
                 sessions,
                 held_back,
                 buried,
             } => {
-                sessions.iter().try_for_each(session)?;
-                held_back.iter().try_for_each(delta)?;
-                buried.iter().try_for_each(|(old, to)| {
-                    id(old)?;
-                    to.as_ref().map_or(Ok(()), id)
-                })
+                sessions.iter().try_for_each(|s| check_session(s, what))?;
+                held_back.iter().try_for_each(|d| check_delta(d, what))?;
+                buried.iter().try_for_each(|b| check_buried(b, what))
             }
             Self::GetAllSessions
             | Self::TransferComplete { .. }
             | Self::NoContextManager
             | Self::StateNotReady => Ok(()),
         }
+    }
+
+    /// Drops the entries of a state batch ([`SessionEvent::AllSessionData`]) that fail
+    /// [`check`](Self::check) and returns how many went and the first one's error; other
+    /// events are left alone (`None`), as is a batch with nothing wrong. A member that
+    /// joins keeps the rest of its donor's state instead of losing a whole batch (and with
+    /// it the transfer) to one bad entry.
+    ///
+    /// ```
+    /// use ha::{Session, SessionEvent, SessionId};
+    /// let session = |id: &str| Session::new(SessionId::new(id), 0, 60);
+    /// let mut batch = SessionEvent::AllSessionData {
+    ///     sessions: vec![session("a1"), session("../etc"), session("b2")],
+    ///     held_back: Vec::new(),
+    ///     buried: Vec::new(),
+    /// };
+    /// let (dropped, _why) = batch.drop_malformed().unwrap();
+    /// assert_eq!(dropped, 1);
+    /// assert!(batch.check().is_ok());
+    /// ```
+    pub fn drop_malformed(&mut self) -> Option<(usize, SessionError)> {
+        let what = self.name();
+        let Self::AllSessionData {
+            sessions,
+            held_back,
+            buried,
+        } = self
+        else {
+            return None;
+        };
+        let mut first: Option<SessionError> = None;
+        let mut dropped = 0usize;
+        let mut keep = |checked: Result<(), SessionError>| match checked {
+            Ok(()) => true,
+            Err(e) => {
+                dropped += 1;
+                first.get_or_insert(e);
+                false
+            }
+        };
+        sessions.retain(|s| keep(check_session(s, what)));
+        held_back.retain(|d| keep(check_delta(d, what)));
+        buried.retain(|b| keep(check_buried(b, what)));
+        first.map(|e| (dropped, e))
     }
 
     /// The event's name in logs.
@@ -230,10 +251,96 @@ impl SessionMessage {
     }
 }
 
+/// A session id a cookie could carry, in a message named `what`.
+fn check_id(id: &SessionId, what: &str) -> Result<(), SessionError> {
+    if SessionId::is_well_formed(id.as_str()) {
+        Ok(())
+    } else {
+        let shown: String = id.as_str().chars().take(40).collect();
+        Err(SessionError::Codec(format!(
+            "{what} carries a malformed session id {shown:?}"
+        )))
+    }
+}
+
+fn check_version(v: u64, what: &str) -> Result<(), SessionError> {
+    if v <= MAX_VERSION {
+        Ok(())
+    } else {
+        Err(SessionError::Codec(format!(
+            "{what} carries version {v}, beyond {MAX_VERSION}"
+        )))
+    }
+}
+
+fn check_delta(d: &Delta, what: &str) -> Result<(), SessionError> {
+    check_id(&d.session_id, what).and_then(|()| check_version(d.version, what))
+}
+
+fn check_session(s: &Session, what: &str) -> Result<(), SessionError> {
+    check_id(s.id(), what).and_then(|()| check_version(s.version(), what))
+}
+
+fn check_buried(
+    (old, to): &(SessionId, Option<SessionId>),
+    what: &str,
+) -> Result<(), SessionError> {
+    check_id(old, what)?;
+    to.as_ref().map_or(Ok(()), |to| check_id(to, what))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::delta::Action;
+
+    #[test]
+    fn a_state_batch_drops_only_its_malformed_entries() {
+        let id = |s: &str| SessionId::new(s);
+        let delta = |sid: &str, version: u64| Delta {
+            session_id: id(sid),
+            version,
+            last_access_ms: 0,
+            actions: Vec::new(),
+            origin: 1,
+        };
+        let mut batch = SessionEvent::AllSessionData {
+            sessions: vec![
+                Session::new(id("s1"), 0, 60),
+                Session::new(id("a b"), 0, 60),
+            ],
+            held_back: vec![delta("s1", 3), delta("s1", u64::MAX), delta("<x>", 2)],
+            buried: vec![
+                (id("gone"), None),
+                (id("old"), Some(id("new; Path=/"))),
+                (id("old2"), Some(id("new2"))),
+            ],
+        };
+        assert!(batch.check().is_err());
+        let (dropped, first) = batch.drop_malformed().expect("bad entries");
+        assert_eq!(dropped, 4);
+        assert!(first.to_string().contains("\"a b\""), "{first}");
+        batch.check().expect("what is left is well formed");
+        let SessionEvent::AllSessionData {
+            sessions,
+            held_back,
+            buried,
+        } = &batch
+        else {
+            unreachable!()
+        };
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(held_back.iter().map(|d| d.version).collect::<Vec<_>>(), [3]);
+        assert_eq!(buried.len(), 2);
+        // Nothing to drop: nothing said; other events are left alone.
+        assert!(batch.drop_malformed().is_none());
+        let mut rename = SessionEvent::ChangeSessionId {
+            old: id("a"),
+            new: id("b c"),
+        };
+        assert!(rename.drop_malformed().is_none());
+        assert!(rename.check().is_err());
+    }
 
     #[test]
     fn every_event_round_trips() {
