@@ -231,8 +231,8 @@ pub fn ha_node(
     )
 }
 
-/// Like [`ha_node`] with a manager configuration of the caller's (a 10 s state-transfer
-/// timeout is forced).
+/// Like [`ha_node`] with a manager configuration of the caller's (the default 60 s
+/// state-transfer timeout becomes 10 s).
 pub fn ha_node_with(
     port: u16,
     peers: &[u16],
@@ -288,10 +288,17 @@ pub fn ha_node_custom(
         .interceptor(StaticMembershipInterceptor::new(members))
         .build()?;
     let cluster = ha::Cluster::new(channel);
+    // Tests do not wait a minute for a transfer that will not come, unless they ask.
+    let state_transfer_timeout =
+        if cfg.state_transfer_timeout == ha::ManagerConfig::default().state_transfer_timeout {
+            Duration::from_secs(10)
+        } else {
+            cfg.state_transfer_timeout
+        };
     let manager = ha::DeltaManager::new(
         "/app",
         ha::ManagerConfig {
-            state_transfer_timeout: Duration::from_secs(10),
+            state_transfer_timeout,
             ..cfg
         },
     );

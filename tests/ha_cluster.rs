@@ -1149,3 +1149,86 @@ fn a_state_batch_with_a_malformed_entry_loses_only_that_entry() {
     joiner.cluster.stop().unwrap();
     donor.stop(tribes::Levels::ALL).unwrap();
 }
+
+#[test]
+fn a_donor_gives_up_a_transfer_that_outlasts_the_state_transfer_timeout() {
+    // One session per batch, and a joiner that takes 0.6 s to acknowledge each: twelve
+    // batches would hold A's donor thread for about 7 s. A gives up after its
+    // state-transfer timeout (2 s), tells the joiner, and is free for the next asker.
+    let cfg = || ha::ManagerConfig {
+        sync: true,
+        send_all_sessions_size: 1,
+        state_transfer_timeout: Duration::from_secs(2),
+        ..ha::ManagerConfig::default()
+    };
+    let [(ca, ma), (cb, mb)] = tribes_suite::started_ha_pair([cfg(), cfg()]).unwrap();
+    for _ in 0..12 {
+        let id = mb.create_session().unwrap();
+        mb.request_completed(&id).unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(5), || ma.len() == 12));
+    let a_member = ca.channel().local_member();
+    let heard = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let joiner = |name: &str, pause: Duration| {
+        let ch = outsider(name);
+        let heard = Arc::clone(&heard);
+        let name = name.to_string();
+        ch.add_channel_listener(move |m: &tribes::ChannelMessage| {
+            if let Ok(sm) = ha::SessionMessage::decode(&m.payload) {
+                heard
+                    .lock()
+                    .push((name.clone(), sm.event.code(), Instant::now()));
+            }
+            std::thread::sleep(pause);
+            Ok(())
+        });
+        ch.start(tribes::Levels::ALL).unwrap();
+        let ask = app_message(ha::SessionEvent::GetAllSessions);
+        let options = tribes::SendOptions::BYTE_MESSAGE | tribes::SendOptions::USE_ACK;
+        ch.send(std::slice::from_ref(&a_member), ask, options)
+            .unwrap();
+        ch
+    };
+    let asked = Instant::now();
+    let slow = joiner("slow", Duration::from_millis(600));
+    let next = joiner("next", Duration::ZERO);
+    let not_ready = ha::SessionEvent::StateNotReady.code();
+    let complete = ha::SessionEvent::TransferComplete { snapshot_ms: 0 }.code();
+    let batch = ha::SessionEvent::AllSessionData {
+        sessions: Vec::new(),
+        held_back: Vec::new(),
+        buried: Vec::new(),
+    }
+    .code();
+    let of = |who: &str| -> Vec<(i32, Instant)> {
+        (heard.lock().iter())
+            .filter(|(n, _, _)| n == who)
+            .map(|(_, c, t)| (*c, *t))
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || of("next")
+            .iter()
+            .any(|(c, _)| *c == complete)),
+        "the next asker got its whole state: {:?}",
+        of("next")
+    );
+    let slow_heard = of("slow");
+    let batches = slow_heard.iter().filter(|(c, _)| *c == batch).count();
+    assert!(batches < 12, "the slow joiner got all {batches} batches");
+    let told = slow_heard.iter().find(|(c, _)| *c == not_ready);
+    let told = told.expect("the slow joiner was told to ask elsewhere").1;
+    assert!(
+        told.duration_since(asked) < Duration::from_secs(5),
+        "told after {:?}",
+        told.duration_since(asked)
+    );
+    // The next asker got all twelve sessions.
+    let next_batches = of("next").iter().filter(|(c, _)| *c == batch).count();
+    assert_eq!(next_batches, 12);
+    for ch in [slow, next] {
+        ch.stop(tribes::Levels::ALL).unwrap();
+    }
+    ca.stop().unwrap();
+    cb.stop().unwrap();
+}

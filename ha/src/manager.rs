@@ -30,7 +30,9 @@ pub struct ManagerConfig {
     /// (servlet convention). Default 1800 (servlet default).
     pub max_inactive_secs: i64,
     /// How long `start` waits for the state of the oldest member. Default 60 s (Tribes
-    /// `stateTransferTimeout`).
+    /// `stateTransferTimeout`). Also how long this node, as the donor, keeps sending its
+    /// state to one joining member: past it the joiner (with the same setting) has given
+    /// up, and the donor thread moves on to the next request.
     pub state_transfer_timeout: Duration,
     /// Sessions per state-transfer message. Default 1000 (Tribes `sendAllSessionsSize`).
     pub send_all_sessions_size: usize,
@@ -1491,9 +1493,17 @@ impl DeltaManager {
             }
             return;
         };
+        // A joiner that acknowledges each batch just within the send timeout could hold
+        // this thread (and every joiner queued behind it) for batches × that timeout.
+        let give_up = crate::deadline(Instant::now(), self.cfg.state_transfer_timeout);
         for batch in batches {
-            if cluster.donor_stopping() || !self.ready.load(Ordering::Acquire) {
-                warn!(target: "ha::manager", "{}: stopping; state transfer to {to} abandoned", self.context);
+            let stopping = cluster.donor_stopping() || !self.ready.load(Ordering::Acquire);
+            if stopping || Instant::now() >= give_up {
+                if stopping {
+                    warn!(target: "ha::manager", "{}: stopping; state transfer to {to} abandoned", self.context);
+                } else {
+                    warn!(target: "ha::manager", "{}: state transfer to {to} abandoned: not done within {:?} (state_transfer_timeout)", self.context, self.cfg.state_transfer_timeout);
+                }
                 // So the joiner asks another member now, not after its whole timeout.
                 let reply = self.message(SessionEvent::StateNotReady);
                 let _ = self.send_via(cluster, &reply, Some(to), SendOptions::USE_ACK);
