@@ -660,3 +660,87 @@ fn in_a_private_namespace_java_and_rust_see_joins_leaves_and_kills_by_multicast(
     drop(b);
     drop(ns);
 }
+
+#[test]
+fn the_read_test_verifies_a_java_member_and_finds_it_frozen_when_stopped() {
+    // Our failure detector's read test asks a Java receiver for an ACK of Tribes' probe; a
+    // Java node stopped with SIGSTOP (its kernel still accepts connections) fails it, is
+    // reported gone after a failed send, and is a member again once it resumes.
+    use tribes::interceptors::{FailureDetectorConfig, TcpFailureDetector};
+    let classes = compile_java();
+    let statics = Arc::new(StaticMembershipInterceptor::new(Vec::new()));
+    let rust = GroupChannel::builder()
+        .name("interop-fd")
+        .port(0)
+        .heartbeat_interval(None)
+        .sender(tribes::transport::SenderConfig {
+            timeout: Duration::from_millis(800),
+            ..Default::default()
+        })
+        .interceptor(TcpFailureDetector::new(FailureDetectorConfig {
+            perform_read_test: true,
+            read_test_timeout: Duration::from_millis(500),
+            ..Default::default()
+        }))
+        .interceptor_arc(statics.clone())
+        .build()
+        .unwrap();
+    rust.start(Levels::SND_RX).unwrap();
+    let mut java = JavaNode::start(&classes, &rust.local_member());
+    statics.set_members(vec![java.member.clone()]);
+    rust.start(Levels::SND_TX).unwrap();
+    let to = [java.member.clone()];
+    assert!(
+        rust.members().contains(&java.member),
+        "the Java node ACKed the read test's probe at start"
+    );
+    let signal = |sig: &str| {
+        // Our own child, by its PID.
+        let pid = java.child.id().to_string();
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    // The signal is queued, not yet taken: wait until every thread of the JVM stopped.
+    let pid = java.child.id();
+    let stopped = wait_until(Duration::from_secs(5), || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.filter_map(Result::ok).all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+        })
+    });
+    assert!(stopped, "the JVM did not stop");
+    let failed = rust.send(&to, &b"while-stopped"[..], SendOptions::USE_ACK);
+    assert!(failed.is_err(), "a stopped JVM sends no ACK");
+    let gone = wait_until(Duration::from_secs(5), || {
+        !rust.members().contains(&java.member)
+    });
+    assert!(gone, "the read test found the stopped Java node frozen");
+    signal("-CONT");
+    let back = wait_until(Duration::from_secs(10), || {
+        rust.heartbeat();
+        std::thread::sleep(Duration::from_millis(100));
+        rust.members().contains(&java.member)
+    });
+    assert!(back, "the resumed Java node answered a heartbeat's probe");
+    rust.send(&to, &b"after-resume"[..], SendOptions::USE_ACK)
+        .expect("delivered to the resumed Java node");
+    // The Java node has no failure detector to swallow our probes: its application sees
+    // them as byte messages, before ours.
+    let arrived = wait_until(Duration::from_secs(10), || {
+        java.lines
+            .recv_timeout(Duration::from_millis(100))
+            .is_ok_and(|l| l == "recv after-resume")
+    });
+    assert!(
+        arrived,
+        "the Java node received the message sent after it resumed"
+    );
+    java.say("exit");
+    rust.stop(Levels::ALL).unwrap();
+}
