@@ -1022,6 +1022,84 @@ async fn a_full_dispatch_queue_does_not_block_the_runtime() {
     slow.store(false, Ordering::SeqCst);
 }
 
+/// Requests whose changes wait for room in a full dispatch queue get it in the order they
+/// asked: a later request used to take a freed place first whenever its retry timer (which
+/// starts short) came up before the older one's (grown to 32 ms), and an old request could
+/// wait out its whole 3 s under a queue that stayed full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_room_in_the_dispatch_queue_get_it_in_order() {
+    use std::sync::atomic::Ordering;
+    let sync = || ha::ManagerConfig {
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    let dispatch = Arc::new(tribes::interceptors::MessageDispatchInterceptor::new(
+        tribes::interceptors::DispatchConfig {
+            threads: 1,
+            max_queue_messages: 1,
+            batch: 1,
+            ..tribes::interceptors::DispatchConfig::default()
+        },
+    ));
+    let [(_ca, ma), (cb, _mb)] =
+        tribes_suite::started_ha_pair_custom([sync(), sync()], Vec::new(), Arc::clone(&dispatch))
+            .unwrap();
+    // The sessions B hears of, in the order their first message arrives.
+    let heard = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let h = Arc::clone(&heard);
+    cb.channel()
+        .add_channel_listener(move |m: &tribes::ChannelMessage| {
+            if let Ok(sm) = ha::SessionMessage::decode(&m.payload) {
+                let id = match &sm.event {
+                    ha::SessionEvent::Created { id, .. } => Some(id.as_str().to_string()),
+                    ha::SessionEvent::Delta(d) => Some(d.session_id.as_str().to_string()),
+                    _ => None,
+                };
+                let mut heard = h.lock();
+                if let Some(id) = id.filter(|id| !heard.contains(id)) {
+                    heard.push(id);
+                }
+            }
+            Ok(())
+        });
+    let (slow, entered) = hold_messages(cb.channel(), Duration::from_millis(200));
+    let (app_a, _) = app(ma);
+    let request = |app: &Router| {
+        let a = app.clone();
+        tokio::spawn(async move { get_with(&a, "/counter", None).await })
+    };
+    // The first request's change holds the dispatch thread (waiting for B), the second's
+    // takes the queue's one place.
+    let first = request(&app_a);
+    while !entered.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let second = request(&app_a);
+    while dispatch.queued_messages() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // (Time for the second request to have sent, or parked, all it sends.)
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The older one waits for room from here on.
+    let older = request(&app_a);
+    // Newer ones, up to just before the place frees (B holds each message 0.2 s): their
+    // first looks come every few milliseconds, the older one's every 32 ms by then.
+    let mut requests = vec![first, second, older];
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        requests.push(request(&app_a));
+    }
+    let mut ids = Vec::new();
+    for r in requests {
+        let (status, body, cookie) = r.await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "1"));
+        let cookie = cookie.expect("a new session");
+        ids.push(cookie.trim_start_matches("JSESSIONID=").to_string());
+    }
+    assert_eq!(*heard.lock(), ids, "B heard the sessions out of order");
+    slow.store(false, Ordering::SeqCst);
+}
+
 /// Browsers send what sites set: a non-ASCII byte in another cookie used to make the
 /// whole `Cookie` header unreadable (a new session, and a Set-Cookie that replaced the
 /// user's); and of two `JSESSIONID` cookies (set for different paths) only the first was

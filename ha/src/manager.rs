@@ -1,6 +1,6 @@
 //! `DeltaManager`: all-to-all delta replication of one context's sessions over a [`Cluster`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -182,6 +182,12 @@ pub struct DeltaManager {
     /// Their wakers, taken and woken when a replicated change is applied; a future removes
     /// its own entry when dropped, so there is at most one per waiting future.
     version_wakers: Mutex<HashMap<u64, Waker>>,
+    /// Messages that wait for room in the dispatch queue (see `send_acked`), oldest first:
+    /// each is tried only once those ahead of it got a place, so requests get the room in
+    /// the order they asked for it. Not bounded by a number: each entry belongs to a
+    /// request in flight (a handful per request), and leaves when it is sent, fails after
+    /// [`QUEUE_WAIT`], or its request is dropped.
+    room: Mutex<VecDeque<Arc<AckSlot>>>,
     /// Keys of waiting [`VersionReached`] futures in `version_wakers`.
     next_waker_key: AtomicU64,
     /// This node in the changes it makes ([`crate::Delta::origin`]): the first 8 bytes of
@@ -332,6 +338,7 @@ impl DeltaManager {
             fetching: Arc::new(AtomicUsize::new(0)),
             version_waiters: AtomicUsize::new(0),
             version_wakers: Mutex::new(HashMap::new()),
+            room: Mutex::new(VecDeque::new()),
             next_waker_key: AtomicU64::new(0),
             origin: AtomicU64::new(0),
             ready: AtomicBool::new(false),
@@ -1152,10 +1159,12 @@ impl DeltaManager {
     /// which wait for the ACKs (`ASYNCHRONOUS | USE_ACK | SYNCHRONIZED_ACK`). `permit` stays
     /// held until the handler hears the outcome.
     ///
-    /// When their queue is full the message waits for room, in `acked` (which tries again
-    /// while it is awaited, after 1, 2, 4 ... up to 32 ms, for up to [`QUEUE_WAIT`], then
-    /// fails with `QueueFull`), instead of going out on this thread: that is a runtime thread, which
-    /// would wait for the members' ACKs with every other request it carries.
+    /// When their queue is full the message waits for room instead of going out on this
+    /// thread (a runtime thread, which would wait for the members' ACKs with every other
+    /// request it carries): it joins the manager's line of waiting messages, which every
+    /// waiting request's `acked` offers the room to, oldest first, while it is awaited
+    /// (after 1, 2, 4 ... up to 32 ms); a message that finds no room for [`QUEUE_WAIT`]
+    /// fails with `QueueFull`.
     fn send_acked(
         self: &Arc<Self>,
         cluster: &Arc<ClusterInner>,
@@ -1165,9 +1174,10 @@ impl DeltaManager {
         permit: Option<Arc<FetchPermit>>,
     ) {
         let wait = SendOptions::USE_ACK | SendOptions::SYNCHRONIZED_ACK | SendOptions::ASYNCHRONOUS;
-        // Behind a message that waits for room, this one waits too: a request's messages
-        // reach the members in order (a rename before the delta under the new id).
-        let behind = acked.parked();
+        // Behind messages that wait for room, this one waits too: a request's messages
+        // reach the members in order (a rename before the delta under the new id), and a
+        // request does not take a freed place from one that asked before it.
+        let behind = self.waiting_for_room();
         let slot = acked.slot(self, &msg.event, permit);
         // Shared, not copied, by the send and a retry.
         let bytes = match msg.encode() {
@@ -1189,6 +1199,7 @@ impl DeltaManager {
                 until: crate::deadline(Instant::now(), QUEUE_WAIT),
                 refused: refused.clone(),
             });
+            self.room.lock().push_back(slot);
             return;
         }
         match sent {
@@ -1198,6 +1209,33 @@ impl DeltaManager {
             // Refused before it was queued (its handler hears nothing), or sent here and
             // already reported through the handler: `finish` keeps the first outcome.
             Err(e) => slot.finish(Err(e)),
+        }
+    }
+
+    /// The refusal of the oldest message still waiting for room in the dispatch queue, if
+    /// one waits.
+    fn waiting_for_room(&self) -> Option<SendError> {
+        let mut room = self.room.lock();
+        // Those of dropped requests (which failed them) leave here if nobody offered room
+        // since.
+        while room.front().is_some_and(|s| s.retry.lock().is_none()) {
+            room.pop_front();
+        }
+        (room.iter()).find_map(|s| s.retry.lock().as_ref().map(|r| r.refused.clone()))
+    }
+
+    /// Offers the dispatch queue's room to the waiting messages, oldest first, until one
+    /// finds it full again. One caller at a time: another that finds it busy leaves the
+    /// waiting messages to it (the messages of one request stay in order).
+    fn offer_room(&self, now: Instant) {
+        let Some(mut room) = self.room.try_lock() else {
+            return;
+        };
+        while let Some(slot) = room.front() {
+            if slot.retry(now) == Room::Waiting {
+                return;
+            }
+            room.pop_front();
         }
     }
 
@@ -1792,10 +1830,12 @@ impl Future for Acked {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // Registered before looking, so an outcome recorded in between still wakes us.
         *self.waker.lock() = Some(cx.waker().clone());
-        let now = Instant::now();
-        // In order, up to the first that still waits: the members get them in order.
-        let waiting = (self.slots.iter()).any(|s| s.retry(now) == Room::Waiting);
-        if waiting {
+        // Messages that wait for room are offered it, in the order they (and those of other
+        // requests) came; while one of ours still waits, look again after a pause.
+        if let Some(manager) = (self.slots.first()).and_then(|s| s.manager.upgrade()) {
+            manager.offer_room(Instant::now());
+        }
+        if self.parked().is_some() {
             self.pause_for_room(cx);
         }
         let mut result = match &self.failed {
