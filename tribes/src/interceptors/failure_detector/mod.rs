@@ -207,7 +207,7 @@ impl Interceptor for TcpFailureDetector {
             // A FAIL_ACK means the member is alive and answered.
             if f.failure != Failure::RemoteProcess {
                 debug!(target: "tribes::failure_detector", "send to {} failed ({}); verifying", f.member, f.failure);
-                self.enqueue(f.member.clone(), Check::SendFailed);
+                self.enqueue(f.member.clone(), Check::Remove);
             }
         }
     }

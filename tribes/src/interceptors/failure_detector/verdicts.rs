@@ -13,15 +13,9 @@ use crate::member::{Member, MemberKey};
 pub(crate) enum Check {
     /// Reported added below: report up once reachable.
     Add,
-    /// Reported gone below: keep as a suspect while reachable.
+    /// Reported gone below, or a send to it failed: keep as a suspect while reachable.
     Remove,
-    /// A send to it failed while the layer below still lists it: keep as a suspect while
-    /// reachable; once it does not answer, report it gone but look for it again on every
-    /// heartbeat, since the layer below (static or DNS membership, which list it still)
-    /// will not report it added again when it comes back.
-    SendFailed,
-    /// Forced check of a current member: only a dead one changes anything (and, as after
-    /// a failed send, it is looked for again on every heartbeat).
+    /// Forced check of a current member: only a dead one changes anything.
     Verify,
 }
 
@@ -48,12 +42,16 @@ pub(crate) enum Report {
 pub(crate) struct Verdicts {
     /// Members reported up.
     members: HashMap<MemberKey, Member>,
-    /// Reported gone below (or a send failed), but answered: kept, re-checked on heartbeat.
-    remove_suspects: HashMap<MemberKey, Suspect>,
-    /// Reported added below (or reported gone up after a failed send or forced check, while
-    /// the layer below still lists it), but did not answer: not a member, re-checked on
-    /// heartbeat and reported added once it answers.
-    add_suspects: HashMap<MemberKey, Member>,
+    /// Reported gone below (or a send failed), but answered (since when): kept, re-checked
+    /// on heartbeat.
+    remove_suspects: HashMap<MemberKey, (Member, Instant)>,
+    /// The members the layer below lists (reported added and not gone since), as it last
+    /// reported them: only those are reported added. One that is not a member (its probe
+    /// failed, or it was reported gone here after a failed send or a forced check) is
+    /// probed on every heartbeat and reported added once it answers: static and DNS
+    /// membership do not notice a silent member, and would never report it again when it
+    /// comes back. Bounded by what that layer lists.
+    below: HashMap<MemberKey, Member>,
     /// Probes queued or running, so one member is not probed twice at once.
     probing: HashMap<MemberKey, Check>,
     /// Events that arrived before the probe threads started (an interceptor below may raise
@@ -64,27 +62,19 @@ pub(crate) struct Verdicts {
     retry: HashMap<MemberKey, (Member, Check)>,
 }
 
-/// A member that was reported gone, or failed a send, but answered its probe.
-struct Suspect {
-    member: Member,
-    since: Instant,
-    /// The layer below still lists it (only a send failed): if it falls silent, it is
-    /// looked for again after being reported gone.
-    listed: bool,
-}
-
 impl Verdicts {
     pub(crate) fn members(&self) -> impl Iterator<Item = &Member> {
         self.members.values()
     }
 
     pub(crate) fn remove_suspects(&self) -> impl Iterator<Item = &Member> {
-        self.remove_suspects.values().map(|s| &s.member)
+        self.remove_suspects.values().map(|(m, _)| m)
     }
 
     /// The layer below reports `member` added.
     pub(crate) fn member_added(&mut self, member: Member) -> Next {
         let key = member.key();
+        self.below.insert(key, member.clone());
         if self.remove_suspects.remove(&key).is_some() {
             self.members.insert(key, member);
             return Next::Done;
@@ -99,19 +89,18 @@ impl Verdicts {
     /// The layer below reports `member` gone.
     pub(crate) fn member_disappeared(&mut self, member: &Member) -> Next {
         let key = member.key();
+        self.below.remove(&key);
         if member.is_shutting_down() {
             self.remove_suspects.remove(&key);
-            self.add_suspects.remove(&key);
             self.retry.remove(&key);
             return match self.members.remove(&key) {
                 Some(_) => Next::ReportGone,
                 None => Next::Done,
             };
         }
-        // Never reported up (its add probe failed, or is still to be retried): nothing to
-        // verify or report.
-        let unreported_add = matches!(self.retry.get(&key), Some((_, Check::Add)));
-        if self.add_suspects.remove(&key).is_some() || unreported_add {
+        // Never reported up (its add probe failed, runs, or is still to be retried):
+        // nothing to verify or report, and no longer looked for.
+        if !self.members.contains_key(&key) {
             self.retry.remove(&key);
             return Next::Done;
         }
@@ -162,40 +151,27 @@ impl Verdicts {
         self.probing.remove(&key);
         match (check, alive) {
             (Check::Add, true) => {
-                self.add_suspects.remove(&key);
+                // Gone below (or shut down) while the probe ran: not reported.
+                if !self.below.contains_key(&key) {
+                    return None;
+                }
                 match self.members.insert(key, member.clone()) {
                     None => Some(Report::Added(member)),
                     Some(_) => None,
                 }
             }
-            (Check::Add, false) => {
-                if !self.members.contains_key(&key) {
-                    self.add_suspects.insert(key, member);
-                }
-                None
-            }
-            (Check::Remove | Check::SendFailed, true) => {
+            // Looked for again on the next heartbeat, if still listed below.
+            (Check::Add, false) => None,
+            (Check::Remove, true) => {
                 if self.members.contains_key(&key) {
-                    let listed = check == Check::SendFailed;
-                    let suspect = self.remove_suspects.entry(key).or_insert(Suspect {
-                        member,
-                        since: now,
-                        listed,
-                    });
-                    // Reported gone below: no longer listed there, whatever failed before.
-                    suspect.listed &= listed;
+                    self.remove_suspects.entry(key).or_insert((member, now));
                 }
                 None
             }
             (Check::Verify, true) => None,
-            (Check::Remove | Check::SendFailed | Check::Verify, false) => {
-                let suspect = self.remove_suspects.remove(&key);
-                let gone = self.members.remove(&key)?;
-                let listed = check != Check::Remove && suspect.is_none_or(|s| s.listed);
-                if listed {
-                    self.add_suspects.insert(key, member);
-                }
-                Some(Report::Gone(gone))
+            (Check::Remove | Check::Verify, false) => {
+                self.remove_suspects.remove(&key);
+                self.members.remove(&key).map(Report::Gone)
             }
         }
     }
@@ -209,19 +185,22 @@ impl Verdicts {
     ) -> Vec<(Member, Check)> {
         if let Some(timeout) = suspect_timeout {
             self.remove_suspects
-                .retain(|_, s| now.saturating_duration_since(s.since) < timeout);
+                .retain(|_, (_, since)| now.saturating_duration_since(*since) < timeout);
         }
-        let suspects = self.remove_suspects.values().map(|s| {
-            let check = if s.listed {
-                Check::SendFailed
-            } else {
-                Check::Remove
-            };
-            (s.member.clone(), check)
-        });
-        let adds = self.add_suspects.values().map(|m| (m.clone(), Check::Add));
+        let suspects = self
+            .remove_suspects
+            .values()
+            .map(|(m, _)| (m.clone(), Check::Remove));
+        // Listed below, not a member, and no add probe under way: look for it.
+        let adds = (self.below.iter())
+            .filter(|(k, _)| {
+                !self.members.contains_key(k) && self.probing.get(k) != Some(&Check::Add)
+            })
+            .map(|(_, m)| (m.clone(), Check::Add));
         let mut out: Vec<(Member, Check)> = suspects.chain(adds).collect();
-        out.extend(self.retry.drain().map(|(_, v)| v));
+        // Add probes that found no place are among those just listed (or no longer due).
+        let retries = self.retry.drain().map(|(_, v)| v);
+        out.extend(retries.filter(|(_, check)| *check != Check::Add));
         out
     }
 }
@@ -383,9 +362,11 @@ mod tests {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
         let next = v.member_added(a.clone());
         probe(&mut v, &a, next, true, t0);
-        // The layer below still lists it (static membership): nobody would report it again.
+        // A send failed; the layer below still lists it (static membership), and would
+        // never report it again.
+        assert!(v.begin_probe(a.key(), Check::Remove));
         assert_eq!(
-            v.settle(a.clone(), Check::SendFailed, false, t0),
+            v.settle(a.clone(), Check::Remove, false, t0),
             Some(Report::Gone(a.clone()))
         );
         assert_eq!(v.members().count(), 0);
@@ -419,33 +400,52 @@ mod tests {
     }
 
     #[test]
-    fn a_suspect_remembers_whether_the_layer_below_still_lists_it() {
+    fn a_member_back_below_while_its_gone_probe_ran_is_looked_for() {
+        // Gone below, back below (its beacons returned) before the probe of the first
+        // report failed: the layer below lists it, and will not report it again.
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
         let next = v.member_added(a.clone());
         probe(&mut v, &a, next, true, t0);
-        // A send failed but it answers: a suspect, re-checked as a failed send.
-        assert_eq!(v.settle(a.clone(), Check::SendFailed, true, t0), None);
-        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::SendFailed)]);
-        // Then the layer below reports it gone, and it still answers: re-checked as gone.
-        let next = v.member_disappeared(&a);
-        assert_eq!(probe(&mut v, &a, next, true, t0), None);
-        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Remove)]);
-        // A later failed send does not make it listed again; silent: gone for good.
-        assert_eq!(v.settle(a.clone(), Check::SendFailed, true, t0), None);
-        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Remove)]);
+        assert_eq!(v.member_disappeared(&a), Next::Probe(Check::Remove));
+        assert!(v.begin_probe(a.key(), Check::Remove));
+        assert_eq!(v.member_added(a.clone()), Next::Done);
         assert_eq!(
-            v.settle(a.clone(), Check::SendFailed, false, t0),
-            Some(Report::Gone(a))
+            v.settle(a.clone(), Check::Remove, false, t0),
+            Some(Report::Gone(a.clone()))
         );
+        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Add)]);
+        assert_eq!(
+            v.settle(a.clone(), Check::Add, true, t0),
+            Some(Report::Added(a))
+        );
+    }
+
+    #[test]
+    fn an_add_probe_that_answers_after_the_member_left_below_reports_nothing() {
+        // It said hello, then goodbye, while its first probe ran (its port still open).
+        let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
+        let next = v.member_added(a.clone());
+        assert_eq!(next, Next::Probe(Check::Add));
+        assert!(v.begin_probe(a.key(), Check::Add));
+        assert_eq!(v.member_disappeared(&shutting_down(&a)), Next::Done);
+        assert_eq!(v.settle(a.clone(), Check::Add, true, t0), None);
+        assert_eq!(v.members().count(), 0);
+        // Nor is it looked for.
+        let b = member(4002);
+        let next = v.member_added(b.clone());
+        assert!(v.begin_probe(b.key(), Check::Add));
+        let _ = next;
+        assert_eq!(v.member_disappeared(&b), Next::Done);
+        assert_eq!(v.settle(b.clone(), Check::Add, false, t0), None);
         assert!(v.heartbeat(t0, None).is_empty());
     }
 
     #[test]
     fn a_failed_send_to_a_stranger_reports_nothing_and_looks_for_nobody() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
-        assert!(v.begin_probe(a.key(), Check::SendFailed));
-        assert_eq!(v.settle(a.clone(), Check::SendFailed, false, t0), None);
-        assert_eq!(v.settle(a, Check::SendFailed, true, t0), None);
+        assert!(v.begin_probe(a.key(), Check::Remove));
+        assert_eq!(v.settle(a.clone(), Check::Remove, false, t0), None);
+        assert_eq!(v.settle(a, Check::Remove, true, t0), None);
         assert!(v.heartbeat(t0, None).is_empty());
         assert_eq!((v.members().count(), v.remove_suspects().count()), (0, 0));
     }
@@ -473,11 +473,20 @@ mod tests {
         assert!(v.begin_probe(a.key(), Check::Add));
         v.probe_not_queued(a.clone(), Check::Add);
         assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Add)]);
-        assert!(
-            v.heartbeat(t0, None).is_empty(),
-            "queued again by the heartbeat"
+        // Queued again (as the detector does with what a heartbeat hands out): not handed
+        // out twice while it runs.
+        assert!(v.begin_probe(a.key(), Check::Add));
+        assert!(v.heartbeat(t0, None).is_empty());
+        // A remove probe that found no place comes back too.
+        assert_eq!(
+            v.settle(a.clone(), Check::Add, true, t0),
+            Some(Report::Added(a.clone()))
         );
+        assert!(v.begin_probe(a.key(), Check::Remove));
+        v.probe_not_queued(a.clone(), Check::Remove);
+        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Remove)]);
         // Reported gone below before the retry ran: never reported up, nothing to do.
+        v.member_added(b.clone());
         assert!(v.begin_probe(b.key(), Check::Add));
         v.probe_not_queued(b.clone(), Check::Add);
         assert_eq!(v.member_disappeared(&b), Next::Done);
@@ -495,5 +504,169 @@ mod tests {
         assert!(v.take_deferred().is_empty());
         // Deferring gave up the claim: the probe can be claimed when the threads run.
         assert!(v.begin_probe(a.key(), Check::Add));
+    }
+
+    mod properties {
+        //! Random event sequences against the book, driven as the detector drives it
+        //! (claimed probes run in any order, some find no queue place), checking what it
+        //! reports up against a model of the layer below.
+        use super::super::*;
+        use super::{member, shutting_down};
+        use proptest::prelude::*;
+        use std::collections::HashSet;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Added(u8),
+            Gone(u8),
+            Shutdown(u8),
+            SendFailed(u8),
+            Verify(u8),
+            Heartbeat(u16),
+            Settle(u8, bool),
+            NotQueued(u8),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let m = 0u8..3;
+            prop_oneof![
+                m.clone().prop_map(Op::Added),
+                m.clone().prop_map(Op::Gone),
+                m.clone().prop_map(Op::Shutdown),
+                m.clone().prop_map(Op::SendFailed),
+                m.prop_map(Op::Verify),
+                (0u16..400).prop_map(Op::Heartbeat),
+                (any::<u8>(), any::<bool>()).prop_map(|(i, a)| Op::Settle(i, a)),
+                (any::<u8>()).prop_map(Op::NotQueued),
+            ]
+        }
+
+        struct Driver {
+            v: Verdicts,
+            pending: Vec<(Member, Check)>,
+            /// What the detector reported up.
+            up: HashSet<MemberKey>,
+            /// What the layer below lists.
+            below: HashSet<MemberKey>,
+            now: Instant,
+        }
+
+        impl Driver {
+            fn enqueue(&mut self, m: Member, check: Check) {
+                if self.v.begin_probe(m.key(), check) {
+                    self.pending.push((m, check));
+                }
+            }
+
+            fn next(&mut self, m: Member, next: Next) {
+                match next {
+                    Next::Done => {}
+                    Next::Probe(c) => self.enqueue(m, c),
+                    Next::ReportGone => assert!(self.up.remove(&m.key()), "{m:?} gone twice"),
+                }
+            }
+
+            fn settle(&mut self, i: usize, alive: bool) {
+                if self.pending.is_empty() {
+                    return;
+                }
+                let (m, c) = self.pending.remove(i % self.pending.len());
+                match self.v.settle(m, c, alive, self.now) {
+                    Some(Report::Added(m)) => {
+                        assert!(
+                            self.below.contains(&m.key()),
+                            "{m:?} added, not listed below"
+                        );
+                        assert!(self.up.insert(m.key()), "{m:?} added twice");
+                    }
+                    Some(Report::Gone(m)) => {
+                        assert!(self.up.remove(&m.key()), "{m:?} gone, never added")
+                    }
+                    None => {}
+                }
+            }
+
+            fn apply(&mut self, op: &Op) {
+                let m = |i: &u8| member(4000 + u16::from(*i));
+                match op {
+                    Op::Added(i) => {
+                        self.below.insert(m(i).key());
+                        let next = self.v.member_added(m(i));
+                        self.next(m(i), next);
+                    }
+                    Op::Gone(i) => {
+                        self.below.remove(&m(i).key());
+                        let next = self.v.member_disappeared(&m(i));
+                        self.next(m(i), next);
+                    }
+                    Op::Shutdown(i) => {
+                        self.below.remove(&m(i).key());
+                        let next = self.v.member_disappeared(&shutting_down(&m(i)));
+                        assert!(!matches!(next, Next::Probe(_)), "a goodbye is not probed");
+                        self.next(m(i), next);
+                    }
+                    Op::SendFailed(i) => self.enqueue(m(i), Check::Remove),
+                    Op::Verify(i) if self.up.contains(&m(i).key()) => {
+                        self.enqueue(m(i), Check::Verify)
+                    }
+                    Op::Verify(_) => {}
+                    Op::Heartbeat(ms) => {
+                        self.now += Duration::from_millis(u64::from(*ms));
+                        let timeout = Some(Duration::from_secs(1));
+                        for (m, c) in self.v.heartbeat(self.now, timeout) {
+                            self.enqueue(m, c);
+                        }
+                    }
+                    Op::Settle(i, alive) => self.settle(usize::from(*i), *alive),
+                    Op::NotQueued(i) if !self.pending.is_empty() => {
+                        let at = usize::from(*i) % self.pending.len();
+                        let (m, c) = self.pending.remove(at);
+                        self.v.probe_not_queued(m, c);
+                    }
+                    Op::NotQueued(_) => {}
+                }
+            }
+
+            fn check(&self) {
+                let members: HashSet<MemberKey> = self.v.members.keys().copied().collect();
+                assert_eq!(members, self.up, "the book and what it reported differ");
+                let below: HashSet<MemberKey> = self.v.below.keys().copied().collect();
+                assert_eq!(below, self.below);
+                for k in self.v.remove_suspects.keys() {
+                    assert!(members.contains(k), "a remove suspect that is no member");
+                }
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn reports_follow_the_layer_below_and_every_listed_member_comes_back(
+                ops in proptest::collection::vec(op(), 0..60)
+            ) {
+                let mut d = Driver {
+                    v: Verdicts::default(),
+                    pending: Vec::new(),
+                    up: HashSet::new(),
+                    below: HashSet::new(),
+                    now: Instant::now(),
+                };
+                for op in &ops {
+                    d.apply(op);
+                    d.check();
+                }
+                // From now on every member answers: a few heartbeats later, every member
+                // the layer below lists is a member.
+                for _ in 0..4 {
+                    while !d.pending.is_empty() {
+                        d.settle(0, true);
+                        d.check();
+                    }
+                    d.apply(&Op::Heartbeat(100));
+                }
+                for k in &d.below {
+                    prop_assert!(d.up.contains(k), "{k:?} listed below but never back");
+                }
+            }
+        }
     }
 }
