@@ -22,6 +22,7 @@
 //!     --port 4000 --peers 4001,4002 [--async [--read-your-writes]] [--route]  # one node
 //!     [--store memory|redis://127.0.0.1:6379]   # a baseline node on tower-sessions instead
 //!     [--lifetime SECS]                         # exits after that long (default 300)
+//!                                   # logs warnings to stderr; RUST_LOG=info for more
 //! cargo run --release --example cluster_demo -- redis --port 6379 [--lifetime SECS]
 //!                          # the baseline's Redis, until stdin closes (needs redis-server)
 //! ```
@@ -301,6 +302,9 @@ fn node_main(args: &[String]) -> Res<()> {
         }
     }
     let http = http.ok_or("--http is required")?;
+    // Warnings by default, `RUST_LOG` for more (the demo's own nodes write their logs
+    // nowhere; run one by hand to see them).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     // Ends the process whatever happens, so nothing is left running.
     std::thread::Builder::new()
         .name("demo-lifetime".into())
