@@ -441,6 +441,25 @@ mod tests {
     }
 
     #[test]
+    fn a_new_member_is_looked_for_whatever_became_of_its_probes() {
+        // Its add probe found no queue place, then a failed send's probe found none either:
+        // the second retry used to replace the first, and nothing probed it again.
+        let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
+        assert_eq!(v.member_added(a.clone()), Next::Probe(Check::Add));
+        assert!(v.begin_probe(a.key(), Check::Add));
+        v.probe_not_queued(a.clone(), Check::Add);
+        assert!(v.begin_probe(a.key(), Check::Remove));
+        v.probe_not_queued(a.clone(), Check::Remove);
+        let due = v.heartbeat(t0, None);
+        assert!(due.contains(&(a.clone(), Check::Add)), "{due:?}");
+        assert!(v.begin_probe(a.key(), Check::Add));
+        assert_eq!(
+            v.settle(a.clone(), Check::Add, true, t0),
+            Some(Report::Added(a))
+        );
+    }
+
+    #[test]
     fn a_failed_send_to_a_stranger_reports_nothing_and_looks_for_nobody() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
         assert!(v.begin_probe(a.key(), Check::Remove));
