@@ -1062,7 +1062,7 @@ async fn requests_waiting_for_room_in_the_dispatch_queue_get_it_in_order() {
             }
             Ok(())
         });
-    let (slow, entered) = hold_messages(cb.channel(), Duration::from_millis(200));
+    let (slow, entered) = hold_messages(cb.channel(), Duration::from_millis(150));
     let (app_a, _) = app(ma);
     let request = |app: &Router| {
         let a = app.clone();
@@ -1082,11 +1082,13 @@ async fn requests_waiting_for_room_in_the_dispatch_queue_get_it_in_order() {
     tokio::time::sleep(Duration::from_millis(30)).await;
     // The older one waits for room from here on.
     let older = request(&app_a);
-    // Newer ones, up to just before the place frees (B holds each message 0.2 s): their
-    // first looks come every few milliseconds, the older one's every 32 ms by then.
+    // Newer ones, up to just before the place frees (B holds each message 0.15 s): their
+    // first looks come every few milliseconds, the older one's every 32 ms by then. (The
+    // last of some fourteen messages gets its place after about 2 s, within the 3 s a
+    // message may wait.)
     let mut requests = vec![first, second, older];
     for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
         requests.push(request(&app_a));
     }
     let mut ids = Vec::new();
@@ -1311,4 +1313,85 @@ async fn a_stale_cookie_after_a_logout_asks_nobody() {
     assert_eq!(mb.stats().version_fetches, 0);
     ca.stop().unwrap();
     cb.stop().unwrap();
+}
+
+/// The dispatch queue is shared out by destinations. With the broadcasts' share full
+/// because one member (C) is slow, a fetch's questions (one to each member, each its own
+/// share) used to wait in the manager's line behind the broadcasts, for up to 3 s, and
+/// the user got a new session although a member had theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_question_does_not_wait_behind_broadcasts_to_a_slow_member() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    let sync = || ha::ManagerConfig {
+        sync: true,
+        ..ha::ManagerConfig::default()
+    };
+    let dispatch = Arc::new(tribes::interceptors::MessageDispatchInterceptor::new(
+        tribes::interceptors::DispatchConfig {
+            threads: 64,
+            max_queue_messages: 1,
+            batch: 1,
+            ..tribes::interceptors::DispatchConfig::default()
+        },
+    ));
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let (cb, mb) = tribes_suite::ha_node_with(pb, &[pa, pc], sync()).unwrap();
+    let (cc, mc) = tribes_suite::ha_node_with(pc, &[pa, pb], sync()).unwrap();
+    let (ca, ma) =
+        tribes_suite::ha_node_custom(pa, &[pb, pc], sync(), Vec::new(), Arc::clone(&dispatch))
+            .unwrap();
+    for c in [&ca, &cb, &cc] {
+        assert!(c.channel().wait_for_members(2, Duration::from_secs(5)));
+    }
+    for (m, c) in [(&ma, &ca), (&mb, &cb), (&mc, &cc)] {
+        m.start(c);
+    }
+    // C is slow with session changes only (it answers questions at once).
+    let slow = Arc::new(AtomicBool::new(true));
+    let s = Arc::clone(&slow);
+    cc.channel()
+        .add_channel_listener(move |m: &tribes::ChannelMessage| {
+            let change = ha::SessionMessage::decode(&m.payload).is_ok_and(|sm| {
+                matches!(
+                    sm.event,
+                    ha::SessionEvent::Created { .. } | ha::SessionEvent::Delta(_)
+                )
+            });
+            if change && s.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(400));
+            }
+            Ok(())
+        });
+    let (app_a, _) = app(Arc::clone(&ma));
+    let mut reqs = Vec::new();
+    for _ in 0..5 {
+        let a = app_a.clone();
+        reqs.push(tokio::spawn(
+            async move { get_with(&a, "/counter", None).await },
+        ));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A session nobody has: B and C are asked, one question each, to their own shards.
+    let m = Arc::clone(&ma);
+    let took = tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        m.fetch(&ha::SessionId::new("nosuchsession0000"));
+        t0.elapsed()
+    })
+    .await
+    .unwrap();
+    slow.store(false, Ordering::SeqCst);
+    for r in reqs {
+        let _ = r.await;
+    }
+    // Behind the broadcasts it took 1.7 s and more; alone, a few milliseconds.
+    assert!(
+        took < Duration::from_millis(1000),
+        "the fetch waited {took:?} behind broadcasts"
+    );
+    for c in [ca, cb, cc] {
+        c.stop().unwrap();
+    }
 }

@@ -473,6 +473,11 @@ impl ClusterInner {
     }
 
     /// Whether the donor thread is stopping (see `donor_stopping`).
+    /// State requests waiting for the donor thread.
+    pub(crate) fn donor_waiting(&self) -> usize {
+        self.donor_queue.lock().as_ref().map_or(0, |q| q.len())
+    }
+
     pub(crate) fn donor_stopping(&self) -> bool {
         self.donor_stopping
             .load(std::sync::atomic::Ordering::Acquire)

@@ -30,9 +30,11 @@ pub struct ManagerConfig {
     /// (servlet convention). Default 1800 (servlet default).
     pub max_inactive_secs: i64,
     /// How long `start` waits for the state of the oldest member. Default 60 s (Tribes
-    /// `stateTransferTimeout`). Also how long this node, as the donor, keeps sending its
-    /// state to one joining member: past it the joiner (with the same setting) has given
-    /// up, and the donor thread moves on to the next request.
+    /// `stateTransferTimeout`). Also how long this node, as the donor, gives one joining
+    /// member while others wait for their state: past it (counted from when the donor
+    /// thread took the request), and with another request waiting, the donor tells the
+    /// joiner to ask elsewhere and moves on. A joiner alone gets all of it, however long
+    /// it takes (batches that arrive after its own timeout are still applied).
     pub state_transfer_timeout: Duration,
     /// Sessions per state-transfer message. Default 1000 (Tribes `sendAllSessionsSize`).
     pub send_all_sessions_size: usize,
@@ -1177,7 +1179,7 @@ impl DeltaManager {
         // Behind messages that wait for room, this one waits too: a request's messages
         // reach the members in order (a rename before the delta under the new id), and a
         // request does not take a freed place from one that asked before it.
-        let behind = self.waiting_for_room();
+        let behind = self.waiting_for_room(to);
         let slot = acked.slot(self, &msg.event, permit);
         // Shared, not copied, by the send and a retry.
         let bytes = match msg.encode() {
@@ -1212,30 +1214,52 @@ impl DeltaManager {
         }
     }
 
-    /// The refusal of the oldest message still waiting for room in the dispatch queue, if
-    /// one waits.
-    fn waiting_for_room(&self) -> Option<SendError> {
+    /// The refusal of the oldest message waiting for room in the dispatch queue for the
+    /// same destinations as `to`, if one waits. (The dispatch queue is shared out by
+    /// destinations: a message to other members does not wait for the room of these.)
+    fn waiting_for_room(&self, to: Option<&Member>) -> Option<SendError> {
         let mut room = self.room.lock();
         // Those of dropped requests (which failed them) leave here if nobody offered room
         // since.
         while room.front().is_some_and(|s| s.retry.lock().is_none()) {
             room.pop_front();
         }
-        (room.iter()).find_map(|s| s.retry.lock().as_ref().map(|r| r.refused.clone()))
+        (room.iter()).find_map(|s| {
+            let retry = s.retry.lock();
+            (retry.as_ref())
+                .filter(|r| r.to.as_ref() == to)
+                .map(|r| r.refused.clone())
+        })
     }
 
-    /// Offers the dispatch queue's room to the waiting messages, oldest first, until one
-    /// finds it full again. One caller at a time: another that finds it busy leaves the
-    /// waiting messages to it (the messages of one request stay in order).
+    /// Offers the dispatch queue's room to the waiting messages, oldest first; once one
+    /// finds the queue for its destinations full, the later ones for the same destinations
+    /// wait on (those for others are still offered theirs). One caller at a time: another
+    /// that finds it busy leaves the waiting messages to it (the messages of one request
+    /// stay in order).
     fn offer_room(&self, now: Instant) {
         let Some(mut room) = self.room.try_lock() else {
             return;
         };
-        while let Some(slot) = room.front() {
-            if slot.retry(now) == Room::Waiting {
-                return;
+        // Destinations found full in this pass.
+        let mut full: Vec<Option<Member>> = Vec::new();
+        let mut i = 0;
+        while let Some(slot) = room.get(i) {
+            let to = slot.retry.lock().as_ref().map(|r| r.to.clone());
+            match to {
+                // Sent, failed, or its request dropped: it leaves the line.
+                None => {
+                    room.remove(i);
+                }
+                Some(to) if full.contains(&to) => i += 1,
+                Some(to) if slot.retry(now) == Room::Waiting => {
+                    full.push(to);
+                    i += 1;
+                }
+                Some(_) => {
+                    room.remove(i);
+                }
             }
-            room.pop_front();
         }
     }
 
@@ -1532,15 +1556,20 @@ impl DeltaManager {
             return;
         };
         // A joiner that acknowledges each batch just within the send timeout could hold
-        // this thread (and every joiner queued behind it) for batches × that timeout.
+        // this thread, and every joiner queued behind it, for batches × that timeout.
         let give_up = crate::deadline(Instant::now(), self.cfg.state_transfer_timeout);
         for batch in batches {
             let stopping = cluster.donor_stopping() || !self.ready.load(Ordering::Acquire);
-            if stopping || Instant::now() >= give_up {
+            let others = if Instant::now() >= give_up {
+                cluster.donor_waiting()
+            } else {
+                0
+            };
+            if stopping || others > 0 {
                 if stopping {
                     warn!(target: "ha::manager", "{}: stopping; state transfer to {to} abandoned", self.context);
                 } else {
-                    warn!(target: "ha::manager", "{}: state transfer to {to} abandoned: not done within {:?} (state_transfer_timeout)", self.context, self.cfg.state_transfer_timeout);
+                    warn!(target: "ha::manager", "{}: state transfer to {to} abandoned after {:?} (state_transfer_timeout): {others} other member(s) wait for their state", self.context, self.cfg.state_transfer_timeout);
                 }
                 // So the joiner asks another member now, not after its whole timeout.
                 let reply = self.message(SessionEvent::StateNotReady);

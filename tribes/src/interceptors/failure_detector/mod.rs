@@ -60,10 +60,13 @@ pub struct FailureDetectorConfig {
     /// Ask for an ACK of the probe message and wait up to [`read_test_timeout`] for it:
     /// the only check that tells a frozen process (stopped, swapping, stuck in a long
     /// pause) from a live one, since the kernel accepts a frozen process's connections
-    /// and buffers what is written to them. The ACK comes from the member's receiver as
-    /// soon as it reads the probe, whatever its workers are doing. Needs
-    /// `perform_send_test`. Default false (Tribes `performReadTest`); `ha`'s cluster
-    /// defaults turn it on.
+    /// and buffers what is written to them. Our receiver ACKs the probe from its selector
+    /// thread as soon as it reads it, whatever its workers are doing; a Java Tribes
+    /// receiver reads only when one of its worker threads is free, so with Java members
+    /// make `read_test_timeout` longer than their longest busy spell. A receiver at its
+    /// connection limit closes the probe's connection, which the read test takes for no
+    /// answer. Needs `perform_send_test`. Default false (Tribes `performReadTest`); `ha`'s
+    /// cluster defaults turn it on.
     ///
     /// [`read_test_timeout`]: Self::read_test_timeout
     pub perform_read_test: bool,
@@ -140,7 +143,8 @@ impl TcpFailureDetector {
         self.state.lock().members().cloned().collect()
     }
 
-    /// Members reported gone below that still answer.
+    /// Members reported gone below, or whose send failed, that still answer (re-checked on
+    /// every heartbeat, for `remove_suspects_timeout`).
     pub fn remove_suspects(&self) -> Vec<Member> {
         self.state.lock().remove_suspects().cloned().collect()
     }

@@ -399,6 +399,62 @@ mod tests {
         assert!(v.heartbeat(t0, None).is_empty());
     }
 
+    /// Gone below (multicast's drop time) while the probe of a failed send runs.
+    #[test]
+    fn a_member_gone_below_during_a_failed_send_s_probe_is_not_looked_for() {
+        let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
+        let next = v.member_added(a.clone());
+        probe(&mut v, &a, next, true, t0);
+        assert!(v.begin_probe(a.key(), Check::Remove));
+        let _ = v.member_disappeared(&a);
+        assert_eq!(
+            v.settle(a.clone(), Check::Remove, false, t0),
+            Some(Report::Gone(a.clone()))
+        );
+        assert!(
+            v.heartbeat(t0, None).is_empty(),
+            "looked for after leaving below"
+        );
+    }
+
+    /// A goodbye while a heartbeat's add probe runs.
+    #[test]
+    fn a_goodbye_during_a_heartbeat_s_add_probe_is_not_undone() {
+        let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
+        let next = v.member_added(a.clone());
+        probe(&mut v, &a, next, true, t0);
+        assert!(v.begin_probe(a.key(), Check::Remove));
+        assert_eq!(
+            v.settle(a.clone(), Check::Remove, false, t0),
+            Some(Report::Gone(a.clone()))
+        );
+        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Add)]);
+        assert!(v.begin_probe(a.key(), Check::Add));
+        assert_eq!(v.member_disappeared(&shutting_down(&a)), Next::Done);
+        assert_eq!(v.settle(a.clone(), Check::Add, true, t0), None);
+    }
+
+    /// A remove suspect that aged out (still a member), then a failed send: the layer
+    /// below reported it gone, so it is not looked for.
+    #[test]
+    fn an_aged_out_suspect_that_fails_is_not_looked_for() {
+        let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
+        let next = v.member_added(a.clone());
+        probe(&mut v, &a, next, true, t0);
+        let next = v.member_disappeared(&a);
+        assert_eq!(probe(&mut v, &a, next, true, t0), None);
+        let later = t0 + Duration::from_secs(301);
+        assert!(v
+            .heartbeat(later, Some(Duration::from_secs(300)))
+            .is_empty());
+        assert!(v.begin_probe(a.key(), Check::Remove));
+        assert_eq!(
+            v.settle(a.clone(), Check::Remove, false, later),
+            Some(Report::Gone(a.clone()))
+        );
+        assert!(v.heartbeat(later, None).is_empty());
+    }
+
     #[test]
     fn a_member_back_below_while_its_gone_probe_ran_is_looked_for() {
         // Gone below, back below (its beacons returned) before the probe of the first
