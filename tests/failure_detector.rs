@@ -625,3 +625,48 @@ fn a_member_reported_gone_below_during_the_read_test_is_not_brought_back() {
     a.stop(Levels::ALL).unwrap();
     b.stop(Levels::ALL).unwrap();
 }
+
+#[test]
+fn a_frozen_member_wanted_again_while_probed_is_back_as_soon_as_it_thaws() {
+    // The read test keeps a probe of a frozen member waiting (here 1 s). A heartbeat that
+    // comes due meanwhile used to be lost, so a member that thawed between probes came
+    // back only a heartbeat later; now the probe runs again at once when it fails, and the
+    // member is back the moment it answers.
+    let inj = Arc::new(Injector::default());
+    let a = GroupChannel::builder()
+        .name("fd-again")
+        .port(0)
+        .heartbeat_interval(None)
+        .interceptor(TcpFailureDetector::new(FailureDetectorConfig {
+            connect_timeout: Duration::from_millis(300),
+            perform_read_test: true,
+            read_test_timeout: Duration::from_secs(1),
+            ..Default::default()
+        }))
+        .interceptor_arc(inj.clone())
+        .build()
+        .unwrap();
+    a.start(Levels::DEFAULT).unwrap();
+    let b = plain_node("b-again");
+    let relay = tribes_suite::FreezableRelay::start(b.local_member().addr()).unwrap();
+    relay.set_frozen(true);
+    let bm = Member::with_id(relay.addr(), UniqueId::random());
+    // Listed below, frozen: its first probe fails after 1 s.
+    inj.added(&bm);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(a.members().is_empty());
+    // A heartbeat starts a probe; another comes while it waits.
+    a.heartbeat();
+    std::thread::sleep(Duration::from_millis(300));
+    a.heartbeat();
+    // The first fails (1 s after it started) and the next starts at once; it thaws during
+    // that one. No heartbeat from here on.
+    std::thread::sleep(Duration::from_millis(1100));
+    relay.set_frozen(false);
+    assert!(
+        wait_until(Duration::from_millis(1500), || a.members().contains(&bm)),
+        "back without waiting for another heartbeat"
+    );
+    a.stop(Levels::ALL).unwrap();
+    b.stop(Levels::ALL).unwrap();
+}

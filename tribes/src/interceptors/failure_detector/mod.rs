@@ -334,9 +334,15 @@ struct Prober {
 impl Prober {
     fn run(self) {
         while let Ok(mut job) = self.jobs.recv() {
-            let alive = self.probe(&job.member);
             let done = job.done.take();
-            self.settle(job, alive);
+            // Again while the member was wanted meanwhile and still does not answer.
+            loop {
+                let alive = self.probe(&job.member);
+                match self.settle(&job, alive) {
+                    Some(again) => job.member = again,
+                    None => break,
+                }
+            }
             if let Some(done) = done {
                 let _ = done.send(());
             }
@@ -402,11 +408,11 @@ impl Prober {
         cfg.connect_timeout.saturating_mul(2).saturating_add(read)
     }
 
-    fn settle(&self, job: Job, alive: bool) {
-        let report = self
-            .state
-            .lock()
-            .settle(job.member, job.check, alive, Instant::now());
+    /// Settles the probe and reports the outcome; returns the member to probe again at
+    /// once, if it was wanted while this probe ran.
+    fn settle(&self, job: &Job, alive: bool) -> Option<Member> {
+        let report =
+            (self.state.lock()).settle(job.member.clone(), job.check, alive, Instant::now());
         match report {
             Some(Report::Added(m)) => {
                 info!(target: "tribes::failure_detector", "verified new member {m}");
@@ -416,7 +422,12 @@ impl Prober {
                 info!(target: "tribes::failure_detector", "verified {m} is gone");
                 self.handle.member_disappeared(m);
             }
+            Some(Report::Again(m)) => {
+                debug!(target: "tribes::failure_detector", "{m} wanted again while its probe ran; probing again");
+                return Some(m);
+            }
             None => {}
         }
+        None
     }
 }

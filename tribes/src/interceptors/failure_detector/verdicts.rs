@@ -35,6 +35,9 @@ pub(crate) enum Next {
 pub(crate) enum Report {
     Added(Member),
     Gone(Member),
+    /// The add probe failed, but the member was heard of again while it ran (a hello, a
+    /// heartbeat that wanted to probe it): probe it again now (the probe is claimed).
+    Again(Member),
 }
 
 /// The detector's book of members: reported up, suspected gone, suspected added, probing.
@@ -60,6 +63,11 @@ pub(crate) struct Verdicts {
     /// Probes that found no place in the queue: run again on the next heartbeat (at most
     /// one per member, so bounded by the members the layer below reports).
     retry: HashMap<MemberKey, (Member, Check)>,
+    /// Members whose add probe was wanted again while one ran: if it fails, it runs again
+    /// at once. A probe with the read test waits seconds for a frozen member; without
+    /// this, a heartbeat coming due meanwhile was lost, and the member came back a whole
+    /// probe after it thawed.
+    again: std::collections::HashSet<MemberKey>,
 }
 
 impl Verdicts {
@@ -90,6 +98,7 @@ impl Verdicts {
     pub(crate) fn member_disappeared(&mut self, member: &Member) -> Next {
         let key = member.key();
         self.below.remove(&key);
+        self.again.remove(&key);
         if member.is_shutting_down() {
             self.remove_suspects.remove(&key);
             self.retry.remove(&key);
@@ -111,6 +120,9 @@ impl Verdicts {
     /// or running.
     pub(crate) fn begin_probe(&mut self, key: MemberKey, check: Check) -> bool {
         if self.probing.get(&key) == Some(&check) {
+            if check == Check::Add {
+                self.again.insert(key);
+            }
             return false;
         }
         self.probing.insert(key, check);
@@ -149,6 +161,7 @@ impl Verdicts {
     ) -> Option<Report> {
         let key = member.key();
         self.probing.remove(&key);
+        let again = self.again.remove(&key);
         match (check, alive) {
             (Check::Add, true) => {
                 // Gone below (or shut down) while the probe ran: not reported.
@@ -160,8 +173,16 @@ impl Verdicts {
                     Some(_) => None,
                 }
             }
-            // Looked for again on the next heartbeat, if still listed below.
-            (Check::Add, false) => None,
+            // Looked for again at once if wanted meanwhile, else on the next heartbeat, if
+            // still listed below.
+            (Check::Add, false) => {
+                let due = again && self.below.contains_key(&key);
+                if due && !self.members.contains_key(&key) {
+                    self.probing.insert(key, Check::Add);
+                    return Some(Report::Again(member));
+                }
+                None
+            }
             (Check::Remove, true) => {
                 if self.members.contains_key(&key) {
                     self.remove_suspects.entry(key).or_insert((member, now));
@@ -191,12 +212,19 @@ impl Verdicts {
             .remove_suspects
             .values()
             .map(|(m, _)| (m.clone(), Check::Remove));
-        // Listed below, not a member, and no add probe under way: look for it.
-        let adds = (self.below.iter())
-            .filter(|(k, _)| {
-                !self.members.contains_key(k) && self.probing.get(k) != Some(&Check::Add)
-            })
-            .map(|(_, m)| (m.clone(), Check::Add));
+        // Listed below and not a member: look for it (if its add probe is under way, once
+        // more when that one fails).
+        let mut adds = Vec::new();
+        for (k, m) in &self.below {
+            if self.members.contains_key(k) {
+                continue;
+            }
+            if self.probing.get(k) == Some(&Check::Add) {
+                self.again.insert(*k);
+            } else {
+                adds.push((m.clone(), Check::Add));
+            }
+        }
         let mut out: Vec<(Member, Check)> = suspects.chain(adds).collect();
         // Add probes that found no place are among those just listed (or no longer due).
         let retries = self.retry.drain().map(|(_, v)| v);
@@ -516,6 +544,39 @@ mod tests {
     }
 
     #[test]
+    fn a_member_wanted_while_its_add_probe_runs_is_probed_again_when_it_fails() {
+        // The read test waits seconds for a frozen member: a heartbeat (or a hello) that
+        // comes meanwhile must not be lost, or the member comes back a probe late.
+        let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
+        assert_eq!(v.member_added(a.clone()), Next::Probe(Check::Add));
+        assert!(v.begin_probe(a.key(), Check::Add));
+        // A heartbeat while it runs hands out nothing for it...
+        assert!(v.heartbeat(t0, None).is_empty());
+        // ...and when it fails, it runs again at once (claimed), until a round passes
+        // without anyone wanting it.
+        assert_eq!(
+            v.settle(a.clone(), Check::Add, false, t0),
+            Some(Report::Again(a.clone()))
+        );
+        assert!(
+            !v.begin_probe(a.key(), Check::Add),
+            "claimed for the prober"
+        );
+        // That begin_probe was a hello: once more.
+        assert_eq!(
+            v.settle(a.clone(), Check::Add, false, t0),
+            Some(Report::Again(a.clone()))
+        );
+        assert_eq!(v.settle(a.clone(), Check::Add, false, t0), None);
+        assert_eq!(v.heartbeat(t0, None), vec![(a.clone(), Check::Add)]);
+        // Gone below meanwhile: not again.
+        assert!(v.begin_probe(a.key(), Check::Add));
+        assert!(!v.begin_probe(a.key(), Check::Add));
+        assert_eq!(v.member_disappeared(&a), Next::Done);
+        assert_eq!(v.settle(a.clone(), Check::Add, false, t0), None);
+    }
+
+    #[test]
     fn a_failed_send_to_a_stranger_reports_nothing_and_looks_for_nobody() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
         assert!(v.begin_probe(a.key(), Check::Remove));
@@ -656,6 +717,12 @@ mod tests {
                     }
                     Some(Report::Gone(m)) => {
                         assert!(self.up.remove(&m.key()), "{m:?} gone, never added")
+                    }
+                    Some(Report::Again(m)) => {
+                        assert!(self.below.contains(&m.key()), "{m:?} again, not listed");
+                        assert!(!self.up.contains(&m.key()), "{m:?} again, a member");
+                        // Claimed by the book: the prober runs it at once.
+                        self.pending.push((m, Check::Add));
                     }
                     None => {}
                 }
