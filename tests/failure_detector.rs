@@ -670,3 +670,103 @@ fn a_frozen_member_wanted_again_while_probed_is_back_as_soon_as_it_thaws() {
     a.stop(Levels::ALL).unwrap();
     b.stop(Levels::ALL).unwrap();
 }
+
+/// One handler's outcome: which message, how its send ended, and when.
+type Outcome = (String, Result<(), tribes::SendError>, Instant);
+
+/// What asynchronous sends' handlers heard, in order.
+#[derive(Default)]
+struct Outcomes(Mutex<Vec<Outcome>>);
+
+struct Named(&'static str, Arc<Outcomes>);
+
+impl tribes::interceptors::ErrorHandler for Named {
+    fn handle_completion(&self, _: UniqueId) {
+        (self.1 .0.lock()).push((self.0.into(), Ok(()), Instant::now()));
+    }
+    fn handle_error(&self, e: tribes::SendError, _: UniqueId) {
+        (self.1 .0.lock()).push((self.0.into(), Err(e), Instant::now()));
+    }
+}
+
+#[test]
+fn a_message_queued_before_its_member_left_is_not_sent_to_it() {
+    // A frozen member holds the dispatch thread for the send timeout (0.8 s) on the first
+    // message; the next waits in the queue meanwhile. Once the member is reported gone,
+    // that next message used to go out to it anyway (a new connection, which a frozen
+    // process's kernel still accepts) and hold the thread for another send timeout.
+    let inj = Arc::new(Injector::default());
+    let a = GroupChannel::builder()
+        .name("fd-left")
+        .port(0)
+        .heartbeat_interval(None)
+        .sender(tribes::transport::SenderConfig {
+            timeout: Duration::from_millis(800),
+            ..Default::default()
+        })
+        .interceptor(MessageDispatchInterceptor::new(
+            tribes::interceptors::DispatchConfig {
+                threads: 1,
+                ..Default::default()
+            },
+        ))
+        .interceptor(TcpFailureDetector::new(FailureDetectorConfig {
+            connect_timeout: Duration::from_millis(300),
+            perform_read_test: true,
+            read_test_timeout: Duration::from_millis(200),
+            ..Default::default()
+        }))
+        .interceptor_arc(inj.clone())
+        .build()
+        .unwrap();
+    a.start(Levels::DEFAULT).unwrap();
+    let b = plain_node("b-left");
+    let relay = tribes_suite::FreezableRelay::start(b.local_member().addr()).unwrap();
+    let bm = Member::with_id(relay.addr(), UniqueId::random());
+    inj.added(&bm);
+    assert!(wait_until(Duration::from_secs(3), || a
+        .members()
+        .contains(&bm)));
+    relay.set_frozen(true);
+    let outcomes = Arc::new(Outcomes::default());
+    let opts = SendOptions::ASYNCHRONOUS | SendOptions::USE_ACK;
+    let to = std::slice::from_ref(&bm);
+    for name in ["first", "queued"] {
+        let handler = Arc::new(Named(name, Arc::clone(&outcomes)));
+        a.send_with_handler(to, &b"x"[..], opts, handler).unwrap();
+        // The dispatch thread takes the first (and waits for its ACK) before the second
+        // is queued.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The membership below loses it (multicast's drop time); the read test confirms.
+    std::thread::sleep(Duration::from_millis(50));
+    inj.gone(&bm);
+    assert!(wait_until(Duration::from_secs(3), || !a
+        .members()
+        .contains(&bm)));
+    assert!(wait_until(Duration::from_secs(5), || outcomes
+        .0
+        .lock()
+        .len()
+        == 2));
+    let got = outcomes.0.lock();
+    let failure = |i: usize| match &got[i].1 {
+        Err(tribes::SendError::Faulty(v)) => v[0].failure.clone(),
+        other => panic!("{}: {other:?}", got[i].0),
+    };
+    // The first was under way (its connection is closed when the member leaves, or it
+    // times out).
+    assert_eq!(got[0].0, "first");
+    assert!(got[0].1.is_err());
+    assert_eq!(got[1].0, "queued");
+    assert_eq!(
+        failure(1),
+        tribes::Failure::Left,
+        "the queued one went out to it"
+    );
+    // Told at once when its turn came, not a send timeout later.
+    assert!(got[1].2.duration_since(got[0].2) < Duration::from_millis(400));
+    drop(got);
+    a.stop(Levels::ALL).unwrap();
+    b.stop(Levels::ALL).unwrap();
+}

@@ -284,6 +284,9 @@ impl tribes::interceptors::ErrorHandler for NoteLagging {
     fn handle_completion(&self, _id: tribes::UniqueId) {}
 
     fn handle_error(&self, error: SendError, _id: tribes::UniqueId) {
+        if only_departed(&error) {
+            return;
+        }
         // With a handler, the dispatch thread leaves the telling to it, sparsely as for the
         // manager's other failures (a dead member fails every message until the failure
         // detector removes it); a stopping dispatcher's leftovers only at debug level.
@@ -1849,8 +1852,19 @@ impl tribes::interceptors::ErrorHandler for AckSlot {
     }
 
     fn handle_error(&self, error: SendError, _id: tribes::UniqueId) {
+        // Every member it did not reach has left the group: it reached every member.
+        if only_departed(&error) {
+            return self.finish(Ok(()));
+        }
         self.finish(Err(error));
     }
+}
+
+/// Whether a send failed only for members that left the group after it was queued (the
+/// dispatch interceptor leaves them out): nobody that is still a member missed it.
+fn only_departed(error: &SendError) -> bool {
+    matches!(error, SendError::Faulty(v)
+        if !v.is_empty() && v.iter().all(|f| f.failure == tribes::Failure::Left))
 }
 
 impl Future for Acked {

@@ -31,6 +31,10 @@ pub enum Failure {
     RemoteProcess,
     /// The peer sent bytes that are not a valid reply frame; the connection was dropped.
     Protocol(String),
+    /// The member left the group after the message was queued for an asynchronous send,
+    /// so it was not sent there (a member found frozen would otherwise hold the dispatch
+    /// thread for the send timeout once more).
+    Left,
     /// The sender is stopped.
     Stopped,
 }
@@ -59,6 +63,7 @@ impl fmt::Display for Failure {
             Self::Timeout => f.write_str("no ACK before the send timeout"),
             Self::RemoteProcess => f.write_str("receiver failed to process the message (FAIL_ACK)"),
             Self::Protocol(d) => write!(f, "protocol error: {d}"),
+            Self::Left => f.write_str("the member left before the message went out"),
             Self::Stopped => f.write_str("sender stopped"),
         }
     }

@@ -23,10 +23,11 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 use parking_lot::Mutex;
 
-use super::{Down, Interceptor, Outgoing, StackHandle};
+use super::{Down, Interceptor, Outgoing, StackHandle, Up};
 use crate::channel::Levels;
-use crate::error::{ChannelError, FaultyMember, SendError};
+use crate::error::{ChannelError, Failure, FaultyMember, SendError};
 use crate::idle::IdleWait;
+use crate::member::{Member, MemberKey};
 use crate::options::SendOptions;
 
 /// Settings of [`MessageDispatchInterceptor`].
@@ -133,13 +134,77 @@ pub struct MessageDispatchInterceptor {
     failures: Arc<AtomicU64>,
     /// Messages refused for a full queue.
     refused: AtomicU64,
+    departures: Arc<Departures>,
 }
 
 /// One dispatch thread's queue, and how many messages wait in it: the channel is
 /// unbounded, the count bounds it. Shared by `Arc`, so a send clones one pointer.
 struct Queue {
-    tx: Sender<Outgoing>,
+    tx: Sender<Queued>,
     len: Arc<AtomicUsize>,
+}
+
+/// A message in a queue, with the departure count when it was queued.
+struct Queued {
+    out: Outgoing,
+    departures: u64,
+}
+
+/// Members that left the group (reported gone up the stack), so that messages queued
+/// before they left are not sent to them: a member found frozen would otherwise hold its
+/// dispatch thread for the send timeout once more for every batch queued to it.
+#[derive(Default)]
+struct Departures {
+    /// Departures so far: a message queued at count `n` skips the members that left at a
+    /// later count. One load per message while nobody leaves.
+    count: AtomicU64,
+    /// When each member that is still away left (cleared when it is added again; at most
+    /// [`MAX_DEPARTED`] remembered).
+    left: Mutex<std::collections::HashMap<MemberKey, u64>>,
+}
+
+/// Departed members remembered; past it the oldest are forgotten (a message queued before
+/// such a member left is then still sent to it, as before this bookkeeping).
+const MAX_DEPARTED: usize = 4096;
+
+impl Departures {
+    fn left(&self, member: &Member) {
+        let mut left = self.left.lock();
+        let n = self.count.fetch_add(1, Ordering::AcqRel) + 1;
+        if left.len() >= MAX_DEPARTED {
+            if let Some(oldest) = left.iter().min_by_key(|(_, at)| **at).map(|(k, _)| *k) {
+                left.remove(&oldest);
+            }
+        }
+        left.insert(member.key(), n);
+    }
+
+    fn returned(&self, member: &Member) {
+        if self.count.load(Ordering::Acquire) > 0 {
+            self.left.lock().remove(&member.key());
+        }
+    }
+
+    /// Takes out of `out`'s destinations the members that left since count `since`, and
+    /// returns them.
+    fn skip_departed(&self, out: &mut Outgoing, since: u64) -> Vec<FaultyMember> {
+        if self.count.load(Ordering::Acquire) <= since {
+            return Vec::new();
+        }
+        let left = self.left.lock();
+        let mut skipped = Vec::new();
+        out.destinations.retain(|m| {
+            let gone = left.get(&m.key()).is_some_and(|at| *at > since);
+            if gone {
+                skipped.push(FaultyMember {
+                    member: m.clone(),
+                    failure: Failure::Left,
+                });
+            }
+            !gone
+        });
+        skipped
+    }
 }
 
 struct Running {
@@ -164,6 +229,7 @@ impl MessageDispatchInterceptor {
             running: Mutex::new(None),
             failures: Arc::new(AtomicU64::new(0)),
             refused: AtomicU64::new(0),
+            departures: Arc::new(Departures::default()),
         }
     }
 
@@ -208,6 +274,16 @@ impl Interceptor for MessageDispatchInterceptor {
         SendOptions::ASYNCHRONOUS
     }
 
+    fn member_added(&self, member: Member, next: Up<'_>) {
+        self.departures.returned(&member);
+        next.member_added(member);
+    }
+
+    fn member_disappeared(&self, member: Member, next: Up<'_>) {
+        self.departures.left(&member);
+        next.member_disappeared(member);
+    }
+
     fn send(&self, out: Outgoing, next: Down<'_>) -> Result<(), SendError> {
         let size = out.message.payload.len();
         let max = self.cfg.max_queue_bytes;
@@ -246,7 +322,8 @@ impl Interceptor for MessageDispatchInterceptor {
                 max,
             });
         }
-        match queue.tx.send(out) {
+        let departures = self.departures.count.load(Ordering::Acquire);
+        match queue.tx.send(Queued { out, departures }) {
             Ok(()) => Ok(()),
             Err(_) => {
                 queue.len.fetch_sub(1, Ordering::AcqRel);
@@ -279,6 +356,7 @@ impl Interceptor for MessageDispatchInterceptor {
             let len = Arc::new(AtomicUsize::new(0));
             let worker = DispatchWorker {
                 rx,
+                departures: Arc::clone(&self.departures),
                 len: Arc::clone(&len),
                 handle: handle.clone(),
                 queued: Arc::clone(&self.queued),
@@ -324,7 +402,8 @@ impl Interceptor for MessageDispatchInterceptor {
 }
 
 struct DispatchWorker {
-    rx: Receiver<Outgoing>,
+    rx: Receiver<Queued>,
+    departures: Arc<Departures>,
     /// Messages in `rx` (see `Queue`).
     len: Arc<AtomicUsize>,
     handle: StackHandle,
@@ -340,21 +419,35 @@ struct DispatchWorker {
 impl DispatchWorker {
     fn run(self) {
         let mut jobs = Vec::with_capacity(self.batch);
+        // Per job, the destinations left out because they left after it was queued.
+        let mut departed: Vec<Vec<FaultyMember>> = Vec::with_capacity(self.batch);
         // A batch of messages nobody waits on (all `LAZY`) may wait a few yields for messages
         // that concurrent senders are about to queue: one write then carries several.
         let lazy = |j: &Outgoing| j.message.options.contains(SendOptions::LAZY);
+        let take = |q: Queued, jobs: &mut Vec<Outgoing>, departed: &mut Vec<Vec<FaultyMember>>| {
+            let Queued {
+                mut out,
+                departures,
+            } = q;
+            departed.push(self.departures.skip_departed(&mut out, departures));
+            jobs.push(out);
+        };
         while let Ok(first) = self.idle.recv(&self.rx) {
-            let mut bytes = first.message.payload.len();
-            let mut gather = if lazy(&first) { self.gather_yields } else { 0 };
-            jobs.push(first);
+            let mut bytes = first.out.message.payload.len();
+            let mut gather = if lazy(&first.out) {
+                self.gather_yields
+            } else {
+                0
+            };
+            take(first, &mut jobs, &mut departed);
             while jobs.len() < self.batch && bytes < self.batch_bytes {
                 match self.rx.try_recv() {
                     Ok(j) => {
-                        if !lazy(&j) {
+                        if !lazy(&j.out) {
                             gather = 0;
                         }
-                        bytes += j.message.payload.len();
-                        jobs.push(j);
+                        bytes += j.out.message.payload.len();
+                        take(j, &mut jobs, &mut departed);
                     }
                     Err(_) if gather == 0 => break,
                     Err(_) => {
@@ -370,8 +463,9 @@ impl DispatchWorker {
             if too_late {
                 self.fail_batch(&mut jobs);
             } else {
-                self.send_batch(&mut jobs);
+                self.send_batch(&mut jobs, &mut departed);
             }
+            departed.clear();
         }
     }
 
@@ -388,11 +482,16 @@ impl DispatchWorker {
         }
     }
 
-    fn send_batch(&self, jobs: &mut Vec<Outgoing>) {
+    fn send_batch(&self, jobs: &mut Vec<Outgoing>, departed: &mut [Vec<FaultyMember>]) {
         let mut immediate: Vec<(usize, SendError)> = Vec::new();
         let mut next = 0;
         let failures = self.handle.batch(&mut |b| {
             for (i, job) in jobs.iter().enumerate().skip(next) {
+                next = i + 1;
+                // Every destination left: nothing to send.
+                if job.destinations.is_empty() && !departed[i].is_empty() {
+                    continue;
+                }
                 b.tag(i);
                 // This thread tells the handler how the batch went; below, nobody else may.
                 let down = Outgoing {
@@ -402,7 +501,6 @@ impl DispatchWorker {
                 if let Err(e) = self.handle.send(down) {
                     immediate.push((i, e));
                 }
-                next = i + 1;
             }
         });
         let mut by_job: Vec<Vec<FaultyMember>> = vec![Vec::new(); jobs.len()];
@@ -418,7 +516,8 @@ impl DispatchWorker {
         for (i, job) in jobs.drain(..).enumerate() {
             self.queued
                 .fetch_sub(job.message.payload.len(), Ordering::AcqRel);
-            let faulty = std::mem::take(&mut by_job[i]);
+            let mut faulty = std::mem::take(&mut by_job[i]);
+            faulty.append(&mut departed[i]);
             let err = match errors[i].take() {
                 Some(SendError::Faulty(mut v)) => {
                     v.extend(faulty);

@@ -208,8 +208,9 @@ impl Interceptor for TcpFailureDetector {
     /// dispatch thread after its batch: each member is checked.
     fn sends_failed(&self, failed: &[FaultyMember]) {
         for f in failed {
-            // A FAIL_ACK means the member is alive and answered.
-            if f.failure != Failure::RemoteProcess {
+            // A FAIL_ACK means the member is alive and answered; one that left was not
+            // even tried.
+            if !matches!(f.failure, Failure::RemoteProcess | Failure::Left) {
                 debug!(target: "tribes::failure_detector", "send to {} failed ({}); verifying", f.member, f.failure);
                 self.enqueue(f.member.clone(), Check::Remove);
             }
