@@ -319,15 +319,16 @@ fn node_main(args: &[String]) -> Res<()> {
         .iter()
         .map(|p| Member::with_id(SocketAddr::from(([127, 0, 0, 1], *p)), UniqueId::random()))
         .collect();
-    let channel = GroupChannel::builder()
+    let builder = GroupChannel::builder()
         .name(format!("node{id}"))
         .receiver(ReceiverConfig {
             port,
             auto_bind: 1,
             ..ReceiverConfig::default()
         })
-        .interceptor(MessageDispatchInterceptor::default())
-        .interceptor(Cluster::failure_detector())
+        .interceptor(MessageDispatchInterceptor::default());
+    // Joins, leaves and frozen members checked over TCP (every member on each heartbeat).
+    let channel = Cluster::failure_detection(builder)
         .interceptor(StaticMembershipInterceptor::new(members))
         .build()?;
     let cluster = Cluster::new(channel);

@@ -283,8 +283,7 @@ pub fn ha_node_custom(
     for x in extra {
         builder = builder.interceptor_arc(x);
     }
-    let channel = builder
-        .interceptor(ha::Cluster::failure_detector())
+    let channel = ha::Cluster::failure_detection(builder)
         .interceptor(StaticMembershipInterceptor::new(members))
         .build()?;
     let cluster = ha::Cluster::new(channel);

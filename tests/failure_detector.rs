@@ -770,3 +770,50 @@ fn a_message_queued_before_its_member_left_is_not_sent_to_it() {
     a.stop(Levels::ALL).unwrap();
     b.stop(Levels::ALL).unwrap();
 }
+
+#[test]
+fn a_member_that_froze_while_idle_is_found_by_the_heartbeat_check() {
+    // Nothing is sent to it, so no send fails: only the ping's forced check, with the read
+    // test, finds it (what `ha::Cluster::failure_detection` sets up).
+    let fd = Arc::new(TcpFailureDetector::new(FailureDetectorConfig {
+        connect_timeout: Duration::from_millis(300),
+        perform_read_test: true,
+        read_test_timeout: Duration::from_millis(300),
+        ..Default::default()
+    }));
+    let inj = Arc::new(Injector::default());
+    let a = GroupChannel::builder()
+        .name("fd-idle")
+        .port(0)
+        .heartbeat_interval(None)
+        .interceptor(tribes::interceptors::TcpPingInterceptor::new().with_detector(fd.clone()))
+        .interceptor_arc(fd.clone())
+        .interceptor_arc(inj.clone())
+        .build()
+        .unwrap();
+    a.start(Levels::DEFAULT).unwrap();
+    let b = plain_node("b-idle");
+    let relay = tribes_suite::FreezableRelay::start(b.local_member().addr()).unwrap();
+    let bm = Member::with_id(relay.addr(), UniqueId::random());
+    inj.added(&bm);
+    assert!(wait_until(Duration::from_secs(3), || a
+        .members()
+        .contains(&bm)));
+    a.heartbeat();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(a.members().contains(&bm), "a live member passes the check");
+    relay.set_frozen(true);
+    a.heartbeat();
+    assert!(
+        wait_until(Duration::from_secs(3), || !a.members().contains(&bm)),
+        "the heartbeat's check found it frozen"
+    );
+    relay.set_frozen(false);
+    assert!(wait_until(Duration::from_secs(3), || {
+        a.heartbeat();
+        std::thread::sleep(Duration::from_millis(50));
+        a.members().contains(&bm)
+    }));
+    a.stop(Levels::ALL).unwrap();
+    b.stop(Levels::ALL).unwrap();
+}

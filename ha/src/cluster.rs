@@ -157,8 +157,9 @@ impl Cluster {
     }
 
     /// A cluster over a channel built from `builder` with Tribes' cluster defaults: when no
-    /// interceptor was added, `MessageDispatchInterceptor` then the failure detector of
-    /// [`Cluster::failure_detector`] (as `SimpleTcpCluster` does, with the read test on).
+    /// interceptor was added, `MessageDispatchInterceptor` then the failure detection of
+    /// [`Cluster::failure_detection`] (as `SimpleTcpCluster` does, with the read test on and
+    /// every member checked on each heartbeat).
     /// Membership is the builder's: multicast as here (Tribes' own), or static or DNS
     /// membership, which are interceptors, so a builder with one has interceptors and gets
     /// no defaults: add the dispatch interceptor and the failure detector above it yourself
@@ -176,11 +177,37 @@ impl Cluster {
         let builder = if builder.has_interceptors() {
             builder
         } else {
-            builder
-                .interceptor(tribes::interceptors::MessageDispatchInterceptor::default())
-                .interceptor(Self::failure_detector())
+            Self::failure_detection(
+                builder.interceptor(tribes::interceptors::MessageDispatchInterceptor::default()),
+            )
         };
         Ok(Self::new(builder.build()?))
+    }
+
+    /// Adds to `builder`, below what it has so far (the dispatch interceptor) and above
+    /// what comes next (the membership), the failure detection a session cluster wants:
+    /// [`Cluster::failure_detector`] (the read test on), and above it a
+    /// `TcpPingInterceptor` that has it check every member on each heartbeat. Without the
+    /// check, a member that froze while no request replicated to it stays a member until
+    /// the next change stalls on it; with it, it is found within a heartbeat and the read
+    /// test (5 s + 5 s), traffic or not. Each check costs one connection and one 64-byte
+    /// probe per member per heartbeat.
+    ///
+    /// ```
+    /// use tribes::interceptors::{MessageDispatchInterceptor, StaticMembershipInterceptor};
+    /// let builder = tribes::GroupChannel::builder()
+    ///     .port(0)
+    ///     .interceptor(MessageDispatchInterceptor::default());
+    /// let channel = ha::Cluster::failure_detection(builder)
+    ///     .interceptor(StaticMembershipInterceptor::new(Vec::new()))
+    ///     .build()?;
+    /// # Ok::<(), tribes::ChannelError>(())
+    /// ```
+    pub fn failure_detection(builder: tribes::ChannelBuilder) -> tribes::ChannelBuilder {
+        let detector = Arc::new(Self::failure_detector());
+        let ping =
+            tribes::interceptors::TcpPingInterceptor::new().with_detector(Arc::clone(&detector));
+        builder.interceptor(ping).interceptor_arc(detector)
     }
 
     /// The failure detector a session cluster wants: Tribes' `TcpFailureDetector` with its
