@@ -284,7 +284,10 @@ impl tribes::interceptors::ErrorHandler for NoteLagging {
     fn handle_completion(&self, _id: tribes::UniqueId) {}
 
     fn handle_error(&self, error: SendError, _id: tribes::UniqueId) {
+        // Missed only members that left: not a failure to count or tell, but remembered,
+        // so that a member that comes back (a thawed one keeps its identity) is told.
         if only_departed(&error) {
+            self.lagging.note(&self.session);
             return;
         }
         // With a handler, the dispatch thread leaves the telling to it, sparsely as for the
@@ -1852,8 +1855,13 @@ impl tribes::interceptors::ErrorHandler for AckSlot {
     }
 
     fn handle_error(&self, error: SendError, _id: tribes::UniqueId) {
-        // Every member it did not reach has left the group: it reached every member.
+        // Every member it did not reach has left the group: it reached every member. The
+        // session is remembered all the same, so that a member that comes back (a thawed
+        // one keeps its identity) is told by the next sweep.
         if only_departed(&error) {
+            if let Some((lagging, id)) = &self.lagging {
+                lagging.note(id);
+            }
             return self.finish(Ok(()));
         }
         self.finish(Err(error));
@@ -1861,7 +1869,7 @@ impl tribes::interceptors::ErrorHandler for AckSlot {
 }
 
 /// Whether a send failed only for members that left the group after it was queued (the
-/// dispatch interceptor leaves them out): nobody that is still a member missed it.
+/// dispatch interceptor leaves them out): every current member got it.
 fn only_departed(error: &SendError) -> bool {
     matches!(error, SendError::Faulty(v)
         if !v.is_empty() && v.iter().all(|f| f.failure == tribes::Failure::Left))

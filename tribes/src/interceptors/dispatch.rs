@@ -535,6 +535,12 @@ impl DispatchWorker {
                     self.failures.fetch_add(1, Ordering::Relaxed);
                     h.handle_error(e, id);
                 }
+                // Missed only members that left since it was queued: nobody to tell.
+                (Some(SendError::Faulty(v)), None)
+                    if v.iter().all(|f| f.failure == Failure::Left) =>
+                {
+                    debug!(target: "tribes::dispatch", "async message {id} not sent to {} member(s) that left", v.len());
+                }
                 (Some(e), None) => {
                     self.failures.fetch_add(1, Ordering::Relaxed);
                     warn!(target: "tribes::dispatch", "async message {id} failed: {e}");

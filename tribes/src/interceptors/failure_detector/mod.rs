@@ -119,8 +119,14 @@ struct Job {
 
 struct Pool {
     queue: Sender<Job>,
+    /// The probe threads' own way into the queue (a probe to run again goes to its back),
+    /// taken away at stop so that the queue can close.
+    requeue: Requeue,
     threads: Vec<JoinHandle<()>>,
 }
+
+/// A sender into the probe queue that `stop` can take back from the probe threads.
+type Requeue = Arc<Mutex<Option<Sender<Job>>>>;
 
 impl Default for TcpFailureDetector {
     fn default() -> Self {
@@ -209,7 +215,8 @@ impl Interceptor for TcpFailureDetector {
     fn sends_failed(&self, failed: &[FaultyMember]) {
         for f in failed {
             // A FAIL_ACK means the member is alive and answered; one that left was not
-            // even tried.
+            // even tried (the dispatch interceptor adds those after the batch, so they do
+            // not come here today; kept in case another sender reports them).
             if !matches!(f.failure, Failure::RemoteProcess | Failure::Left) {
                 debug!(target: "tribes::failure_detector", "send to {} failed ({}); verifying", f.member, f.failure);
                 self.enqueue(f.member.clone(), Check::Remove);
@@ -263,10 +270,12 @@ impl Interceptor for TcpFailureDetector {
             return Ok(());
         }
         let (tx, rx) = crossbeam_channel::bounded(self.cfg.max_pending.max(1));
+        let requeue: Requeue = Arc::new(Mutex::new(Some(tx.clone())));
         let mut threads = Vec::new();
         for n in 0..self.cfg.threads.max(1) {
             let prober = Prober {
                 jobs: rx.clone(),
+                requeue: Arc::clone(&requeue),
                 handle: handle.clone(),
                 state: Arc::clone(&self.state),
                 cfg: self.cfg.clone(),
@@ -277,7 +286,11 @@ impl Interceptor for TcpFailureDetector {
                     .spawn(move || prober.run())?,
             );
         }
-        *pool = Some(Pool { queue: tx, threads });
+        *pool = Some(Pool {
+            queue: tx,
+            requeue,
+            threads,
+        });
         drop(pool);
         // Members reported before the probe threads ran (static and DNS membership report
         // theirs as the levels below start) are checked now, and `start` returns once they
@@ -314,6 +327,8 @@ impl Interceptor for TcpFailureDetector {
         }
         let pool = self.pool.lock().take();
         if let Some(p) = pool {
+            // Every sender gone: the threads finish what is queued and end.
+            p.requeue.lock().take();
             drop(p.queue);
             for t in p.threads {
                 let _ = t.join();
@@ -327,6 +342,7 @@ impl Interceptor for TcpFailureDetector {
 
 struct Prober {
     jobs: Receiver<Job>,
+    requeue: Requeue,
     handle: StackHandle,
     state: Arc<Mutex<Verdicts>>,
     cfg: FailureDetectorConfig,
@@ -336,12 +352,30 @@ impl Prober {
     fn run(self) {
         while let Ok(mut job) = self.jobs.recv() {
             let done = job.done.take();
-            // Again while the member was wanted meanwhile and still does not answer.
-            loop {
-                let alive = self.probe(&job.member);
-                match self.settle(&job, alive) {
-                    Some(again) => job.member = again,
-                    None => break,
+            // Stopping: what is still queued is dropped unprobed (the book is reset).
+            if self.requeue.lock().is_none() {
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                continue;
+            }
+            let alive = self.probe(&job.member);
+            // Wanted again meanwhile and still silent: once more, behind the probes already
+            // queued (this thread is not pinned to a member that stays frozen), or on the
+            // next heartbeat if the queue is full or closing.
+            if let Some(member) = self.settle(&job, alive) {
+                let check = job.check;
+                let again = Job {
+                    member,
+                    check,
+                    done: None,
+                };
+                let queued = match self.requeue.lock().as_ref() {
+                    Some(tx) => tx.try_send(again).map_err(|e| e.into_inner()),
+                    None => Err(again),
+                };
+                if let Err(again) = queued {
+                    self.state.lock().probe_not_queued(again.member, check);
                 }
             }
             if let Some(done) = done {

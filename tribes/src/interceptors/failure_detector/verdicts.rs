@@ -179,7 +179,9 @@ impl Verdicts {
                 let due = again && self.below.contains_key(&key);
                 if due && !self.members.contains_key(&key) {
                     self.probing.insert(key, Check::Add);
-                    return Some(Report::Again(member));
+                    // As the layer below last reported it.
+                    let latest = self.below.get(&key).cloned().unwrap_or(member);
+                    return Some(Report::Again(latest));
                 }
                 None
             }
