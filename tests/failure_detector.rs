@@ -453,26 +453,57 @@ fn a_channel_that_was_never_started_does_not_send() {
 /// A channel with a detector that runs the read test (short timeouts) above the injector,
 /// and the sender timeout given.
 fn read_test_channel(name: &str, send_timeout: Duration) -> (GroupChannel, Arc<Injector>) {
-    let inj = Arc::new(Injector::default());
-    let ch = GroupChannel::builder()
-        .name(name)
-        .port(0)
-        .heartbeat_interval(None)
-        .sender(tribes::transport::SenderConfig {
+    read_test_node(name, Duration::from_millis(300), |b, _| {
+        b.sender(tribes::transport::SenderConfig {
             timeout: send_timeout,
             ..Default::default()
         })
-        .interceptor(TcpFailureDetector::new(FailureDetectorConfig {
-            connect_timeout: Duration::from_millis(300),
-            perform_read_test: true,
-            read_test_timeout: Duration::from_millis(300),
-            ..Default::default()
-        }))
+    })
+}
+
+/// A started channel without heartbeat thread whose detector runs the read test (connect
+/// 0.3 s, read `read`) above an injector that plays the membership; `tune` sets up the rest
+/// of the builder, and adds what goes above the detector (it gets the detector).
+fn read_test_node(
+    name: &str,
+    read: Duration,
+    tune: impl FnOnce(tribes::ChannelBuilder, &Arc<TcpFailureDetector>) -> tribes::ChannelBuilder,
+) -> (GroupChannel, Arc<Injector>) {
+    let fd = Arc::new(TcpFailureDetector::new(FailureDetectorConfig {
+        connect_timeout: Duration::from_millis(300),
+        perform_read_test: true,
+        read_test_timeout: read,
+        ..Default::default()
+    }));
+    let inj = Arc::new(Injector::default());
+    let builder = GroupChannel::builder()
+        .name(name)
+        .port(0)
+        .heartbeat_interval(None);
+    let ch = tune(builder, &fd)
+        .interceptor_arc(fd)
         .interceptor_arc(inj.clone())
         .build()
         .unwrap();
     ch.start(Levels::DEFAULT).unwrap();
     (ch, inj)
+}
+
+/// A plain node behind a relay that can freeze it, and the member at the relay's address.
+fn freezable_node(name: &str) -> (GroupChannel, tribes_suite::FreezableRelay, Member) {
+    let node = plain_node(name);
+    let relay = tribes_suite::FreezableRelay::start(node.local_member().addr()).unwrap();
+    let member = Member::with_id(relay.addr(), UniqueId::random());
+    (node, relay, member)
+}
+
+/// Runs `a`'s heartbeat every 50 ms until `m` is a member (true) or `within` passed.
+fn member_after_heartbeats(a: &GroupChannel, m: &Member, within: Duration) -> bool {
+    wait_until(within, || {
+        a.heartbeat();
+        std::thread::sleep(Duration::from_millis(50));
+        a.members().contains(m)
+    })
 }
 
 #[test]
@@ -492,11 +523,7 @@ fn the_read_test_tells_a_frozen_member_from_a_live_one() {
     }
     // A live member answers the read test (its receiver ACKs the probe; a probe slowed
     // past its 0.3 s by a loaded machine is tried again on the next heartbeat).
-    assert!(wait_until(Duration::from_secs(5), || {
-        a.heartbeat();
-        std::thread::sleep(Duration::from_millis(50));
-        a.members().contains(&bm)
-    }));
+    assert!(member_after_heartbeats(&a, &bm, Duration::from_secs(5)));
     // The send test alone lets the frozen one in.
     assert!(wait_until(Duration::from_secs(3), || plain
         .members()
@@ -511,11 +538,7 @@ fn the_read_test_tells_a_frozen_member_from_a_live_one() {
     );
     // Thawed, it answers the probe of the next heartbeat.
     relay.set_frozen(false);
-    assert!(wait_until(Duration::from_secs(5), || {
-        a.heartbeat();
-        std::thread::sleep(Duration::from_millis(50));
-        a.members().contains(&frozen)
-    }));
+    assert!(member_after_heartbeats(&a, &frozen, Duration::from_secs(5)));
     a.stop(Levels::ALL).unwrap();
     plain.stop(Levels::ALL).unwrap();
 }
@@ -526,7 +549,7 @@ fn a_member_that_freezes_is_removed_after_a_failed_send_and_back_when_it_thaws()
     // it again: the detector reports it gone after the failed send, looks for it on every
     // heartbeat, and reports it added once it answers, without a restart of either side.
     let (a, inj) = read_test_channel("fd-freeze", Duration::from_millis(800));
-    let b = plain_node("b-freeze");
+    let (b, relay, bm) = freezable_node("b-freeze");
     let delivered = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
     let d = Arc::clone(&delivered);
     b.add_channel_listener(move |m: &ChannelMessage| {
@@ -535,8 +558,6 @@ fn a_member_that_freezes_is_removed_after_a_failed_send_and_back_when_it_thaws()
         }
         Ok(())
     });
-    let relay = tribes_suite::FreezableRelay::start(b.local_member().addr()).unwrap();
-    let bm = Member::with_id(relay.addr(), UniqueId::random());
     inj.added(&bm);
     assert!(wait_until(Duration::from_secs(3), || a
         .members()
@@ -566,11 +587,7 @@ fn a_member_that_freezes_is_removed_after_a_failed_send_and_back_when_it_thaws()
     assert!(!a.members().contains(&bm));
     relay.set_frozen(false);
     assert!(
-        wait_until(Duration::from_secs(5), || {
-            a.heartbeat();
-            std::thread::sleep(Duration::from_millis(50));
-            a.members().contains(&bm)
-        }),
+        member_after_heartbeats(&a, &bm, Duration::from_secs(5)),
         "b answers again and is a member again"
     );
     a.send(
@@ -599,9 +616,7 @@ fn a_member_that_freezes_is_removed_after_a_failed_send_and_back_when_it_thaws()
 #[test]
 fn a_member_reported_gone_below_during_the_read_test_is_not_brought_back() {
     let (a, inj) = read_test_channel("fd-ghost", Duration::from_millis(800));
-    let b = plain_node("b-ghost");
-    let relay = tribes_suite::FreezableRelay::start(b.local_member().addr()).unwrap();
-    let bm = Member::with_id(relay.addr(), UniqueId::random());
+    let (b, relay, bm) = freezable_node("b-ghost");
     inj.added(&bm);
     assert!(wait_until(Duration::from_secs(3), || a
         .members()
@@ -616,11 +631,7 @@ fn a_member_reported_gone_below_during_the_read_test_is_not_brought_back() {
         .contains(&bm)));
     std::thread::sleep(Duration::from_millis(800)); // both probes settled
     relay.set_frozen(false);
-    let ghost = wait_until(Duration::from_secs(3), || {
-        a.heartbeat();
-        std::thread::sleep(Duration::from_millis(50));
-        a.members().contains(&bm)
-    });
+    let ghost = member_after_heartbeats(&a, &bm, Duration::from_secs(3));
     assert!(!ghost, "re-added a member the layer below reported gone");
     a.stop(Levels::ALL).unwrap();
     b.stop(Levels::ALL).unwrap();
@@ -632,25 +643,9 @@ fn a_frozen_member_wanted_again_while_probed_is_back_as_soon_as_it_thaws() {
     // comes due meanwhile used to be lost, so a member that thawed between probes came
     // back only a heartbeat later; now the probe runs again at once when it fails, and the
     // member is back the moment it answers.
-    let inj = Arc::new(Injector::default());
-    let a = GroupChannel::builder()
-        .name("fd-again")
-        .port(0)
-        .heartbeat_interval(None)
-        .interceptor(TcpFailureDetector::new(FailureDetectorConfig {
-            connect_timeout: Duration::from_millis(300),
-            perform_read_test: true,
-            read_test_timeout: Duration::from_secs(2),
-            ..Default::default()
-        }))
-        .interceptor_arc(inj.clone())
-        .build()
-        .unwrap();
-    a.start(Levels::DEFAULT).unwrap();
-    let b = plain_node("b-again");
-    let relay = tribes_suite::FreezableRelay::start(b.local_member().addr()).unwrap();
+    let (a, inj) = read_test_node("fd-again", Duration::from_secs(2), |b, _| b);
+    let (b, relay, bm) = freezable_node("b-again");
     relay.set_frozen(true);
-    let bm = Member::with_id(relay.addr(), UniqueId::random());
     // Listed below, frozen: its first probe fails after 2 s.
     inj.added(&bm);
     std::thread::sleep(Duration::from_millis(2300));
@@ -695,34 +690,18 @@ fn a_message_queued_before_its_member_left_is_not_sent_to_it() {
     // message; the next waits in the queue meanwhile. Once the member is reported gone,
     // that next message used to go out to it anyway (a new connection, which a frozen
     // process's kernel still accepts) and hold the thread for another send timeout.
-    let inj = Arc::new(Injector::default());
-    let a = GroupChannel::builder()
-        .name("fd-left")
-        .port(0)
-        .heartbeat_interval(None)
-        .sender(tribes::transport::SenderConfig {
+    let (a, inj) = read_test_node("fd-left", Duration::from_millis(200), |b, _| {
+        let dispatch = tribes::interceptors::DispatchConfig {
+            threads: 1,
+            ..Default::default()
+        };
+        b.sender(tribes::transport::SenderConfig {
             timeout: Duration::from_secs(3),
             ..Default::default()
         })
-        .interceptor(MessageDispatchInterceptor::new(
-            tribes::interceptors::DispatchConfig {
-                threads: 1,
-                ..Default::default()
-            },
-        ))
-        .interceptor(TcpFailureDetector::new(FailureDetectorConfig {
-            connect_timeout: Duration::from_millis(300),
-            perform_read_test: true,
-            read_test_timeout: Duration::from_millis(200),
-            ..Default::default()
-        }))
-        .interceptor_arc(inj.clone())
-        .build()
-        .unwrap();
-    a.start(Levels::DEFAULT).unwrap();
-    let b = plain_node("b-left");
-    let relay = tribes_suite::FreezableRelay::start(b.local_member().addr()).unwrap();
-    let bm = Member::with_id(relay.addr(), UniqueId::random());
+        .interceptor(MessageDispatchInterceptor::new(dispatch))
+    });
+    let (b, relay, bm) = freezable_node("b-left");
     inj.added(&bm);
     assert!(wait_until(Duration::from_secs(3), || a
         .members()
@@ -775,26 +754,10 @@ fn a_message_queued_before_its_member_left_is_not_sent_to_it() {
 fn a_member_that_froze_while_idle_is_found_by_the_heartbeat_check() {
     // Nothing is sent to it, so no send fails: only the ping's forced check, with the read
     // test, finds it (what `ha::Cluster::failure_detection` sets up).
-    let fd = Arc::new(TcpFailureDetector::new(FailureDetectorConfig {
-        connect_timeout: Duration::from_millis(300),
-        perform_read_test: true,
-        read_test_timeout: Duration::from_millis(300),
-        ..Default::default()
-    }));
-    let inj = Arc::new(Injector::default());
-    let a = GroupChannel::builder()
-        .name("fd-idle")
-        .port(0)
-        .heartbeat_interval(None)
-        .interceptor(tribes::interceptors::TcpPingInterceptor::new().with_detector(fd.clone()))
-        .interceptor_arc(fd.clone())
-        .interceptor_arc(inj.clone())
-        .build()
-        .unwrap();
-    a.start(Levels::DEFAULT).unwrap();
-    let b = plain_node("b-idle");
-    let relay = tribes_suite::FreezableRelay::start(b.local_member().addr()).unwrap();
-    let bm = Member::with_id(relay.addr(), UniqueId::random());
+    let (a, inj) = read_test_node("fd-idle", Duration::from_millis(300), |b, fd| {
+        b.interceptor(tribes::interceptors::TcpPingInterceptor::new().with_detector(fd.clone()))
+    });
+    let (b, relay, bm) = freezable_node("b-idle");
     inj.added(&bm);
     assert!(wait_until(Duration::from_secs(3), || a
         .members()
@@ -809,11 +772,7 @@ fn a_member_that_froze_while_idle_is_found_by_the_heartbeat_check() {
         "the heartbeat's check found it frozen"
     );
     relay.set_frozen(false);
-    assert!(wait_until(Duration::from_secs(3), || {
-        a.heartbeat();
-        std::thread::sleep(Duration::from_millis(50));
-        a.members().contains(&bm)
-    }));
+    assert!(member_after_heartbeats(&a, &bm, Duration::from_secs(3)));
     a.stop(Levels::ALL).unwrap();
     b.stop(Levels::ALL).unwrap();
 }
@@ -823,27 +782,12 @@ fn stop_returns_while_a_listed_member_stays_frozen() {
     // A probe of a frozen member wanted again (every heartbeat wants it) used to run again
     // on the same thread, for as long as the member stayed frozen: `stop` joined that
     // thread and hung, and the thread took no other probe meanwhile.
-    let inj = Arc::new(Injector::default());
-    let a = Arc::new(
-        GroupChannel::builder()
-            .name("fd-stop")
-            .port(0)
-            .heartbeat_interval(Some(Duration::from_millis(200)))
-            .interceptor(TcpFailureDetector::new(FailureDetectorConfig {
-                connect_timeout: Duration::from_millis(300),
-                perform_read_test: true,
-                read_test_timeout: Duration::from_millis(500),
-                ..Default::default()
-            }))
-            .interceptor_arc(inj.clone())
-            .build()
-            .unwrap(),
-    );
-    a.start(Levels::DEFAULT).unwrap();
-    let b = plain_node("b-stop");
-    let relay = tribes_suite::FreezableRelay::start(b.local_member().addr()).unwrap();
+    let (a, inj) = read_test_node("fd-stop", Duration::from_millis(500), |b, _| {
+        b.heartbeat_interval(Some(Duration::from_millis(200)))
+    });
+    let a = Arc::new(a);
+    let (b, relay, bm) = freezable_node("b-stop");
     relay.set_frozen(true);
-    let bm = Member::with_id(relay.addr(), UniqueId::random());
     inj.added(&bm);
     std::thread::sleep(Duration::from_millis(1500));
     let (tx, rx) = crossbeam_channel::bounded(1);

@@ -874,6 +874,34 @@ fn app_message(event: ha::SessionEvent) -> Vec<u8> {
     .unwrap()
 }
 
+/// What joining members heard: (joiner, session event code, when).
+type Heard = Arc<parking_lot::Mutex<Vec<(String, i32, Instant)>>>;
+
+/// A plain channel playing a joining member: it asks `donor` for its state, notes each
+/// session message it gets in `heard`, and takes `pause` over every message (so its ACKs
+/// come that late).
+fn state_asker(
+    name: &str,
+    donor: &tribes::Member,
+    pause: Duration,
+    heard: &Heard,
+) -> tribes::GroupChannel {
+    let ch = outsider(name);
+    let (heard, name) = (Arc::clone(heard), name.to_string());
+    ch.add_channel_listener(move |m: &tribes::ChannelMessage| {
+        if let Ok(sm) = ha::SessionMessage::decode(&m.payload) {
+            (heard.lock()).push((name.clone(), sm.event.code(), Instant::now()));
+        }
+        std::thread::sleep(pause);
+        Ok(())
+    });
+    ch.start(tribes::Levels::ALL).unwrap();
+    let ask = app_message(ha::SessionEvent::GetAllSessions);
+    let options = tribes::SendOptions::BYTE_MESSAGE | tribes::SendOptions::USE_ACK;
+    ch.send(std::slice::from_ref(donor), ask, options).unwrap();
+    ch
+}
+
 #[test]
 fn joining_members_slow_to_acknowledge_their_state_do_not_hold_up_replication() {
     // Each of these "joining members" asks A for its state and then takes 4 s to process
@@ -886,20 +914,13 @@ fn joining_members_slow_to_acknowledge_their_state_do_not_hold_up_replication() 
     b.manager.request_completed(&id).unwrap();
     assert_eq!(bump(&b, &id), 1);
     let a_member = a.cluster.channel().local_member();
-    let ask = app_message(ha::SessionEvent::GetAllSessions);
-    let mut joiners = Vec::new();
-    for i in 0..8 {
-        let ch = outsider(format!("slow-joiner{i}"));
-        ch.add_channel_listener(|_: &tribes::ChannelMessage| {
-            std::thread::sleep(Duration::from_secs(4));
-            Ok(())
-        });
-        ch.start(tribes::Levels::ALL).unwrap();
-        let options = tribes::SendOptions::BYTE_MESSAGE | tribes::SendOptions::USE_ACK;
-        ch.send(std::slice::from_ref(&a_member), ask.clone(), options)
-            .unwrap();
-        joiners.push(ch);
-    }
+    let heard = Heard::default();
+    let joiners: Vec<_> = (0..8)
+        .map(|i| {
+            let name = format!("slow-joiner{i}");
+            state_asker(&name, &a_member, Duration::from_secs(4), &heard)
+        })
+        .collect();
     // A's answers to them are under way (and waiting for their ACKs).
     std::thread::sleep(Duration::from_millis(300));
     let start = Instant::now();
@@ -985,41 +1006,24 @@ fn a_state_request_answered_after_the_manager_stopped_gets_not_ready() {
     b.manager.request_completed(&id).unwrap();
     assert!(a.manager.contains(&id));
     let a_member = a.cluster.channel().local_member();
-    let ask = app_message(ha::SessionEvent::GetAllSessions);
-    let heard = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let joiner = |name: &str, pause: Duration| {
-        let ch = outsider(name);
-        let heard = Arc::clone(&heard);
-        let name = name.to_string();
-        ch.add_channel_listener(move |m: &tribes::ChannelMessage| {
-            if let Ok(sm) = ha::SessionMessage::decode(&m.payload) {
-                heard.lock().push((name.clone(), sm.event.code()));
-            }
-            std::thread::sleep(pause);
-            Ok(())
-        });
-        ch.start(tribes::Levels::ALL).unwrap();
-        let options = tribes::SendOptions::BYTE_MESSAGE | tribes::SendOptions::USE_ACK;
-        ch.send(std::slice::from_ref(&a_member), ask.clone(), options)
-            .unwrap();
-        ch
-    };
+    let heard = Heard::default();
+    let joiner = |name: &str, pause: Duration| state_asker(name, &a_member, pause, &heard);
     // The first holds A's donor thread for about 2 s; the second waits in its queue.
     let slow = joiner("slow", Duration::from_secs(1));
     assert!(wait_until(Duration::from_secs(10), || heard
         .lock()
         .iter()
-        .any(|(n, _)| n == "slow")));
+        .any(|(n, _, _)| n == "slow")));
     let late = joiner("late", Duration::ZERO);
     std::thread::sleep(Duration::from_millis(200));
     a.manager.stop();
     assert!(wait_until(Duration::from_secs(10), || heard
         .lock()
         .iter()
-        .any(|(n, _)| n == "late")));
+        .any(|(n, _, _)| n == "late")));
     let late_heard: Vec<i32> = (heard.lock().iter())
-        .filter(|(n, _)| n == "late")
-        .map(|(_, c)| *c)
+        .filter(|(n, _, _)| n == "late")
+        .map(|(_, c, _)| *c)
         .collect();
     let not_ready = ha::SessionEvent::StateNotReady.code();
     assert_eq!(
@@ -1168,27 +1172,8 @@ fn a_donor_gives_up_a_transfer_that_outlasts_the_state_transfer_timeout() {
     }
     assert!(wait_until(Duration::from_secs(5), || ma.len() == 12));
     let a_member = ca.channel().local_member();
-    let heard = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let joiner = |name: &str, pause: Duration| {
-        let ch = outsider(name);
-        let heard = Arc::clone(&heard);
-        let name = name.to_string();
-        ch.add_channel_listener(move |m: &tribes::ChannelMessage| {
-            if let Ok(sm) = ha::SessionMessage::decode(&m.payload) {
-                heard
-                    .lock()
-                    .push((name.clone(), sm.event.code(), Instant::now()));
-            }
-            std::thread::sleep(pause);
-            Ok(())
-        });
-        ch.start(tribes::Levels::ALL).unwrap();
-        let ask = app_message(ha::SessionEvent::GetAllSessions);
-        let options = tribes::SendOptions::BYTE_MESSAGE | tribes::SendOptions::USE_ACK;
-        ch.send(std::slice::from_ref(&a_member), ask, options)
-            .unwrap();
-        ch
-    };
+    let heard = Heard::default();
+    let joiner = |name: &str, pause: Duration| state_asker(name, &a_member, pause, &heard);
     let asked = Instant::now();
     let slow = joiner("slow", Duration::from_millis(600));
     let next = joiner("next", Duration::ZERO);

@@ -942,19 +942,17 @@ async fn a_handler_sets_its_session_s_interval_and_every_copy_keeps_it() {
     cb.stop().unwrap();
 }
 
-/// With synchronous replication and the dispatch queue full (the members are slow to
-/// acknowledge), a request's change used to be sent on the request's own runtime thread,
-/// which then waited for the members' ACKs with every other request it carries. Now the
-/// change waits for room in the queue without holding the thread: another request is
-/// answered meanwhile, and the waiting one still replicates before it answers.
-#[tokio::test(flavor = "current_thread")]
-async fn a_full_dispatch_queue_does_not_block_the_runtime() {
-    use std::sync::atomic::Ordering;
+/// Two synchronously replicating nodes; the first sends through one dispatch thread that
+/// takes one message at a time and queues one more (returned, to look at its queue).
+#[allow(clippy::type_complexity)]
+fn sync_pair_with_a_one_place_queue() -> (
+    Arc<tribes::interceptors::MessageDispatchInterceptor>,
+    [(ha::Cluster, Arc<ha::DeltaManager>); 2],
+) {
     let sync = || ha::ManagerConfig {
         sync: true,
         ..ha::ManagerConfig::default()
     };
-    // One dispatch thread that takes one message at a time and queues one more.
     let dispatch = Arc::new(tribes::interceptors::MessageDispatchInterceptor::new(
         tribes::interceptors::DispatchConfig {
             threads: 1,
@@ -963,9 +961,21 @@ async fn a_full_dispatch_queue_does_not_block_the_runtime() {
             ..tribes::interceptors::DispatchConfig::default()
         },
     ));
-    let [(_ca, ma), (cb, mb)] =
+    let nodes =
         tribes_suite::started_ha_pair_custom([sync(), sync()], Vec::new(), Arc::clone(&dispatch))
             .unwrap();
+    (dispatch, nodes)
+}
+
+/// With synchronous replication and the dispatch queue full (the members are slow to
+/// acknowledge), a request's change used to be sent on the request's own runtime thread,
+/// which then waited for the members' ACKs with every other request it carries. Now the
+/// change waits for room in the queue without holding the thread: another request is
+/// answered meanwhile, and the waiting one still replicates before it answers.
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_dispatch_queue_does_not_block_the_runtime() {
+    use std::sync::atomic::Ordering;
+    let (dispatch, [(_ca, ma), (cb, mb)]) = sync_pair_with_a_one_place_queue();
     // B takes half a second over every message from now on.
     let (slow, entered) = hold_messages(cb.channel(), Duration::from_millis(500));
     let (app_a, layer) = app(ma.clone());
@@ -1029,21 +1039,7 @@ async fn a_full_dispatch_queue_does_not_block_the_runtime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_waiting_for_room_in_the_dispatch_queue_get_it_in_order() {
     use std::sync::atomic::Ordering;
-    let sync = || ha::ManagerConfig {
-        sync: true,
-        ..ha::ManagerConfig::default()
-    };
-    let dispatch = Arc::new(tribes::interceptors::MessageDispatchInterceptor::new(
-        tribes::interceptors::DispatchConfig {
-            threads: 1,
-            max_queue_messages: 1,
-            batch: 1,
-            ..tribes::interceptors::DispatchConfig::default()
-        },
-    ));
-    let [(_ca, ma), (cb, _mb)] =
-        tribes_suite::started_ha_pair_custom([sync(), sync()], Vec::new(), Arc::clone(&dispatch))
-            .unwrap();
+    let (dispatch, [(_ca, ma), (cb, _mb)]) = sync_pair_with_a_one_place_queue();
     // The sessions B hears of, in the order their first message arrives.
     let heard = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
     let h = Arc::clone(&heard);

@@ -286,7 +286,7 @@ impl tribes::interceptors::ErrorHandler for NoteLagging {
     fn handle_error(&self, error: SendError, _id: tribes::UniqueId) {
         // Missed only members that left: not a failure to count or tell, but remembered,
         // so that a member that comes back (a thawed one keeps its identity) is told.
-        if only_departed(&error) {
+        if error.missed_only_departed() {
             self.lagging.note(&self.session);
             return;
         }
@@ -1858,7 +1858,7 @@ impl tribes::interceptors::ErrorHandler for AckSlot {
         // Every member it did not reach has left the group: it reached every member. The
         // session is remembered all the same, so that a member that comes back (a thawed
         // one keeps its identity) is told by the next sweep.
-        if only_departed(&error) {
+        if error.missed_only_departed() {
             if let Some((lagging, id)) = &self.lagging {
                 lagging.note(id);
             }
@@ -1866,13 +1866,6 @@ impl tribes::interceptors::ErrorHandler for AckSlot {
         }
         self.finish(Err(error));
     }
-}
-
-/// Whether a send failed only for members that left the group after it was queued (the
-/// dispatch interceptor leaves them out): every current member got it.
-fn only_departed(error: &SendError) -> bool {
-    matches!(error, SendError::Faulty(v)
-        if !v.is_empty() && v.iter().all(|f| f.failure == tribes::Failure::Left))
 }
 
 impl Future for Acked {

@@ -120,6 +120,23 @@ impl SendError {
             _ => &[],
         }
     }
+
+    /// True when the send failed only for members that left the group after it was
+    /// queued ([`Failure::Left`]): every current member got it.
+    ///
+    /// ```
+    /// use tribes::{Failure, FaultyMember, Member, SendError};
+    /// let gone = FaultyMember {
+    ///     member: Member::new("127.0.0.1:4001".parse().unwrap()),
+    ///     failure: Failure::Left,
+    /// };
+    /// assert!(SendError::Faulty(vec![gone]).missed_only_departed());
+    /// assert!(!SendError::NotStarted.missed_only_departed());
+    /// ```
+    pub fn missed_only_departed(&self) -> bool {
+        let faulty = self.faulty_members();
+        !faulty.is_empty() && faulty.iter().all(|f| f.failure == Failure::Left)
+    }
 }
 
 impl fmt::Display for SendError {

@@ -536,10 +536,8 @@ impl DispatchWorker {
                     h.handle_error(e, id);
                 }
                 // Missed only members that left since it was queued: nobody to tell.
-                (Some(SendError::Faulty(v)), None)
-                    if v.iter().all(|f| f.failure == Failure::Left) =>
-                {
-                    debug!(target: "tribes::dispatch", "async message {id} not sent to {} member(s) that left", v.len());
+                (Some(e), None) if e.missed_only_departed() => {
+                    debug!(target: "tribes::dispatch", "async message {id} not sent to {} member(s) that left", e.faulty_members().len());
                 }
                 (Some(e), None) => {
                     self.failures.fetch_add(1, Ordering::Relaxed);

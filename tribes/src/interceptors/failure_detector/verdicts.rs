@@ -265,6 +265,12 @@ mod tests {
         v.settle(m.clone(), check, alive, now)
     }
 
+    /// `m` reported added below and verified: a member.
+    fn joined(v: &mut Verdicts, m: &Member, t0: Instant) {
+        let next = v.member_added(m.clone());
+        assert_eq!(probe(v, m, next, true, t0), Some(Report::Added(m.clone())));
+    }
+
     #[test]
     fn a_new_member_is_reported_only_once_it_answers() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
@@ -286,8 +292,7 @@ mod tests {
     #[test]
     fn a_member_reported_gone_that_answers_stays_until_it_falls_silent() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         let next = v.member_disappeared(&a);
         assert_eq!(probe(&mut v, &a, next, true, t0), None);
         assert_eq!(v.members().count(), 1);
@@ -304,8 +309,7 @@ mod tests {
     fn a_suspect_is_forgotten_after_the_timeout_but_stays_a_member() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
         let timeout = Some(Duration::from_secs(300));
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         let next = v.member_disappeared(&a);
         probe(&mut v, &a, next, true, t0);
         assert_eq!(v.heartbeat(t0 + Duration::from_secs(299), timeout).len(), 1);
@@ -335,8 +339,7 @@ mod tests {
     #[test]
     fn a_suspect_heard_again_is_a_member_without_a_new_report() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         let next = v.member_disappeared(&a);
         probe(&mut v, &a, next, true, t0);
         assert_eq!(v.member_added(a.clone()), Next::Done);
@@ -352,8 +355,7 @@ mod tests {
             member(4001),
             member(4002),
         );
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         assert_eq!(v.member_disappeared(&shutting_down(&a)), Next::ReportGone);
         assert_eq!(v.members().count(), 0);
         // Never reported up (its add probe failed): its shutdown is not reported either, and
@@ -374,8 +376,7 @@ mod tests {
     #[test]
     fn verify_removes_only_a_dead_member() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         assert_eq!(v.settle(a.clone(), Check::Verify, true, t0), None);
         assert_eq!(v.members().count(), 1);
         assert_eq!(
@@ -390,8 +391,7 @@ mod tests {
     #[test]
     fn a_member_that_fails_a_send_and_then_its_probe_is_gone_until_it_answers_again() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         // A send failed; the layer below still lists it (static membership), and would
         // never report it again.
         assert!(v.begin_probe(a.key(), Check::Remove));
@@ -422,8 +422,7 @@ mod tests {
     #[test]
     fn a_member_reported_gone_below_is_not_looked_for_after_its_probe_fails() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         let next = v.member_disappeared(&a);
         assert_eq!(probe(&mut v, &a, next, false, t0), Some(Report::Gone(a)));
         assert!(v.heartbeat(t0, None).is_empty());
@@ -433,8 +432,7 @@ mod tests {
     #[test]
     fn a_member_gone_below_during_a_failed_send_s_probe_is_not_looked_for() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         assert!(v.begin_probe(a.key(), Check::Remove));
         let _ = v.member_disappeared(&a);
         assert_eq!(
@@ -451,8 +449,7 @@ mod tests {
     #[test]
     fn a_goodbye_during_a_heartbeat_s_add_probe_is_not_undone() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         assert!(v.begin_probe(a.key(), Check::Remove));
         assert_eq!(
             v.settle(a.clone(), Check::Remove, false, t0),
@@ -469,8 +466,7 @@ mod tests {
     #[test]
     fn an_aged_out_suspect_that_fails_is_not_looked_for() {
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         let next = v.member_disappeared(&a);
         assert_eq!(probe(&mut v, &a, next, true, t0), None);
         let later = t0 + Duration::from_secs(301);
@@ -490,8 +486,7 @@ mod tests {
         // Gone below, back below (its beacons returned) before the probe of the first
         // report failed: the layer below lists it, and will not report it again.
         let (mut v, t0, a) = (Verdicts::default(), Instant::now(), member(4001));
-        let next = v.member_added(a.clone());
-        probe(&mut v, &a, next, true, t0);
+        joined(&mut v, &a, t0);
         assert_eq!(v.member_disappeared(&a), Next::Probe(Check::Remove));
         assert!(v.begin_probe(a.key(), Check::Remove));
         assert_eq!(v.member_added(a.clone()), Next::Done);
